@@ -1,0 +1,305 @@
+"""The training loop: a frozen teacher, a student, and the weighted sum of the loss terms."""
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from grouped_batch_sampler import GroupedBatchSampler, length_groups
+from lm_seqs_dataset import LmSeqsDataset
+from losses import clm_loss_sum, cos_loss_sum, count_positions, kd_loss_sum, mse_loss_sum
+
+logger = logging.getLogger("distillation")
+
+LOSS_TERMS = ("ce", "clm", "mse", "cos")
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. repeated non-finite losses); the last checkpoint is kept."""
+
+
+def amp_dtype(params):
+    if params.bf16:
+        return torch.bfloat16
+    if params.fp16:
+        return torch.float16
+    return None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay matrices only: biases and every LayerNorm weight (GPT-2's ln_1, ln_2, ln_f) are 1-D."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Distiller:
+    def __init__(self, params, dataset: LmSeqsDataset, student, teacher=None):
+        self.params = params
+        self.dump_path = Path(params.dump_path)
+        self.device = params.device
+        self.dataset = dataset
+        self.teacher = teacher
+        self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
+        self.need_hidden = params.alpha_cos > 0
+        self.amp_dtype = amp_dtype(params)
+
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=params.world_size, rank=params.global_rank, shuffle=True, seed=params.seed
+        )
+        if params.group_by_size:
+            batch_sampler = GroupedBatchSampler(self.sampler, length_groups(dataset.lengths), params.batch_size)
+        else:
+            batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
+        self.dataloader = DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=dataset.batch_sequences,
+            pin_memory=self.device.type == "cuda",
+        )
+        micro_batches = len(self.dataloader)
+        steps_per_epoch = math.ceil(micro_batches / params.gradient_accumulation_steps)
+        self.total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.n_epoch
+        self.n_epoch = math.ceil(self.total_steps / steps_per_epoch)
+        logger.info(
+            "%d micro-batches per epoch per rank, %d optimizer steps per epoch, %d steps over %d epoch(s)",
+            micro_batches, steps_per_epoch, self.total_steps, self.n_epoch,
+        )
+
+        student.to(self.device)
+        if params.freeze_pos_embs:
+            student.transformer.wpe.weight.requires_grad = False
+        self.optimizer = torch.optim.AdamW(
+            param_groups(student, params.weight_decay), lr=params.learning_rate, eps=params.adam_epsilon,
+            betas=(0.9, 0.98), fused=self.device.type == "cuda",
+        )
+        warmup_steps = math.ceil(self.total_steps * params.warmup_prop)
+        self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=params.fp16)
+        self.student = student
+        if params.is_distributed:
+            ids = [params.local_rank] if self.device.type == "cuda" else None
+            self.student = DistributedDataParallel(student, device_ids=ids, output_device=ids and ids[0])
+        if teacher is not None:
+            teacher.to(self.device)
+
+        self.epoch = 0
+        self.n_steps = 0
+        self.n_nonfinite = 0
+        self.n_skipped = 0
+        self.tokens_seen = 0
+        self.writer = None
+        if params.is_master:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=str(self.dump_path / "log"))
+        self._reset_log_window()
+
+    # ---- loss of one micro-batch ----------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Summed (not averaged) loss terms of one micro-batch, over real positions only.
+
+        Padding is on the right and attention is causal, so no real position can
+        attend to padding: the models run without an attention mask, which keeps
+        SDPA on its fused causal kernels.
+        """
+        mask = torch.arange(token_ids.size(1), device=token_ids.device)[None, :] < lengths[:, None]
+        with self.autocast():
+            s_out = self.student(input_ids=token_ids, output_hidden_states=self.need_hidden, use_cache=False)
+            t_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = self.teacher(input_ids=token_ids, output_hidden_states=self.need_hidden, use_cache=False)
+        sums = {}
+        if self.alphas["ce"] > 0:
+            sums["ce"] = kd_loss_sum(s_out.logits, t_out.logits, mask, self.params.temperature)
+        if self.alphas["clm"] > 0:
+            sums["clm"] = clm_loss_sum(s_out.logits, token_ids, mask)
+        if self.alphas["mse"] > 0:
+            sums["mse"] = mse_loss_sum(s_out.logits, t_out.logits, mask)
+        if self.alphas["cos"] > 0:
+            sums["cos"] = cos_loss_sum(s_out.hidden_states[-1], t_out.hidden_states[-1], mask)
+        return sums
+
+    # ---- one optimizer step ---------------------------------------------------------------
+
+    def global_counts(self, window) -> torch.Tensor:
+        """(real positions, predicted positions) over every micro-batch of this step on every rank."""
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for token_ids, lengths in window:
+            n_pred = (lengths - 1).clamp(min=0).sum()
+            counts += torch.stack([lengths.sum(), n_pred]).to(counts)
+        if self.params.is_distributed:
+            dist.all_reduce(counts)
+        return counts
+
+    def optimize_step(self, window) -> None:
+        """Forward/backward over the micro-batches in `window`, then one optimizer step.
+
+        Each term is divided by the position count of the whole global batch, so
+        the step equals one big batch whatever the split across ranks and
+        accumulation; DDP averages gradients over ranks, hence the world-size factor.
+        Gradients are all-reduced only on the last micro-batch.
+        """
+        counts = self.global_counts(window)
+        n_real, n_pred = counts.clamp(min=1).tolist()
+        norm = {"ce": n_real, "mse": n_real, "cos": n_real, "clm": n_pred}
+        step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
+        for i, (token_ids, lengths) in enumerate(window):
+            token_ids = token_ids.to(self.device, non_blocking=True)
+            lengths = lengths.to(self.device, non_blocking=True)
+            last = i == len(window) - 1
+            sync = contextlib.nullcontext() if last or not self.params.is_distributed else self.student.no_sync()
+            with sync:
+                sums = self.loss_sums(token_ids, lengths)
+                loss = sum(self.alphas[k] * v / norm[k] for k, v in sums.items()) * self.params.world_size
+                self.scaler.scale(loss).backward()
+            for k, v in sums.items():
+                step_sums[LOSS_TERMS.index(k)] += v.detach().double()
+
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))  # same on every rank: gradients are already all-reduced
+        if finite or self.params.fp16:
+            self.scaler.step(self.optimizer)  # under fp16 the scaler skips non-finite steps itself
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.n_steps += 1
+        self.tokens_seen += int(n_real)
+        self._record_step(step_sums, counts, grad_norm, finite)
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _reset_log_window(self):
+        self.log_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
+        self.log_counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.log_start = time.perf_counter()
+        self.log_tokens = 0
+
+    def _record_step(self, step_sums, counts, grad_norm, finite):
+        if not finite:
+            self.n_nonfinite += 1
+            self.n_skipped += 1
+            logger.warning("Step %d: non-finite gradients (norm %s), update skipped", self.n_steps, grad_norm.item())
+            if self.n_nonfinite >= self.params.max_nonfinite:
+                raise TrainingError(
+                    f"{self.n_nonfinite} consecutive steps with non-finite loss or gradients; stopping"
+                )
+            return
+        self.n_nonfinite = 0
+        self.log_sums += step_sums
+        self.log_counts += counts
+        self.log_tokens += int(counts[0])
+        if self.n_steps % self.params.log_interval == 0:
+            self.log_tensorboard(grad_norm)
+        if self.params.checkpoint_interval > 0 and self.n_steps % self.params.checkpoint_interval == 0:
+            self.save_checkpoint()
+
+    def log_tensorboard(self, grad_norm):
+        sums = self.log_sums.clone()
+        if self.params.is_distributed:
+            dist.all_reduce(sums)  # counts are already global
+        n_real, n_pred = self.log_counts.clamp(min=1).tolist()
+        terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real) for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
+        terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
+        elapsed = time.perf_counter() - self.log_start
+        self.last_losses = terms
+        if self.writer is not None:
+            for k, v in terms.items():
+                self.writer.add_scalar(f"losses/{k}", v, self.n_steps)
+            self.writer.add_scalar("global/lr", self.scheduler.get_last_lr()[0], self.n_steps)
+            self.writer.add_scalar("global/grad_norm", float(grad_norm), self.n_steps)
+            self.writer.add_scalar("global/tokens_per_s", self.log_tokens / max(elapsed, 1e-9), self.n_steps)
+            self.writer.add_scalar("global/skipped_steps", self.n_skipped, self.n_steps)
+            self.writer.add_scalar("global/memory_gib", self.memory_gib(), self.n_steps)
+        if self.params.is_master:
+            logger.info(
+                "step %d/%d | %s | lr %.3g | %.0f tok/s",
+                self.n_steps, self.total_steps, " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                self.scheduler.get_last_lr()[0], self.log_tokens / max(elapsed, 1e-9),
+            )
+        self._reset_log_window()
+
+    def memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def raw_student(self):
+        return self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
+
+    def save_checkpoint(self):
+        if not self.params.is_master:
+            return
+        path = self.dump_path / f"checkpoint_step{self.n_steps:08d}.pt"
+        state = {
+            "student": self.raw_student().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "n_steps": self.n_steps,
+            "epoch": self.epoch,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        logger.info("Saved %s", path)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def train(self):
+        if self.teacher is not None:
+            self.teacher.eval()
+        self.student.train()
+        accumulate = self.params.gradient_accumulation_steps
+        progress = tqdm(total=self.total_steps, desc="Steps", disable=not self.params.is_master)
+        while self.n_steps < self.total_steps:
+            self.sampler.set_epoch(self.epoch)
+            window = []
+            for batch in self.dataloader:
+                window.append(batch)
+                if len(window) == accumulate:
+                    self.optimize_step(window)
+                    progress.update(1)
+                    window = []
+                    if self.n_steps >= self.total_steps:
+                        break
+            if window and self.n_steps < self.total_steps:
+                self.optimize_step(window)
+                progress.update(1)
+            self.epoch += 1
+            logger.info("Epoch %d done (%d steps)", self.epoch, self.n_steps)
+        progress.close()
+        self.end_training()
+
+    def end_training(self):
+        if self.params.is_master:
+            self.raw_student().save_pretrained(self.dump_path, safe_serialization=True)
+            logger.info("Saved the student to %s (%d steps, %d skipped, %d tokens)",
+                        self.dump_path, self.n_steps, self.n_skipped, self.tokens_seen)
+            if self.writer is not None:
+                self.writer.close()

@@ -1,0 +1,121 @@
+"""Token sequences for causal-LM distillation.
+
+Input is what data_prep/binarize.py writes (and what the upstream example's
+binarized_data.py wrote): pickles holding a list of 1-D integer numpy arrays,
+each array one `<s> ... </s>` sequence.
+"""
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+MIN_SEQ_LEN = 12  # sequences of 11 tokens or fewer carry too little context to learn from
+MAX_UNK_FRACTION = 0.5
+
+
+class DataError(Exception):
+    """Unusable training data: the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int = 1
+    eos: int = 2
+    pad: int = 3
+    unk: int = 0
+
+
+def shard_paths(data_files: list[str]) -> tuple[list[Path], dict | None]:
+    """Expand --data_file values: a binarize.py output directory (manifest + shards) or pickle files."""
+    paths, manifest = [], None
+    for name in data_files:
+        path = Path(name)
+        if path.is_dir():
+            manifest_file = path / "manifest.json"
+            if not manifest_file.is_file():
+                raise DataError(f"{path}: directory has no manifest.json (is it a binarize.py output?)")
+            try:
+                manifest = json.loads(manifest_file.read_text())
+                paths += [path / shard["file"] for shard in manifest["shards"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{manifest_file}: unreadable manifest ({err})") from err
+        else:
+            paths.append(path)
+    if not paths:
+        raise DataError("no data files given")
+    return paths, manifest
+
+
+def load_shard(path: Path) -> list[np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: shard not found")
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except Exception as err:  # a truncated or foreign file can raise almost anything
+        raise DataError(f"{path}: corrupt or truncated shard ({type(err).__name__}: {err})") from err
+    if not isinstance(data, list) or not all(isinstance(x, np.ndarray) and x.ndim == 1 for x in data):
+        raise DataError(f"{path}: expected a pickled list of 1-D numpy arrays")
+    return data
+
+
+def load_sequences(data_files: list[str]) -> tuple[list[np.ndarray], dict | None]:
+    paths, manifest = shard_paths(data_files)
+    sequences = []
+    for path in paths:
+        sequences += load_shard(path)
+    logger.info("Loaded %d sequences from %d shard(s)", len(sequences), len(paths))
+    return sequences, manifest
+
+
+def split_long(seq: np.ndarray, max_len: int, ids: SpecialIds) -> list[np.ndarray]:
+    """Cut a sequence longer than max_len into chunks, each wrapped in <s> ... </s>."""
+    if len(seq) <= max_len:
+        return [seq]
+    body = seq[1 if seq[0] == ids.bos else 0 : -1 if seq[-1] == ids.eos else None]
+    step = max_len - 2
+    return [
+        np.concatenate(([ids.bos], body[i : i + step], [ids.eos])).astype(seq.dtype)
+        for i in range(0, len(body), step)
+    ]
+
+
+class LmSeqsDataset(Dataset):
+    """Holds sequences that fit the model context; items are int64 arrays."""
+
+    def __init__(self, sequences: list[np.ndarray], max_len: int, ids: SpecialIds = SpecialIds()):
+        self.ids = ids
+        n_in = len(sequences)
+        split = [chunk for seq in sequences for chunk in split_long(seq, max_len, ids)]
+        long_kept = [s for s in split if len(s) >= MIN_SEQ_LEN]
+        kept = [s for s in long_kept if np.count_nonzero(s == ids.unk) <= MAX_UNK_FRACTION * len(s)]
+        logger.info(
+            "Dataset: %d sequences in, %d after splitting to max_len %d, %d too short (< %d tokens) "
+            "and %d mostly <unk> dropped, %d kept",
+            n_in, len(split), max_len, len(split) - len(long_kept), MIN_SEQ_LEN,
+            len(long_kept) - len(kept), len(kept),
+        )
+        self.sequences = kept
+        self.lengths = np.array([len(s) for s in kept], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, index):
+        return self.sequences[index]
+
+    def batch_sequences(self, batch: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to the longest sequence: (token_ids (B, S) int64, lengths (B,) int64)."""
+        lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
+        token_ids = torch.full((len(batch), int(lengths.max())), self.ids.pad, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            token_ids[row, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        return token_ids, lengths

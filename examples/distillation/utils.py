@@ -1,0 +1,98 @@
+"""Process-level helpers: logging, seeding, the distributed setup, run records."""
+
+import json
+import logging
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("distillation")
+
+
+class UsageError(Exception):
+    """Bad arguments or an environment that contradicts them; the message says which."""
+
+
+def setup_logging(rank: int = 0) -> None:
+    logging.basicConfig(
+        format=f"%(asctime)s - rank {rank} - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        force=True,
+    )
+    # Padding is on the right and attention causal, so the models run without an attention
+    # mask on purpose (see Distiller.loss_sums); transformers' advice to pass one does not apply.
+    logging.getLogger("transformers.modeling_utils").addFilter(
+        lambda record: "attention_mask" not in record.getMessage()
+    )
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def init_distributed(params) -> None:
+    """Read torchrun's environment, check it against --n_gpu, pick the device, join the process group.
+
+    Sets params.world_size, global_rank, local_rank, is_master, is_distributed and device.
+    `--n_gpu N` is the number of GPUs (processes) per node; `--n_gpu 0` runs on the CPU,
+    with gloo between processes when torchrun starts several.
+    """
+    params.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    params.global_rank = int(os.environ.get("RANK", 0))
+    params.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", params.world_size))
+    params.is_master = params.global_rank == 0
+    params.is_distributed = params.world_size > 1
+
+    if params.n_gpu > 0:
+        if not torch.cuda.is_available():
+            raise UsageError(f"--n_gpu {params.n_gpu} but CUDA is not available; use --n_gpu 0 for the CPU")
+        if params.n_gpu != local_world_size:
+            raise UsageError(
+                f"--n_gpu {params.n_gpu} but {local_world_size} process(es) were started on this node; "
+                f"launch with `torchrun --nproc_per_node {params.n_gpu} ...`"
+            )
+        if params.n_gpu > torch.cuda.device_count():
+            raise UsageError(f"--n_gpu {params.n_gpu} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(params.local_rank)
+        params.device = torch.device("cuda", params.local_rank)
+        backend = "nccl"
+    else:
+        params.device = torch.device("cpu")
+        backend = "gloo"
+
+    if params.is_distributed:
+        torch.distributed.init_process_group(backend=backend)
+        logger.info(
+            "Process group (%s): rank %d of %d on %s", backend, params.global_rank, params.world_size,
+            socket.gethostname(),
+        )
+
+
+def git_log(folder: Path) -> None:
+    """Write git_log.json: the code's commit, or nulls when it does not run from a git checkout."""
+    info = {"repo_id": None, "repo_sha": None, "repo_branch": None, "dirty": None}
+    try:
+        import git
+
+        repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
+        info["repo_id"] = str(repo)
+        info["repo_sha"] = repo.head.object.hexsha
+        info["repo_branch"] = None if repo.head.is_detached else repo.active_branch.name
+        info["dirty"] = repo.is_dirty()
+    except Exception as err:  # not a checkout, no git binary, empty repo...
+        logger.info("No git information recorded (%s)", type(err).__name__)
+    write_json(Path(folder) / "git_log.json", info)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
