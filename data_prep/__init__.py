@@ -1,0 +1,1 @@
+"""Corpus preparation for distil-ja: corpus building, tokenizer training, binarization."""

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Train a sentencepiece unigram tokenizer with rinna's special-token layout.
+
+The output directory loads with ``AutoTokenizer.from_pretrained(dir)`` and with
+``T5Tokenizer.from_pretrained(dir, extra_ids=0)``, like rinna/japanese-gpt2-medium:
+
+    <unk> 0   <s> 1   </s> 2   [PAD] 3   [CLS] 4   [SEP] 5   [MASK] 6
+
+Normalization is sentencepiece's ``nmt_nfkc``; the training text is NFKC-normalized
+and lowercased first, so the vocabulary is lowercase (as rinna's).  Text must be
+lowercased before encoding with it (``data_prep.tokenization.DocumentEncoder`` does).
+
+Usage:
+    python data_prep/make_tokenizer.py --input doc_data/ --vocab_size 32000 --output_dir tok/
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import json
+import logging
+import random
+import time
+
+logger = logging.getLogger("make_tokenizer")
+
+SPECIAL_TOKENS = {
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
+
+
+def _iter_training_lines(paths, max_lines, seed):
+    """Non-empty normalized lines of the inputs; reservoir-sampled to max_lines if given."""
+    from data_prep.tokenization import iter_text_lines, normalize_text
+
+    def lines():
+        for line in iter_text_lines(paths):
+            line = normalize_text(line).strip()
+            if line:
+                yield line
+
+    if not max_lines:
+        yield from lines()
+        return
+    rng = random.Random(seed)
+    reservoir = []
+    for i, line in enumerate(lines()):
+        if i < max_lines:
+            reservoir.append(line)
+        else:
+            j = rng.randint(0, i)
+            if j < max_lines:
+                reservoir[j] = line
+    yield from reservoir
+
+
+def write_tokenizer_files(model_path_or_bytes, output_dir, model_max_length=1024):
+    """Write spiece.model + tokenizer_config.json + special_tokens_map.json to output_dir."""
+    os.makedirs(output_dir, exist_ok=True)
+    target = os.path.join(output_dir, "spiece.model")
+    if isinstance(model_path_or_bytes, (bytes, bytearray)):
+        with open(target, "wb") as f:
+            f.write(model_path_or_bytes)
+    elif os.path.abspath(model_path_or_bytes) != os.path.abspath(target):
+        with open(model_path_or_bytes, "rb") as src, open(target, "wb") as dst:
+            dst.write(src.read())
+    config = dict(SPECIAL_TOKENS)
+    config.update(
+        {
+            "tokenizer_class": "T5Tokenizer",
+            "extra_ids": 0,
+            "additional_special_tokens": [],
+            # rinna sets this too; transformers ignores it, lowercase explicitly.
+            "do_lower_case": True,
+            "model_max_length": model_max_length,
+        }
+    )
+    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    with open(os.path.join(output_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(SPECIAL_TOKENS, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def train_tokenizer(
+    input_paths,
+    vocab_size,
+    output_dir,
+    *,
+    character_coverage=0.9995,
+    max_sentences=2_000_000,
+    max_sentence_length=8192,
+    num_threads=None,
+    seed=42,
+    hard_vocab_limit=False,
+):
+    """Train a rinna-layout unigram model on text file(s)/directories; return output_dir.
+
+    input_paths: a path or list of paths (files, .xz/.gz, or directories of .txt files).
+    vocab_size: target size; with hard_vocab_limit=False (default) it is a soft limit, so
+    tiny texts still train (the resulting vocabulary may be smaller).
+    max_sentences: lines reservoir-sampled (seeded) for training; 0 = all lines.
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 8:
+        raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
+    lines = list(_iter_training_lines(input_paths, max_sentences, seed))
+    if not lines:
+        raise ValueError(f"no text found in {input_paths}")
+    model = __import__("io").BytesIO()
+    t0 = time.time()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=character_coverage,
+        normalization_rule_name="nmt_nfkc",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="[PAD]",
+        control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        hard_vocab_limit=hard_vocab_limit,
+        max_sentence_length=max_sentence_length,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    write_tokenizer_files(model.getvalue(), output_dir)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    logger.info(
+        "trained unigram vocab of %d pieces on %d lines in %.1fs -> %s",
+        sp.get_piece_size(), len(lines), time.time() - t0, output_dir,
+    )
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="text files or directories (.txt/.xz/.gz)")
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--character_coverage", type=float, default=0.9995)
+    parser.add_argument("--max_sentences", type=int, default=2_000_000,
+                        help="lines sampled (seeded) for training; 0 = all")
+    parser.add_argument("--hard_vocab_limit", action="store_true",
+                        help="fail instead of returning a smaller vocabulary on small text")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if os.path.exists(os.path.join(args.output_dir, "spiece.model")) and not args.overwrite:
+        print(f"error: {args.output_dir} already holds a tokenizer; pass --overwrite", file=sys.stderr)
+        return 2
+    try:
+        train_tokenizer(
+            args.input, args.vocab_size, args.output_dir,
+            character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+            seed=args.seed, hard_vocab_limit=args.hard_vocab_limit,
+        )
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
