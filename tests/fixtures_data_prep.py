@@ -109,8 +109,8 @@ def plain_text_bytes(seed=3, long_sentences=400):
     documents and one document far over 1024 tokens."""
     rng = random.Random(seed)
     docs = [
-        "ABC社のデータを使った。\nＡＢＣとａｂｃは同じ。".encode("utf-8"),
-        "abc社のデータを使った。\nabcとabcは同じ。".encode("utf-8"),
+        "ABCの研究が行われた。\nＡＢＣとＷｉｋｉは学校に行きました。".encode("utf-8"),
+        "abcの研究が行われた。\nabcとwikiは学校に行きました。".encode("utf-8"),
         "壊れた".encode("utf-8") + b"\xff\xfe" + "バイト列を含む文。".encode("utf-8"),
         "\n".join(sentence(rng) for _ in range(long_sentences)).encode("utf-8"),
         "".encode("utf-8"),

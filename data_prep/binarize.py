@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Tokenize rinna-layout text into upstream-compatible pickle shards, streaming, on all cores.
+
+    python data_prep/binarize.py --input corpus/jawiki/doc_data corpus/cc100/doc_data \
+        --tokenizer rinna/japanese-gpt2-medium --output_dir data/binarized --num_workers 16
+
+Tokenization is exactly the teacher's training recipe (data_prep.tokenization.DocumentEncoder):
+NFKC + explicit lowercasing (transformers ignores rinna's do_lower_case), each line encoded
+separately and the ids concatenated, and each document (--unit doc, rinna, default) or each
+line (--unit line, knok) wrapped in <s> ... </s>.  No </s> is appended by a tokenizer call
+and special-token strings in the text are never parsed as special tokens.  Documents are not
+cut here: sequences longer than the model's context are split by the distiller's dataset.
+
+Output directory:
+    NNNNN.pickle   pickled Python list of 1-D numpy arrays, one per sequence (uint16 when
+                   the vocabulary has fewer than 65,536 ids, else int32), like upstream's
+                   binarized_data.py.  A shard closes at the first document boundary after
+                   --shard_size tokens, so shards never split a document.
+    manifest.json  written last and atomically (partial output has no manifest):
+        format          "distil-ja/binarized/v1"
+        tokenizer       {"name", "vocab_size", "special_ids": {"unk","bos","eos","pad"},
+                         "spiece_sha256", "lowercase"}
+        unit            "doc" | "line"
+        dtype           "uint16" | "int32"
+        shard_size      target tokens per shard
+        inputs          the input text files, in order
+        shards          [{"file", "documents", "sequences", "tokens", "unk_tokens", "bytes", "sha256"}]
+        totals          {"shards", "documents", "sequences", "tokens", "unk_tokens"}
+    Shards are byte-identical for the same input whatever --num_workers (chunks are processed
+    in parallel but assembled in input order); nothing is shuffled.
+
+Memory stays flat whatever the corpus size: documents are streamed, at most 2 chunks per
+worker are in flight, and only the current shard is held.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import collections
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import pickle
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.tokenization import DocumentEncoder, expand_paths, iter_documents
+
+logger = logging.getLogger("binarize")
+
+FORMAT = "distil-ja/binarized/v1"
+MANIFEST = "manifest.json"
+PICKLE_PROTOCOL = 4  # fixed, so shard bytes do not depend on the Python version
+
+
+def dtype_for_vocab(vocab_size):
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# worker side
+
+_ENCODER = None
+
+
+def _init_worker(tokenizer, lowercase):
+    global _ENCODER
+    _ENCODER = DocumentEncoder(tokenizer, lowercase=lowercase)
+
+
+def encode_chunk(docs, unit, encoder=None):
+    """Encode a list of documents; returns raw arrays (bytes) so the parent controls dtypes.
+
+    Returns (tokens, seq_lengths, seq_unk, doc_seq_counts):
+      tokens          all sequences concatenated, each [bos] + ids + [eos]
+      seq_lengths     int64 length of each sequence
+      seq_unk         int64 <unk> count of each sequence
+      doc_seq_counts  int64 number of sequences of each document
+    """
+    enc = encoder or _ENCODER
+    dtype = dtype_for_vocab(enc.vocab_size)
+    lines = list(itertools.chain.from_iterable(docs))
+    encoded = enc.encode_batch(lines)
+    line_lens = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    body = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(line_lens.sum()))
+    lines_per_doc = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    if unit == "doc":
+        line_doc = np.repeat(np.arange(len(docs)), lines_per_doc)
+        seq_body = np.bincount(line_doc, weights=line_lens, minlength=len(docs)).astype(np.int64)
+        doc_seq_counts = np.ones(len(docs), dtype=np.int64)
+    elif unit == "line":
+        keep = line_lens > 0  # a line that encodes to nothing gives no sequence
+        seq_body = line_lens[keep]
+        line_doc = np.repeat(np.arange(len(docs)), lines_per_doc)[keep]
+        doc_seq_counts = np.bincount(line_doc, minlength=len(docs)).astype(np.int64)
+    else:
+        raise ValueError(f"unit must be 'doc' or 'line', got {unit!r}")
+    n_seq = len(seq_body)
+    seq_lengths = seq_body + 2
+    out = np.empty(int(seq_lengths.sum()), dtype=dtype)
+    seq_starts = np.zeros(n_seq, dtype=np.int64)
+    np.cumsum(seq_lengths[:-1], out=seq_starts[1:])
+    # destination of each body token: its index + 2 per preceding sequence + 1 for its <s>
+    token_seq = np.repeat(np.arange(n_seq), seq_body)
+    out[np.arange(len(body)) + 2 * token_seq + 1] = body
+    out[seq_starts] = enc.bos_id
+    out[seq_starts + seq_lengths - 1] = enc.eos_id
+    is_unk = (out == enc.unk_id).astype(np.int64)
+    seq_unk = np.add.reduceat(is_unk, seq_starts) if n_seq else np.zeros(0, dtype=np.int64)
+    return out.tobytes(), seq_lengths.tobytes(), seq_unk.astype(np.int64).tobytes(), doc_seq_counts.tobytes()
+
+
+def _encode_in_worker(args):
+    docs, unit = args
+    return encode_chunk(docs, unit)
+
+
+# ----------------------------------------------------------------------------------------
+# parent side
+
+
+def iter_chunks(documents, lines_per_chunk):
+    chunk, n = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        n += len(doc)
+        if n >= lines_per_chunk:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def _ordered_bounded_map(pool, fn, items, max_pending):
+    """Like pool.imap, but never reads more than max_pending items ahead (flat memory)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _atomic_write_bytes(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    def __init__(self, output_dir, shard_size, dtype):
+        self.output_dir = output_dir
+        self.shard_size = shard_size
+        self.dtype = dtype
+        self.shards = []
+        self._reset()
+
+    def _reset(self):
+        self.seqs, self.documents, self.tokens, self.unk = [], 0, 0, 0
+
+    def add_chunk(self, result):
+        tokens, lengths, unk, doc_counts = result
+        flat = np.frombuffer(tokens, dtype=self.dtype)
+        lengths = np.frombuffer(lengths, dtype=np.int64)
+        unk = np.frombuffer(unk, dtype=np.int64)
+        doc_counts = np.frombuffer(doc_counts, dtype=np.int64)
+        bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        seq = 0
+        for count in doc_counts.tolist():
+            for k in range(seq, seq + count):
+                self.seqs.append(flat[bounds[k]:bounds[k + 1]])
+            self.tokens += int(bounds[seq + count] - bounds[seq])
+            self.unk += int(unk[seq:seq + count].sum())
+            self.documents += 1
+            seq += count
+            if self.tokens >= self.shard_size:
+                self.flush()
+        return int(bounds[-1])
+
+    def flush(self):
+        if not self.documents:
+            return
+        name = f"{len(self.shards):05d}.pickle"
+        data = pickle.dumps(self.seqs, protocol=PICKLE_PROTOCOL)
+        _atomic_write_bytes(os.path.join(self.output_dir, name), data)
+        self.shards.append({
+            "file": name,
+            "documents": self.documents,
+            "sequences": len(self.seqs),
+            "tokens": self.tokens,
+            "unk_tokens": self.unk,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        })
+        self._reset()
+
+
+def prepare_output_dir(output_dir, overwrite):
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"{output_dir} exists and is not a directory")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its shards")
+        manifest = os.path.join(output_dir, MANIFEST)
+        if os.path.exists(manifest):
+            os.remove(manifest)  # first, so the old output never looks complete again
+        for name in os.listdir(output_dir):
+            if name.endswith((".pickle", ".pickle.tmp", ".json.tmp")):
+                os.remove(os.path.join(output_dir, name))
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=50_000_000,
+             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True):
+    """Binarize rinna-layout text; returns the manifest dict (also written to output_dir)."""
+    if unit not in ("doc", "line"):
+        raise ValueError(f"--unit must be doc or line, got {unit!r}")
+    if shard_size < 1:
+        raise ValueError("--shard_size must be positive")
+    num_workers = num_workers or os.cpu_count() or 1
+    files = expand_paths(inputs)
+    if not files:
+        raise FileNotFoundError(f"no .txt files in {inputs}")
+    encoder = DocumentEncoder(tokenizer, lowercase=lowercase)
+    dtype = dtype_for_vocab(encoder.vocab_size)
+    prepare_output_dir(output_dir, overwrite)
+    writer = ShardWriter(output_dir, shard_size, dtype)
+    chunks = ((chunk, unit) for chunk in iter_chunks(iter_documents(files), lines_per_chunk))
+    t0 = time.time()
+    bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    pool = None
+    try:
+        if num_workers <= 1:
+            results = (encode_chunk(docs, u, encoder) for docs, u in chunks)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, lowercase))
+            results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
+        for result in results:
+            bar.update(writer.add_chunk(result))
+        writer.flush()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    totals = {"shards": len(writer.shards)}
+    for key in ("documents", "sequences", "tokens", "unk_tokens"):
+        totals[key] = sum(s[key] for s in writer.shards)
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": encoder.identity(),
+        "unit": unit,
+        "dtype": dtype.name,
+        "shard_size": shard_size,
+        "inputs": files,
+        "shards": writer.shards,
+        "totals": totals,
+    }
+    data = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    _atomic_write_bytes(os.path.join(output_dir, MANIFEST), data)
+    elapsed = time.time() - t0
+    logger.info(
+        "%d documents, %d sequences, %d tokens (%d <unk>, %.4f%%) in %d shards; %.1fs, %.0f tokens/s",
+        totals["documents"], totals["sequences"], totals["tokens"], totals["unk_tokens"],
+        100.0 * totals["unk_tokens"] / max(totals["tokens"], 1), totals["shards"], elapsed,
+        totals["tokens"] / max(elapsed, 1e-9),
+    )
+    return manifest
+
+
+def load_manifest(output_dir):
+    """The manifest of a binarized directory; FileNotFoundError if missing (incomplete output)."""
+    path = os.path.join(output_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{output_dir} has no {MANIFEST}: not a binarized directory, or incomplete")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def read_shard(path):
+    """The list of 1-D arrays stored in one shard."""
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Binarize rinna-layout text (see module docstring).")
+    parser.add_argument("--input", nargs="+", required=True, help="doc_data directories or .txt files")
+    parser.add_argument("--tokenizer", required=True, help="hub name (rinna/japanese-gpt2-medium) or directory")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_workers", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument("--unit", choices=("doc", "line"), default="doc",
+                        help="doc: <s> document </s> (rinna); line: <s> line </s> (knok)")
+    parser.add_argument("--shard_size", type=int, default=50_000_000, help="tokens per shard (approx.)")
+    parser.add_argument("--lines_per_chunk", type=int, default=2048, help="lines per worker task")
+    parser.add_argument("--no_lowercase", action="store_true", help="do not lowercase (not for rinna)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        binarize(args.input, args.tokenizer, args.output_dir, num_workers=args.num_workers, unit=args.unit,
+                 shard_size=args.shard_size, lines_per_chunk=args.lines_per_chunk, overwrite=args.overwrite,
+                 lowercase=not args.no_lowercase, progress=not args.quiet)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; output is incomplete (no manifest.json)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

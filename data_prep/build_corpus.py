@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Build rinna-layout training text from a Wikipedia CirrusSearch dump, CC-100 or plain text.
+
+    python data_prep/build_corpus.py --source jawiki-cirrus \
+        --input jawiki-20240101-cirrussearch-content.json.gz --output_dir corpus/jawiki --dev_docs 2000
+    python data_prep/build_corpus.py --source cc100 --input ja.txt.xz --output_dir corpus/cc100
+    python data_prep/build_corpus.py --source text --input my.txt --output_dir corpus/mine
+
+Output (rinna's layout):
+    DIR/doc_data/0.txt, 1.txt, ...  ~--lines_per_file lines each; one sentence (jawiki) or
+                                    paragraph (cc100, text) per line; a blank line after each
+                                    document; a document never spans two files.
+    DIR/dev_data/0.txt              --dev_docs documents held out (seeded reservoir sample).
+    DIR/stats.json                  the summary counts (also logged).
+
+Sources:
+    jawiki-cirrus  *.json.gz CirrusSearch content dump (JSON lines alternating index headers
+                   and documents with a "text" field).  Cleaned as rinna did: NFKC, control
+                   characters removed, citation marks ([12], [注 3]) and notes ([要出典],
+                   [リンク切れ] ...) removed, leftover {{...}} templates removed, leading
+                   breadcrumbs/hatnotes and footnote/reference tails cut, whitespace collapsed;
+                   split into sentences (data_prep/text_clean.py: rule-based, quote/bracket
+                   aware); sentences outside --min_chars..--max_chars (1..1024) and maths
+                   (\\displaystyle) dropped.
+    cc100          CC-100 ja.txt or ja.txt.xz: a paragraph per line, a blank line between documents.
+    text           UTF-8 text, a blank line between documents (or --doc_per_line).
+
+Bad input never crashes: undecodable bytes are replaced (lines counted), unparsable JSON
+lines are skipped (counted), empty documents are dropped (counted).  A truncated or corrupt
+.gz/.xz keeps what was read, and the run ends with an error naming the file (exit status 1).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import collections
+import json
+import logging
+import lzma
+import random
+import shutil
+import zlib
+
+from tqdm import tqdm
+
+from data_prep.text_clean import clean_wiki_text, has_math, normalize_line, split_sentences
+from data_prep.tokenization import expand_paths, open_binary
+
+logger = logging.getLogger("build_corpus")
+
+SOURCES = ("jawiki-cirrus", "cc100", "text")
+_TRUNCATION_ERRORS = (EOFError, lzma.LZMAError, zlib.error, OSError)
+
+
+class Stats(collections.Counter):
+    """Summary counters plus the list of damaged input files."""
+
+    def __init__(self):
+        super().__init__()
+        self.damaged = []
+
+
+def iter_lines(path, stats):
+    """Decoded lines of one (possibly compressed) file; tolerant of bad bytes and truncation."""
+    try:
+        with open_binary(path) as f:
+            for raw in f:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = raw.decode("utf-8", errors="replace")
+                    stats["lines_with_bad_bytes"] += 1
+                stats["input_lines"] += 1
+                yield line.rstrip("\r\n")
+    except _TRUNCATION_ERRORS as e:
+        stats.damaged.append(f"{path}: {type(e).__name__}: {e}")
+        logger.error("%s is truncated or corrupt (%s); keeping what was read", path, e)
+
+
+def _sentences(text, stats, min_chars, max_chars):
+    out = []
+    for sentence in split_sentences(text):
+        if has_math(sentence):
+            stats["sentences_dropped_math"] += 1
+        elif not (min_chars <= len(sentence) <= max_chars):
+            stats["sentences_dropped_length"] += 1
+        else:
+            out.append(sentence)
+    return out
+
+
+def iter_cirrus_docs(path, stats, min_chars=1, max_chars=1024):
+    for line in iter_lines(path, stats):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            stats["json_lines_skipped"] += 1
+            continue
+        if not isinstance(obj, dict) or "index" in obj:
+            continue
+        text = obj.get("text")
+        if not isinstance(text, str):
+            stats["json_lines_skipped"] += 1
+            continue
+        if obj.get("namespace", 0) != 0:
+            stats["docs_skipped_namespace"] += 1
+            continue
+        stats["docs_read"] += 1
+        yield _sentences(clean_wiki_text(text), stats, min_chars, max_chars)
+
+
+def iter_paragraph_docs(path, stats, doc_per_line=False, split=False, min_chars=1, max_chars=None):
+    """Blank-line separated documents (cc100, text) or one document per line."""
+    doc = []
+    counted_empty = True  # a run of extra blank lines counts as one empty document
+    for line in iter_lines(path, stats):
+        line = normalize_line(line)
+        if not line:
+            if doc_per_line:
+                continue
+            if doc:
+                stats["docs_read"] += 1
+                yield doc
+                doc = []
+                counted_empty = False
+            elif not counted_empty:
+                stats["docs_dropped_empty"] += 1
+                counted_empty = True
+            continue
+        counted_empty = False
+        if split:
+            doc.extend(_sentences(line, stats, min_chars, max_chars or 10**9))
+        else:
+            doc.append(line)
+        if doc_per_line:
+            stats["docs_read"] += 1
+            yield doc
+            doc = []
+    if doc:
+        stats["docs_read"] += 1
+        yield doc
+
+
+class DocDataWriter:
+    """Writes documents to DIR/N.txt files of about lines_per_file lines."""
+
+    def __init__(self, directory, lines_per_file):
+        self.directory = directory
+        self.lines_per_file = lines_per_file
+        os.makedirs(directory, exist_ok=True)
+        self.file_index = -1
+        self.handle = None
+        self.lines_in_file = 0
+        self.documents = 0
+        self.lines = 0
+
+    def write(self, doc):
+        if self.handle is None or self.lines_in_file >= self.lines_per_file:
+            self._next_file()
+        self.handle.write("\n".join(doc))
+        self.handle.write("\n\n")
+        self.lines_in_file += len(doc)
+        self.lines += len(doc)
+        self.documents += 1
+
+    def _next_file(self):
+        if self.handle is not None:
+            self.handle.close()
+        self.file_index += 1
+        self.handle = open(os.path.join(self.directory, f"{self.file_index}.txt"), "w", encoding="utf-8")
+        self.lines_in_file = 0
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    @property
+    def files(self):
+        return self.file_index + 1
+
+
+def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_docs=0, seed=42,
+                 doc_per_line=False, split=None, min_chars=1, max_chars=1024, overwrite=False,
+                 progress=True):
+    """Run the whole build; returns the Stats (stats.damaged lists truncated/corrupt inputs)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+    if lines_per_file < 1:
+        raise ValueError("--lines_per_file must be positive")
+    files = expand_paths(inputs, suffixes=(".txt", ".txt.xz", ".txt.gz", ".json.gz", ".json"))
+    if not files:
+        raise FileNotFoundError(f"no input files in {inputs}")
+    train_dir = os.path.join(output_dir, "doc_data")
+    dev_dir = os.path.join(output_dir, "dev_data")
+    for d in (train_dir, dev_dir):
+        if os.path.exists(d):
+            if not overwrite:
+                raise FileExistsError(f"{d} exists; pass --overwrite to replace it")
+            shutil.rmtree(d)
+    stats = Stats()
+    writer = DocDataWriter(train_dir, lines_per_file)
+    rng = random.Random(seed)
+    reservoir = []
+    seen = 0
+
+    def documents():
+        for path in files:
+            if source == "jawiki-cirrus":
+                yield from iter_cirrus_docs(path, stats, min_chars, max_chars)
+            else:
+                yield from iter_paragraph_docs(path, stats, doc_per_line=doc_per_line, split=bool(split),
+                                               min_chars=min_chars, max_chars=max_chars if split else None)
+
+    bar = tqdm(documents(), desc="documents", unit="doc", disable=not progress, mininterval=1.0)
+    try:
+        for doc in bar:
+            if not doc:
+                stats["docs_dropped_empty"] += 1
+                continue
+            if dev_docs <= 0:
+                writer.write(doc)
+                continue
+            # seeded reservoir sample of dev_docs documents; evicted ones go to training
+            seen += 1
+            if len(reservoir) < dev_docs:
+                reservoir.append(doc)
+                continue
+            j = rng.randrange(seen)
+            if j < dev_docs:
+                reservoir[j], doc = doc, reservoir[j]
+            writer.write(doc)
+    finally:
+        bar.close()
+        writer.close()
+    if reservoir:
+        dev = DocDataWriter(dev_dir, lines_per_file)
+        for doc in reservoir:
+            dev.write(doc)
+        dev.close()
+    stats["train_documents"] = writer.documents
+    stats["train_lines"] = writer.lines
+    stats["train_files"] = writer.files
+    stats["dev_documents"] = len(reservoir)
+    stats["dev_lines"] = sum(len(d) for d in reservoir)
+    summary = dict(sorted(stats.items()))
+    summary["damaged_inputs"] = stats.damaged
+    summary.update({"source": source, "inputs": files, "seed": seed, "lines_per_file": lines_per_file})
+    with open(os.path.join(output_dir, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    return stats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build rinna-layout training text (see module docstring).")
+    parser.add_argument("--source", choices=SOURCES, required=True)
+    parser.add_argument("--input", nargs="+", required=True, help="input files or directories")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--lines_per_file", type=int, default=1_000_000)
+    parser.add_argument("--dev_docs", type=int, default=0, help="documents held out to dev_data/ (seeded)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--doc_per_line", action="store_true", help="text: each line is a document")
+    parser.add_argument("--split_sentences", action="store_true",
+                        help="cc100/text: split paragraphs into sentences (always on for jawiki-cirrus)")
+    parser.add_argument("--min_chars", type=int, default=1)
+    parser.add_argument("--max_chars", type=int, default=1024)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        stats = build_corpus(
+            args.source, args.input, args.output_dir, lines_per_file=args.lines_per_file,
+            dev_docs=args.dev_docs, seed=args.seed, doc_per_line=args.doc_per_line,
+            split=args.split_sentences, min_chars=args.min_chars, max_chars=args.max_chars,
+            overwrite=args.overwrite, progress=not args.quiet,
+        )
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    if stats.damaged:
+        for item in stats.damaged:
+            print(f"error: truncated or corrupt input, kept what was read: {item}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
