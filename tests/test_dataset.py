@@ -1,0 +1,130 @@
+"""LmSeqsDataset's split/filter rules, padding, shard loading, and the grouped batch sampler."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from grouped_batch_sampler import GroupedBatchSampler, length_groups
+from lm_seqs_dataset import MIN_SEQ_LEN, DataError, LmSeqsDataset, SpecialIds, load_sequences, split_long
+
+IDS = SpecialIds()
+
+
+def seq(*body, bos=True, eos=True):
+    return np.array(([1] if bos else []) + list(body) + ([2] if eos else []), dtype=np.uint16)
+
+
+def test_split_long_wraps_every_chunk_and_keeps_every_token():
+    body = list(range(10, 40))
+    chunks = split_long(seq(*body), max_len=12, ids=IDS)
+    assert all(len(c) <= 12 and c[0] == 1 and c[-1] == 2 for c in chunks)
+    assert [t for c in chunks for t in c[1:-1]] == body
+    assert all(c.dtype == np.uint16 for c in chunks)
+
+
+def test_split_long_leaves_fitting_sequences_alone():
+    s = seq(*range(10, 20))
+    assert split_long(s, max_len=12, ids=IDS)[0] is s
+
+
+def test_short_and_mostly_unknown_sequences_are_dropped(caplog):
+    short = seq(*range(10, 10 + MIN_SEQ_LEN - 3))  # MIN_SEQ_LEN - 1 tokens
+    just_long_enough = seq(*range(10, 10 + MIN_SEQ_LEN - 2))
+    unknown = seq(*([0] * 10), 11, 12)  # 10 of 14 tokens are <unk>
+    half_unknown = seq(*([0] * 7), *range(10, 15))  # 7 of 14: kept
+    with caplog.at_level("INFO"):
+        ds = LmSeqsDataset([short, just_long_enough, unknown, half_unknown], max_len=64, ids=IDS)
+    assert [len(s) for s in ds.sequences] == [MIN_SEQ_LEN, 14]
+    assert ds.sequences[1] is half_unknown
+    assert "1 too short" in caplog.text and "1 mostly <unk> dropped" in caplog.text
+
+
+def test_long_sequences_become_several_items():
+    ds = LmSeqsDataset([seq(*range(7, 7 + 100))], max_len=32, ids=IDS)
+    assert len(ds) == 4  # 100 tokens in chunks of 30
+    assert ds.lengths.tolist() == [32, 32, 32, 12]
+
+
+def test_batch_sequences_pads_with_pad_id():
+    ds = LmSeqsDataset([], max_len=64, ids=IDS)
+    ids, lengths = ds.batch_sequences([seq(*range(10, 14)), seq(*range(10, 20))])
+    assert lengths.tolist() == [6, 12]
+    assert ids.dtype == torch.long and ids.shape == (2, 12)
+    assert ids[0, 6:].tolist() == [3] * 6
+    assert ids[1].tolist() == [1, *range(10, 20), 2]
+
+
+def test_load_sequences_from_binarize_directory(tmp_path):
+    shards = [[seq(*range(10, 30))], [seq(*range(10, 25)), seq(*range(10, 40))]]
+    for i, shard in enumerate(shards):
+        with open(tmp_path / f"{i:05d}.pickle", "wb") as f:
+            pickle.dump(shard, f)
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"file": "00000.pickle"}, {"file": "00001.pickle"}]}))
+    sequences, manifest = load_sequences([str(tmp_path)])
+    assert [len(s) for s in sequences] == [22, 17, 32]
+    assert manifest["shards"][1]["file"] == "00001.pickle"
+    both, manifest = load_sequences([str(tmp_path / "00001.pickle"), str(tmp_path / "00000.pickle")])
+    assert [len(s) for s in both] == [17, 32, 22] and manifest is None
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "shard not found"),
+    (b"not a pickle", "corrupt or truncated"),
+    (pickle.dumps([[1, 2, 3]]), "list of 1-D numpy arrays"),
+])
+def test_bad_shards_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.pickle"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_sequences([str(path)])
+    assert str(path) in str(err.value)
+
+
+def test_truncated_shard(tmp_path):
+    data = pickle.dumps([seq(*range(10, 30)) for _ in range(50)])
+    path = tmp_path / "cut.pickle"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_sequences([str(path)])
+
+
+def test_directory_without_manifest(tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        load_sequences([str(tmp_path)])
+
+
+def test_length_groups_are_ordered_by_length():
+    lengths = np.random.default_rng(0).integers(12, 1000, 500)
+    groups = length_groups(lengths, n_groups=8)
+    order = np.argsort(lengths, kind="stable")
+    assert np.all(np.diff(groups[order]) >= 0)
+    assert len(set(groups.tolist())) == 8
+
+
+def test_grouped_batches_cover_every_index_once_with_similar_lengths():
+    lengths = np.random.default_rng(1).integers(12, 1000, 203)
+    groups = length_groups(lengths)
+    sampler = DistributedSampler(range(len(lengths)), num_replicas=1, rank=0, shuffle=True, seed=3)
+    batch_sampler = GroupedBatchSampler(sampler, groups, batch_size=8)
+    batches = list(batch_sampler)
+    assert len(batches) == len(batch_sampler) == 26
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    full_single_group = [b for b in batches if len(b) == 8 and len(set(groups[b])) == 1]
+    assert len(full_single_group) >= 14  # one per group of ~13, at least
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in full_single_group])
+    assert spread < 200  # random batches of 8 from 12..1000 spread ~770
+
+
+def test_grouped_batches_have_equal_counts_on_every_rank():
+    lengths = np.random.default_rng(2).integers(12, 500, 101)
+    groups = length_groups(lengths)
+    counts = set()
+    for rank in range(4):
+        sampler = DistributedSampler(range(101), num_replicas=4, rank=rank, shuffle=True, seed=0)
+        counts.add(len(list(GroupedBatchSampler(sampler, groups, batch_size=3))))
+    assert counts == {9}

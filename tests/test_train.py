@@ -1,0 +1,180 @@
+"""train.py end to end on the CPU: outputs, argument checks, accumulation and torchrun equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import TRAIN_PY, REPO, train_args
+
+
+def run_train(args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}"}
+    return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True, env=env,
+                          timeout=300, **kwargs)
+
+
+def weights(dump_path):
+    return load_file(str(dump_path / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
+    dump = tmp_path / "run"
+    train.main(train_args(tiny_setup, dump))
+    names = {p.name for p in dump.iterdir()}
+    assert {"config.json", "model.safetensors", "parameters.json", "git_log.json", "log",
+            "checkpoint_step00000003.pt", "checkpoint_step00000006.pt"} <= names
+    params = json.loads((dump / "parameters.json").read_text())
+    assert params["max_steps"] == 6 and params["alpha_cos"] == 0.1
+    assert set(json.loads((dump / "git_log.json").read_text())) == {"repo_id", "repo_sha", "repo_branch", "dirty"}
+    assert list((dump / "log").glob("events.out.tfevents.*"))
+
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    student = AutoModelForCausalLM.from_pretrained(dump)
+    assert student.config.n_layer == 1 and student.config.bos_token_id == 1
+    initial = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"])
+    assert student.transformer.wte.weight.shape == initial.transformer.wte.weight.shape
+    checkpoint = torch.load(dump / "checkpoint_step00000006.pt", weights_only=True)
+    torch.testing.assert_close(checkpoint["student"]["transformer.h.0.mlp.c_fc.weight"],
+                               student.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_training_lowers_the_loss(tiny_setup, tmp_path):
+    from tensorboardX.proto import event_pb2  # noqa: F401  (tensorboardX is a requirement)
+
+    import numpy as np
+
+    from conftest import TINY_VOCAB, write_shard
+
+    rng = np.random.default_rng(0)  # counting sequences: each token is the previous plus one
+    counting = [np.array([1, *((start + np.arange(30)) % (TINY_VOCAB - 7) + 7), 2], dtype=np.uint16)
+                for start in rng.integers(0, TINY_VOCAB, 64)]
+    args = train_args(tiny_setup, tmp_path / "run", "--max_steps", "40", "--log_interval", "20", "--alpha_cos", "0",
+                      "--checkpoint_interval", "0", "--learning_rate", "3e-3")
+    args[args.index("--data_file") + 1] = str(write_shard(tmp_path / "counting.pickle", counting))
+    train.main(args)
+    losses = read_scalars(tmp_path / "run" / "log", "losses/clm")
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.5
+
+
+def read_scalars(log_dir, tag):
+    from tensorboardX.proto import event_pb2
+
+    values = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
+    train.main(train_args(tiny_setup, tmp_path / "big", "--batch_size", "4"))
+    train.main(train_args(tiny_setup, tmp_path / "accumulated", "--batch_size", "2", "--gradient_accumulation_steps", "2"))
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accumulated"), atol=1e-5)
+
+
+def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tmp_path):
+    train.main(train_args(tiny_setup, tmp_path / "first"))
+    second = train_args(tiny_setup, tmp_path / "second", "--teacher_name", str(tmp_path / "first"), "--alpha_cos", "0")
+    second[second.index("--tokenizer_name") : second.index("--tokenizer_name") + 2] = []
+    train.main(second)
+    assert (tmp_path / "second" / "model.safetensors").is_file()
+
+
+def test_training_without_a_teacher(tiny_setup, tmp_path):
+    args = train_args(tiny_setup, tmp_path / "alone", "--alpha_ce", "0", "--alpha_cos", "0", "--alpha_clm", "1")
+    i = args.index("--teacher_name")
+    del args[i : i + 2]
+    train.main(args)
+    assert (tmp_path / "alone" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+    (["--alpha_ce", "0", "--alpha_clm", "0", "--alpha_cos", "0"], "positive sum"),
+    (["--n_gpu", "1"], "CUDA is not available"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--student_config", "/nonexistent.json"], "unreadable student config"),
+])
+def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message):
+    if "--n_gpu" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_train(train_args(tiny_setup, tmp_path / "run", *extra))
+    assert result.returncode == train.EXIT_USAGE
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
+    args = train_args(tiny_setup, tmp_path / "run")
+    i = args.index("--teacher_name")
+    del args[i : i + 2]
+    result = run_train(args)
+    assert result.returncode == train.EXIT_USAGE and "need a teacher" in result.stderr
+
+
+def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path):
+    dump = tmp_path / "run"
+    dump.mkdir()
+    (dump / "precious.txt").write_text("keep me")
+    result = run_train(train_args(tiny_setup, dump))
+    assert result.returncode == train.EXIT_USAGE and "--force" in result.stderr
+    assert (dump / "precious.txt").read_text() == "keep me"
+    train.main(train_args(tiny_setup, dump, "--force"))
+    assert not (dump / "precious.txt").exists() and (dump / "model.safetensors").is_file()
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
+    from conftest import random_sequences, write_shard
+
+    bad = random_sequences(8, vocab_size=1000, seed=5)
+    shard = write_shard(tmp_path / "big_ids.pickle", bad)
+    args = train_args(tiny_setup, tmp_path / "run")
+    args[args.index("--data_file") + 1] = str(shard)
+    result = run_train(args)
+    assert result.returncode == train.EXIT_DATA and "beyond the model vocabulary" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
+    train.main(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Process group (gloo): rank 0 of 2" in result.stderr
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_n_gpu_must_match_what_torchrun_started(monkeypatch):
+    from types import SimpleNamespace
+
+    from utils import UsageError, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--n_gpu 4 but 2 process"):
+        init_distributed(SimpleNamespace(n_gpu=4))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="only 1 GPU"):
+        init_distributed(SimpleNamespace(n_gpu=2))
