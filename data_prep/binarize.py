@@ -192,18 +192,38 @@ class ShardWriter:
         if not self.documents:
             return
         name = f"{len(self.shards):05d}.pickle"
-        data = pickle.dumps(self.seqs, protocol=PICKLE_PROTOCOL)
-        _atomic_write_bytes(os.path.join(self.output_dir, name), data)
+        path = os.path.join(self.output_dir, name)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            pickle.dump(self.seqs, out, protocol=PICKLE_PROTOCOL)  # streamed: no second copy in memory
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         self.shards.append({
             "file": name,
             "documents": self.documents,
             "sequences": len(self.seqs),
             "tokens": self.tokens,
             "unk_tokens": self.unk,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": out.size,
+            "sha256": out.sha256.hexdigest(),
         })
         self._reset()
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what is written through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
 
 
 def prepare_output_dir(output_dir, overwrite):
