@@ -116,6 +116,19 @@ def encode_chunk(docs, unit, encoder=None):
     return out.tobytes(), seq_lengths.tobytes(), seq_unk.astype(np.int64).tobytes(), doc_seq_counts.tobytes()
 
 
+def _start_method():
+    """fork (fast start) when this process has no other threads yet, else spawn.
+    BINARIZE_MP_START overrides."""
+    import threading
+
+    method = os.environ.get("BINARIZE_MP_START")
+    if method:
+        return method
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
 def _encode_in_worker(args):
     docs, unit = args
     return encode_chunk(docs, unit)
@@ -258,20 +271,21 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
     writer = ShardWriter(output_dir, shard_size, dtype)
     chunks = ((chunk, unit) for chunk in iter_chunks(iter_documents(files), lines_per_chunk))
     t0 = time.time()
-    bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
-    pool = None
+    pool = bar = None
     try:
         if num_workers <= 1:
             results = (encode_chunk(docs, u, encoder) for docs, u in chunks)
-        else:
-            ctx = multiprocessing.get_context("spawn")
+        else:  # workers first: tqdm may start a monitor thread, and fork must come before threads
+            ctx = multiprocessing.get_context(_start_method())
             pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, lowercase))
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
+        bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
         for result in results:
             bar.update(writer.add_chunk(result))
         writer.flush()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()

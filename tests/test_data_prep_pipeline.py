@@ -212,3 +212,10 @@ def test_entry_scripts_run_from_repo_root(env, tmp_path):
                           "--tokenizer", env["tok"], "--output_dir", str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_spawn_start_method_gives_same_output(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARIZE_MP_START", "spawn")
+    out = str(tmp_path / "spawn")
+    binarize(env["doc_dirs"], env["tok"], out, num_workers=2, shard_size=300, lines_per_chunk=7, progress=False)
+    assert load_manifest(out) == load_manifest(env["bin"][1])
