@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -133,8 +134,9 @@ def test_line_unit(env, tmp_path):
     assert all(s[0] == 1 and s[-1] == 2 and not (s[1:-1] == 2).any() for s in seqs)
 
 
-def test_output_dir_refused_without_overwrite(env, capsys):
-    out = env["bin"][1]
+def test_output_dir_refused_without_overwrite(env, tmp_path, capsys):
+    out = str(tmp_path / "existing")
+    shutil.copytree(env["bin"][1], out)  # a complete earlier output; the shared one stays intact
     args = ["--input", env["doc_dirs"][2], "--tokenizer", env["tok"], "--output_dir", out, "--quiet"]
     assert binarize_mod.main(args) == 1
     err = capsys.readouterr().err.strip()
