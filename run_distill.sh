@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Distil rinna/japanese-gpt2-medium into a 6-layer student.
+#
+#   bash run_distill.sh [TRAIN_PY_ARGS...]     the full recipe on one 4-GPU node (torchrun)
+#   bash run_distill.sh --demo [OUT_DIR]       offline end-to-end demo on the shipped sample, CPU, < 5 min
+#
+# Full recipe: every setting below can be overridden from the environment, e.g.
+#   N_GPU=8 DATA=data/binarized DUMP_PATH=checkpoints/run1 bash run_distill.sh --bf16
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_distill.sh      (then NODE_RANK=1 on the other node)
+# Extra arguments go to train.py unchanged (they win over the defaults here).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+run_demo() {
+    local out=${1:-checkpoints/demo}
+    local cfg=examples/distillation/training_configs
+    local train_txt=data_prep/sample/ja_train.txt dev_txt=data_prep/sample/ja_dev.txt
+    # Demo settings (overridable): small models, a few hundred optimizer steps in all.
+    local vocab=${DEMO_VOCAB:-1000} seed=${DEMO_SEED:-0}
+    # The teacher (4 x 128) stops near its best held-out perplexity; the students (2 x 64) train for a
+    # short budget, where the teacher's full next-token distributions (T=1) teach far more per step
+    # than the one-hot targets: KD wins by a wide margin (about 140 vs 168 perplexity).
+    local teacher_steps=${DEMO_TEACHER_STEPS:-200} student_steps=${DEMO_STUDENT_STEPS:-80}
+    local teacher_lr=${DEMO_TEACHER_LR:-3e-3} student_lr=${DEMO_STUDENT_LR:-3e-3}
+    local temperature=${DEMO_TEMPERATURE:-1.0} alpha_ce=${DEMO_ALPHA_CE:-0.9} alpha_clm=${DEMO_ALPHA_CLM:-0.1}
+    local batch=${DEMO_BATCH_SIZE:-8}
+    # Tiny models run fastest on one thread per process, and a busy machine does not stall them.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+
+    local start=$SECONDS
+    echo "== demo: output in $out"
+    rm -rf "$out"
+    mkdir -p "$out"
+    local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
+                  --log_interval 50 --checkpoint_interval 0 --seed "$seed" --data_file "$out/data/train"
+                  --eval_data "$out/data/dev")
+
+    echo "== 1/7 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
+    $PYTHON data_prep/make_tokenizer.py --input "$train_txt" --vocab_size "$vocab" --output_dir "$out/tokenizer"
+    echo "== 2/7 binarize train and dev"
+    $PYTHON data_prep/binarize.py --input "$train_txt" --tokenizer "$out/tokenizer" --output_dir "$out/data/train" \
+        --num_workers 1 --quiet
+    $PYTHON data_prep/binarize.py --input "$dev_txt" --tokenizer "$out/tokenizer" --output_dir "$out/data/dev" \
+        --num_workers 1 --quiet
+    echo "== 3/7 pretrain the teacher ($teacher_steps steps, no teacher: --alpha_clm 1 --alpha_ce 0)"
+    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/teacher" \
+        --student_config "$cfg/demo-teacher.json" --tokenizer_name "$out/tokenizer" \
+        --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1
+    echo "== 4/7 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
+    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_kd" \
+        --student_config "$cfg/demo-student.json" --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
+        --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm" \
+        --max_steps "$student_steps" --learning_rate "$student_lr"
+    echo "== 5/7 the same student without the teacher ($student_steps steps)"
+    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_no_kd" \
+        --student_config "$cfg/demo-student.json" --tokenizer_name "$out/tokenizer" \
+        --alpha_clm 1 --alpha_ce 0 --max_steps "$student_steps" --learning_rate "$student_lr"
+    echo "== 6/7 held-out perplexity ($dev_txt)"
+    $PYTHON examples/distillation/evaluate.py --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
+        --model "teacher=$out/teacher" --model "student_kd=$out/student_kd" --model "student_no_kd=$out/student_no_kd" \
+        --json "$out/perplexity.json"
+    $PYTHON - "$out/perplexity.json" "$out/results.json" <<'EOF'
+import json, math, sys
+ppl = json.load(open(sys.argv[1]))["perplexity"]
+results = {k: ppl[k] for k in ("teacher", "student_kd", "student_no_kd")}
+with open(sys.argv[2], "w") as f:
+    json.dump(results, f, indent=2)
+    f.write("\n")
+if not all(math.isfinite(v) for v in results.values()):
+    sys.exit(f"non-finite perplexity in {results}")
+verdict = "beats" if results["student_kd"] < results["student_no_kd"] else "does NOT beat"
+print(f"distilled student ({results['student_kd']:.2f}) {verdict} the student trained alone ({results['student_no_kd']:.2f})")
+EOF
+    echo "== 7/7 export the distilled student"
+    $PYTHON examples/distillation/export.py --checkpoint "$out/student_kd" --tokenizer "$out/tokenizer" \
+        --output_dir "$out/export" --perplexities "$out/results.json" --eval_data "$dev_txt" --name distilgpt2-ja-demo
+    echo "== demo done in $((SECONDS - start)) s"
+    echo "results: $out/results.json"
+    echo "export:  $out/export  (try: $PYTHON examples/distillation/generate.py --model $out/export --prompt 春になると)"
+}
+
+if [[ "${1:-}" == "--demo" ]]; then
+    shift
+    if [[ $# -gt 1 ]]; then
+        echo "usage: bash run_distill.sh --demo [OUT_DIR]" >&2
+        exit 2
+    fi
+    run_demo "$@"
+    exit 0
+fi
+
+# ---- full recipe: rinna/japanese-gpt2-medium (24 x 1024) -> 6 x 1024 on one 4-GPU node ----------
+N_GPU=${N_GPU:-4}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+DATA=${DATA:-data/binarized}
+EVAL_DATA=${EVAL_DATA:-}
+DUMP_PATH=${DUMP_PATH:-checkpoints/distilgpt2-ja}
+TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
+STUDENT_CONFIG=${STUDENT_CONFIG:-examples/distillation/training_configs/distilgpt2-ja.json}
+STUDENT_INIT=${STUDENT_INIT:-}              # e.g. the output of scripts/extract.py
+TEMPERATURE=${TEMPERATURE:-2.0}
+ALPHA_CE=${ALPHA_CE:-5.0}
+ALPHA_CLM=${ALPHA_CLM:-2.0}
+ALPHA_COS=${ALPHA_COS:-1.0}
+BATCH_SIZE=${BATCH_SIZE:-8}                 # sequences per GPU per micro-batch
+GRAD_ACCUM=${GRAD_ACCUM:-16}                # global batch = N_GPU * NNODES * BATCH_SIZE * GRAD_ACCUM
+LEARNING_RATE=${LEARNING_RATE:-5e-4}
+WARMUP_PROP=${WARMUP_PROP:-0.05}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+N_EPOCH=${N_EPOCH:-3}
+MAX_STEPS=${MAX_STEPS:-0}                   # > 0 overrides N_EPOCH
+PRECISION=${PRECISION:---bf16}              # --bf16, --fp16 or empty for fp32
+LOG_INTERVAL=${LOG_INTERVAL:-100}
+CHECKPOINT_INTERVAL=${CHECKPOINT_INTERVAL:-2000}
+EVAL_INTERVAL=${EVAL_INTERVAL:-2000}
+SEED=${SEED:-56}
+
+extra=()
+[[ -n "$STUDENT_INIT" ]] && extra+=(--student_pretrained_weights "$STUDENT_INIT")
+[[ -n "$EVAL_DATA" ]] && extra+=(--eval_data "$EVAL_DATA" --eval_interval "$EVAL_INTERVAL")
+[[ -n "$PRECISION" ]] && extra+=("$PRECISION")
+
+echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x $N_GPU GPU(s) -> $DUMP_PATH"
+exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$N_GPU" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    examples/distillation/train.py --n_gpu "$N_GPU" \
+    --dump_path "$DUMP_PATH" --data_file "$DATA" \
+    --student_type gpt2 --student_config "$STUDENT_CONFIG" \
+    --teacher_type gpt2 --teacher_name "$TEACHER" \
+    --temperature "$TEMPERATURE" --alpha_ce "$ALPHA_CE" --alpha_clm "$ALPHA_CLM" --alpha_cos "$ALPHA_COS" \
+    --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --learning_rate "$LEARNING_RATE" --warmup_prop "$WARMUP_PROP" --weight_decay "$WEIGHT_DECAY" \
+    --n_epoch "$N_EPOCH" --max_steps "$MAX_STEPS" --seed "$SEED" \
+    --log_interval "$LOG_INTERVAL" --checkpoint_interval "$CHECKPOINT_INTERVAL" \
+    "${extra[@]}" "$@"
