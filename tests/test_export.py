@@ -34,6 +34,14 @@ print(json.dumps({
 """
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_setup, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
