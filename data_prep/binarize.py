@@ -254,7 +254,7 @@ def prepare_output_dir(output_dir, overwrite):
     os.makedirs(output_dir, exist_ok=True)
 
 
-def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=50_000_000,
+def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,
              lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True):
     """Binarize rinna-layout text; returns the manifest dict (also written to output_dir)."""
     if unit not in ("doc", "line"):
@@ -340,7 +340,8 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--unit", choices=("doc", "line"), default="doc",
                         help="doc: <s> document </s> (rinna); line: <s> line </s> (knok)")
-    parser.add_argument("--shard_size", type=int, default=50_000_000, help="tokens per shard (approx.)")
+    parser.add_argument("--shard_size", type=int, default=20_000_000,
+                        help="tokens per shard (approx.; the parent holds one shard: ~4 bytes/token of RAM)")
     parser.add_argument("--lines_per_chunk", type=int, default=2048, help="lines per worker task")
     parser.add_argument("--no_lowercase", action="store_true", help="do not lowercase (not for rinna)")
     parser.add_argument("--overwrite", action="store_true")
