@@ -283,6 +283,8 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
         for result in results:
             bar.update(writer.add_chunk(result))
         writer.flush()
+        if not writer.shards:
+            raise ValueError(f"no documents in {', '.join(files)}")
     finally:
         if bar is not None:
             bar.close()

@@ -17,6 +17,7 @@ import lzma
 import os
 import re
 import unicodedata
+import zlib
 
 SPIECE = "spiece.model"
 
@@ -75,9 +76,12 @@ def expand_paths(path_or_paths, suffixes=TEXT_SUFFIXES):
 def iter_text_lines(path_or_paths):
     """Lines (without newline) of text files/directories; undecodable bytes become U+FFFD."""
     for path in expand_paths(path_or_paths):
-        with open_binary(path) as f:
-            for raw in f:
-                yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            with open_binary(path) as f:
+                for raw in f:
+                    yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path} is truncated or corrupt: {e}") from e
 
 
 def iter_documents(path_or_paths):
@@ -147,9 +151,16 @@ def resolve_spiece(name_or_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name_or_dir} has no {SPIECE}")
         return path
+    looks_local = name_or_dir.startswith((os.sep, ".", "~")) or name_or_dir.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"no such tokenizer directory: {name_or_dir}")
     from huggingface_hub import hf_hub_download  # hub name, e.g. rinna/japanese-gpt2-medium
 
-    return hf_hub_download(name_or_dir, SPIECE)
+    try:
+        return hf_hub_download(name_or_dir, SPIECE)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no spiece.model ...
+        raise OSError(f"cannot get {SPIECE} of {name_or_dir!r} from the Hugging Face hub: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def sha256_file(path, chunk=1 << 20):

@@ -221,3 +221,25 @@ def test_spawn_start_method_gives_same_output(env, tmp_path, monkeypatch):
     out = str(tmp_path / "spawn")
     binarize(env["doc_dirs"], env["tok"], out, num_workers=2, shard_size=300, lines_per_chunk=7, progress=False)
     assert load_manifest(out) == load_manifest(env["bin"][1])
+
+
+@pytest.mark.parametrize("case", ["missing_tokenizer", "no_documents", "truncated_input"])
+def test_binarize_cli_errors_are_one_line(env, tmp_path, capsys, case):
+    import lzma
+
+    tok, inp = env["tok"], env["doc_dirs"][2]
+    if case == "missing_tokenizer":
+        tok = str(tmp_path / "no_tok")
+    elif case == "no_documents":
+        inp = str(tmp_path / "blank.txt")
+        open(inp, "w").write("\n \n\n")
+    else:
+        inp = str(tmp_path / "cut.txt.xz")
+        data = lzma.compress(open(os.path.join(env["doc_dirs"][1], "0.txt"), "rb").read())
+        open(inp, "wb").write(data[: len(data) // 2])
+    out = tmp_path / "out"
+    rc = binarize_mod.main(["--input", inp, "--tokenizer", tok, "--output_dir", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error:") and "\n" not in err, err
+    assert {"missing_tokenizer": "no_tok", "no_documents": "no documents", "truncated_input": "cut.txt.xz"}[case] in err
+    assert not (out / "manifest.json").exists()
