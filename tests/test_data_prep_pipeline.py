@@ -243,3 +243,27 @@ def test_binarize_cli_errors_are_one_line(env, tmp_path, capsys, case):
     assert rc == 1 and err.startswith("error:") and "\n" not in err, err
     assert {"missing_tokenizer": "no_tok", "no_documents": "no documents", "truncated_input": "cut.txt.xz"}[case] in err
     assert not (out / "manifest.json").exists()
+
+
+def test_plain_text_counts_and_int32_for_big_vocabularies(env):
+    st = env["stats"]["text"]
+    assert st["lines_with_bad_bytes"] == 1 and st["docs_dropped_empty"] == 1 and st["train_documents"] == 5
+    docs = list(iter_documents(env["doc_dirs"][2]))
+    assert docs[0][1] == "ABCとWikiは学校に行きました。"  # NFKC: full-width to ASCII, case kept in text
+    assert "\ufffd" in docs[2][0]
+    assert binarize_mod.dtype_for_vocab(32000) == np.uint16
+    assert binarize_mod.dtype_for_vocab(65536) == np.int32
+
+
+def test_truncated_cirrus_gz(tmp_path, capsys):
+    import gzip
+
+    good = write_cirrus_dump(str(tmp_path / "full.json.gz"), bad_json=False)
+    raw = gzip.decompress(open(good, "rb").read())
+    data = gzip.compress(raw)
+    bad = tmp_path / "jawiki-cut.json.gz"
+    bad.write_bytes(data[: int(len(data) * 0.8)])
+    rc = build_corpus.main(["--source", "jawiki-cirrus", "--input", str(bad), "--output_dir",
+                            str(tmp_path / "o"), "--quiet"])
+    assert rc == 1 and "jawiki-cut.json.gz" in capsys.readouterr().err
+    assert 1 <= len(list(iter_documents(str(tmp_path / "o" / "doc_data")))) < 6
