@@ -17,7 +17,9 @@ run_demo() {
     local cfg=examples/distillation/training_configs
     local train_txt=data_prep/sample/ja_train.txt dev_txt=data_prep/sample/ja_dev.txt
     # Demo settings (overridable): small models, a few hundred optimizer steps in all.
-    local vocab=${DEMO_VOCAB:-1000} seed=${DEMO_SEED:-0}
+    # DEMO_SEED seeds the two students; the teacher keeps its own seed: a fixed artifact, as a real
+    # pretrained teacher is (teacher seed 0 -> ~105 perplexity; some seeds give a much weaker teacher).
+    local vocab=${DEMO_VOCAB:-1000} seed=${DEMO_SEED:-0} teacher_seed=${DEMO_TEACHER_SEED:-0}
     # The teacher (4 x 128) stops near its best held-out perplexity; the students (2 x 64) train for a
     # short budget, where the teacher's full next-token distributions (T=1) teach far more per step
     # than the one-hot targets: KD wins by a wide margin (about 140 vs 168 perplexity).
@@ -33,7 +35,7 @@ run_demo() {
     rm -rf "$out"
     mkdir -p "$out"
     local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
-                  --log_interval 50 --checkpoint_interval 0 --seed "$seed" --data_file "$out/data/train"
+                  --log_interval 50 --checkpoint_interval 0 --data_file "$out/data/train"
                   --eval_data "$out/data/dev")
 
     echo "== 1/7 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
@@ -46,16 +48,17 @@ run_demo() {
     echo "== 3/7 pretrain the teacher ($teacher_steps steps, no teacher: --alpha_clm 1 --alpha_ce 0)"
     $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/teacher" \
         --student_config "$cfg/demo-teacher.json" --tokenizer_name "$out/tokenizer" \
-        --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1
+        --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1 \
+        --seed "$teacher_seed"
     echo "== 4/7 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
     $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_kd" \
         --student_config "$cfg/demo-student.json" --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
         --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm" \
-        --max_steps "$student_steps" --learning_rate "$student_lr"
+        --max_steps "$student_steps" --learning_rate "$student_lr" --seed "$seed"
     echo "== 5/7 the same student without the teacher ($student_steps steps)"
     $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_no_kd" \
         --student_config "$cfg/demo-student.json" --tokenizer_name "$out/tokenizer" \
-        --alpha_clm 1 --alpha_ce 0 --max_steps "$student_steps" --learning_rate "$student_lr"
+        --alpha_clm 1 --alpha_ce 0 --max_steps "$student_steps" --learning_rate "$student_lr" --seed "$seed"
     echo "== 6/7 held-out perplexity ($dev_txt)"
     $PYTHON examples/distillation/evaluate.py --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
         --model "teacher=$out/teacher" --model "student_kd=$out/student_kd" --model "student_no_kd=$out/student_no_kd" \
