@@ -99,6 +99,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-0}             # torchrun restarts crashed workers; they resume from the newest checkpoint
 DATA=${DATA:-data/binarized}
 EVAL_DATA=${EVAL_DATA:-}
 DUMP_PATH=${DUMP_PATH:-checkpoints/distilgpt2-ja}
@@ -129,7 +130,7 @@ extra=()
 
 echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x $N_GPU GPU(s) -> $DUMP_PATH"
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$N_GPU" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
     examples/distillation/train.py --n_gpu "$N_GPU" \
     --dump_path "$DUMP_PATH" --data_file "$DATA" \
     --student_type gpt2 --student_config "$STUDENT_CONFIG" \

@@ -34,7 +34,7 @@ def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
     train.main(train_args(tiny_setup, dump))
     names = {p.name for p in dump.iterdir()}
     assert {"config.json", "model.safetensors", "parameters.json", "git_log.json", "log",
-            "checkpoint_step00000003.pt", "checkpoint_step00000006.pt"} <= names
+            "metrics.jsonl", "checkpoint_step00000003", "checkpoint_step00000006"} <= names
     params = json.loads((dump / "parameters.json").read_text())
     assert params["max_steps"] == 6 and params["alpha_cos"] == 0.1
     assert set(json.loads((dump / "git_log.json").read_text())) == {"repo_id", "repo_sha", "repo_branch", "dirty"}
@@ -46,7 +46,7 @@ def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
     assert student.config.n_layer == 1 and student.config.bos_token_id == 1
     initial = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"])
     assert student.transformer.wte.weight.shape == initial.transformer.wte.weight.shape
-    checkpoint = torch.load(dump / "checkpoint_step00000006.pt", weights_only=True)
+    checkpoint = torch.load(dump / "checkpoint_step00000006" / "training_state.pt", weights_only=True)
     torch.testing.assert_close(checkpoint["student"]["transformer.h.0.mlp.c_fc.weight"],
                                student.transformer.h[0].mlp.c_fc.weight)
 

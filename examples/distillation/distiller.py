@@ -1,6 +1,7 @@
 """The training loop: a frozen teacher, a student, and the weighted sum of the loss terms."""
 
 import contextlib
+import json
 import logging
 import math
 import resource
@@ -13,13 +14,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from grouped_batch_sampler import GroupedBatchSampler, length_groups
+import checkpoint
+from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import clm_loss_sum, cos_loss_sum, count_positions, kd_loss_sum, mse_loss_sum
+from losses import clm_loss_sum, cos_loss_sum, kd_loss_sum, mse_loss_sum
+from utils import inject_fault
 
 logger = logging.getLogger("distillation")
 
 LOSS_TERMS = ("ce", "clm", "mse", "cos")
+COUNTERS = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen")
 
 
 class TrainingError(Exception):
@@ -53,8 +57,10 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
 
 
 class Distiller:
-    def __init__(self, params, dataset: LmSeqsDataset, student, teacher=None):
+    def __init__(self, params, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None):
         self.params = params
+        self.eval_sequences = eval_sequences  # held-out sequences (--eval_data), scored by evaluate.py
+        self.eval_history = []
         self.dump_path = Path(params.dump_path)
         self.device = params.device
         self.dataset = dataset
@@ -70,11 +76,13 @@ class Distiller:
             batch_sampler = GroupedBatchSampler(self.sampler, length_groups(dataset.lengths), params.batch_size)
         else:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
+        self.batch_sampler = SkippingBatchSampler(batch_sampler)
         self.dataloader = DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=dataset.batch_sequences,
+            dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(params.seed),  # else each new iterator draws from the global RNG
         )
-        micro_batches = len(self.dataloader)
+        self.batches_per_epoch = micro_batches = len(batch_sampler)
         steps_per_epoch = math.ceil(micro_batches / params.gradient_accumulation_steps)
         self.total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.n_epoch
         self.n_epoch = math.ceil(self.total_steps / steps_per_epoch)
@@ -101,10 +109,12 @@ class Distiller:
             teacher.to(self.device)
 
         self.epoch = 0
+        self.batches_done = 0  # micro-batches of the current epoch consumed (the same on every rank)
         self.n_steps = 0
         self.n_nonfinite = 0
         self.n_skipped = 0
         self.tokens_seen = 0
+        self.last_checkpoint_step = None
         self.writer = None
         if params.is_master:
             from tensorboardX import SummaryWriter
@@ -218,6 +228,28 @@ class Distiller:
             self.log_tensorboard(grad_norm)
         if self.params.checkpoint_interval > 0 and self.n_steps % self.params.checkpoint_interval == 0:
             self.save_checkpoint()
+        if self.eval_sequences is not None and getattr(self.params, "eval_interval", 0) > 0 \
+                and self.n_steps % self.params.eval_interval == 0:
+            self.evaluate()
+        inject_fault("after_step", self.n_steps)
+
+    def evaluate(self):
+        """Student perplexity on --eval_data (shared between ranks): tensorboard eval/* and eval_results.json."""
+        from evaluate import shared_perplexity
+
+        out = shared_perplexity(self.raw_student(), self.eval_sequences, self.params.global_rank,
+                                self.params.world_size, batch_size=self.params.batch_size, device=self.device,
+                                amp_dtype=self.amp_dtype, pad_id=self.dataset.ids.pad)
+        record = {"step": self.n_steps, **out}
+        self.eval_history.append(record)
+        logger.info("step %d | eval perplexity %.3f over %d tokens", self.n_steps, out["perplexity"], out["tokens"])
+        if self.writer is not None:
+            self.writer.add_scalar("eval/perplexity", out["perplexity"], self.n_steps)
+            self.writer.add_scalar("eval/nll", out["nll_sum"] / max(out["tokens"], 1), self.n_steps)
+        if self.params.is_master:
+            from utils import write_json
+
+            write_json(self.dump_path / "eval_results.json", {**record, "history": self.eval_history})
 
     def log_tensorboard(self, grad_norm):
         sums = self.log_sums.clone()
@@ -227,7 +259,6 @@ class Distiller:
         terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real) for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
         elapsed = time.perf_counter() - self.log_start
-        self.last_losses = terms
         if self.writer is not None:
             for k, v in terms.items():
                 self.writer.add_scalar(f"losses/{k}", v, self.n_steps)
@@ -237,6 +268,8 @@ class Distiller:
             self.writer.add_scalar("global/skipped_steps", self.n_skipped, self.n_steps)
             self.writer.add_scalar("global/memory_gib", self.memory_gib(), self.n_steps)
         if self.params.is_master:
+            with open(self.dump_path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.n_steps, **terms, "skipped_steps": self.n_skipped}) + "\n")
             logger.info(
                 "step %d/%d | %s | lr %.3g | %.0f tok/s",
                 self.n_steps, self.total_steps, " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
@@ -253,21 +286,55 @@ class Distiller:
         return self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
 
     def save_checkpoint(self):
-        if not self.params.is_master:
-            return
-        path = self.dump_path / f"checkpoint_step{self.n_steps:08d}.pt"
-        state = {
-            "student": self.raw_student().state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "n_steps": self.n_steps,
-            "epoch": self.epoch,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        logger.info("Saved %s", path)
+        """Everything needed to continue exactly where this step left off (collective)."""
+        training_state = None
+        if self.params.is_master:
+            training_state = {
+                "student": self.raw_student().state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "counters": {name: getattr(self, name) for name in COUNTERS},
+                "world_size": self.params.world_size,
+            }
+        rank_state = {"rng": checkpoint.rng_state(), "log_sums": self.log_sums.cpu(),
+                      "log_counts": self.log_counts.cpu(), "log_tokens": self.log_tokens}
+        checkpoint.save(self.dump_path, self.n_steps, training_state, rank_state, self.params.global_rank,
+                        self.params.keep_checkpoints, fault=inject_fault)
+        self.last_checkpoint_step = self.n_steps
+
+    def resume(self) -> bool:
+        """Load the newest readable checkpoint; False when there is none."""
+        found = checkpoint.load_latest(self.dump_path, self.params.global_rank, self.device)
+        if found is None:
+            return False
+        path, training_state, rank_state = found
+        if training_state["world_size"] != self.params.world_size:
+            raise TrainingError(f"{path} was written by {training_state['world_size']} process(es), "
+                                f"this run has {self.params.world_size}; resume with the same number")
+        self.raw_student().load_state_dict(training_state["student"])
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        self.scheduler.load_state_dict(training_state["scheduler"])
+        self.scaler.load_state_dict(training_state["scaler"])
+        for name, value in training_state["counters"].items():
+            setattr(self, name, value)
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.log_sums = rank_state["log_sums"].to(self.device)
+        self.log_counts = rank_state["log_counts"].to(self.device)
+        self.log_tokens = rank_state["log_tokens"]
+        self.last_checkpoint_step = self.n_steps
+        if self.params.is_master:
+            self._truncate_metrics()
+        logger.info("Resumed from %s: step %d, epoch %d, %d micro-batches into the epoch",
+                    path, self.n_steps, self.epoch, self.batches_done)
+        return True
+
+    def _truncate_metrics(self):
+        """Drop log lines written after the checkpoint by the run that crashed."""
+        path = self.dump_path / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.n_steps]
+            path.write_text("".join(line + "\n" for line in lines))
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -276,27 +343,32 @@ class Distiller:
             self.teacher.eval()
         self.student.train()
         accumulate = self.params.gradient_accumulation_steps
-        progress = tqdm(total=self.total_steps, desc="Steps", disable=not self.params.is_master)
+        progress = tqdm(total=self.total_steps, initial=self.n_steps, desc="Steps", disable=not self.params.is_master)
         while self.n_steps < self.total_steps:
             self.sampler.set_epoch(self.epoch)
+            self.batch_sampler.skip = self.batches_done
             window = []
             for batch in self.dataloader:
+                self.batches_done += 1
                 window.append(batch)
-                if len(window) == accumulate:
+                if len(window) == accumulate or self.batches_done == self.batches_per_epoch:
                     self.optimize_step(window)
                     progress.update(1)
                     window = []
                     if self.n_steps >= self.total_steps:
                         break
-            if window and self.n_steps < self.total_steps:
-                self.optimize_step(window)
-                progress.update(1)
-            self.epoch += 1
-            logger.info("Epoch %d done (%d steps)", self.epoch, self.n_steps)
+            if self.batches_done == self.batches_per_epoch:
+                self.epoch += 1
+                self.batches_done = 0
+                logger.info("Epoch %d done (%d steps)", self.epoch, self.n_steps)
         progress.close()
         self.end_training()
 
     def end_training(self):
+        if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
+            self.evaluate()
+        if self.last_checkpoint_step != self.n_steps:
+            self.save_checkpoint()  # so that a later --resume with more steps continues from here
         if self.params.is_master:
             self.raw_student().save_pretrained(self.dump_path, safe_serialization=True)
             logger.info("Saved the student to %s (%d steps, %d skipped, %d tokens)",

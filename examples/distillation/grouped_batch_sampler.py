@@ -1,5 +1,7 @@
 """Batches of sequences of similar length, so little of each batch is padding."""
 
+import itertools
+
 import numpy as np
 from torch.utils.data import Sampler
 
@@ -40,3 +42,20 @@ class GroupedBatchSampler(Sampler):
 
     def __len__(self):
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+
+
+class SkippingBatchSampler(Sampler):
+    """Yields the batches of `batch_sampler` after the first `skip`: resuming mid-epoch.
+
+    Skipping works on index lists, so the skipped batches are never loaded or collated.
+    """
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self):
+        return max(0, len(self.batch_sampler) - self.skip)

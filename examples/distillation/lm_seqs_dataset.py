@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("distillation")
 
 MIN_SEQ_LEN = 12  # sequences of 11 tokens or fewer carry too little context to learn from
 MAX_UNK_FRACTION = 0.5

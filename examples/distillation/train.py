@@ -6,6 +6,8 @@ Exit status: 0 done, 1 bad data, 2 bad arguments, 3 training stopped (non-finite
 """
 
 import argparse
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("input and output")
     io.add_argument("--dump_path", default="checkpoints/distilgpt2-ja", help="Output directory.")
     io.add_argument("--force", action="store_true", help="Delete an existing --dump_path and start afresh.")
+    io.add_argument("--resume", action="store_true",
+                    help="Continue the run in --dump_path exactly from its newest checkpoint.")
     io.add_argument("--data_file", nargs="+", required=True,
                     help="binarize.py output directory (manifest + shards), or one or more .pickle shards.")
 
@@ -71,8 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     rec = parser.add_argument_group("records")
     rec.add_argument("--log_interval", type=int, default=100, help="Optimizer steps between log lines.")
     rec.add_argument("--checkpoint_interval", type=int, default=4000,
-                     help="Optimizer steps between checkpoints (0: only the final model).")
+                     help="Optimizer steps between checkpoints (0: only at the end).")
+    rec.add_argument("--keep_checkpoints", type=int, default=3, help="Newest checkpoints kept on disk.")
+    rec.add_argument("--eval_data", nargs="+", default=None,
+                     help="Held-out text (tokenized like binarize.py) or binarize.py output: the student's "
+                          "perplexity goes to tensorboard (eval/perplexity) and dump_path/eval_results.json.")
+    rec.add_argument("--eval_interval", type=int, default=0,
+                     help="Optimizer steps between evaluations on --eval_data (0: only at the end).")
     return parser
+
+
+# Settings a resumed run may change; any other difference from parameters.json is refused.
+RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
+                     "keep_checkpoints", "max_nonfinite", "eval_interval"}
 
 
 def check_arguments(params) -> None:
@@ -88,7 +103,9 @@ def check_arguments(params) -> None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:
         raise UsageError("--temperature must be > 0")
-    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite"):
+    if params.resume and params.force:
+        raise UsageError("--resume continues --dump_path, --force deletes it: pick one")
+    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints"):
         if getattr(params, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if not 0 <= params.warmup_prop < 1:
@@ -97,18 +114,38 @@ def check_arguments(params) -> None:
         raise UsageError("give --n_epoch >= 1 or --max_steps > 0")
 
 
+def check_dump_path(params, settings: dict) -> None:
+    """Refuse to overwrite a run, or to resume one with settings it cannot continue under. Changes nothing."""
+    dump_path = Path(params.dump_path)
+    if params.resume:
+        saved_file = dump_path / "parameters.json"
+        if not saved_file.is_file():
+            raise UsageError(f"--resume: {dump_path} holds no parameters.json, so there is no run to resume")
+        saved = json.loads(saved_file.read_text())
+        changed = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(settings)).items()
+                   if k in saved and saved[k] != v}
+        refused = sorted(set(changed) - RESUMABLE_CHANGES)
+        if refused:
+            details = "; ".join(f"--{k} was {changed[k][0]!r}, now {changed[k][1]!r}" for k in refused)
+            raise UsageError(f"cannot resume with changed settings ({details}); only "
+                             f"{', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'force'}))} may change")
+        for k in sorted(set(changed) - {"resume", "force"}):
+            logger.info("Resuming with --%s changed from %r to %r", k, *changed[k])
+    elif dump_path.exists() and any(dump_path.iterdir()) and not params.force:
+        raise UsageError(f"{dump_path} exists and is not empty; pass --resume to continue it or --force to overwrite it")
+
+
 def prepare_dump_path(params) -> None:
     dump_path = Path(params.dump_path)
-    exists = dump_path.exists() and any(dump_path.iterdir())
-    if exists and not params.force:
-        raise UsageError(f"{dump_path} exists and is not empty; pass --force to overwrite it")
     if params.is_distributed:
-        torch.distributed.barrier()  # every rank has looked before the master touches anything
+        torch.distributed.barrier()  # every rank has checked everything before the master touches anything
     if params.is_master:
-        if exists:
+        if params.force and dump_path.exists():
             logger.info("--force: deleting %s", dump_path)
             shutil.rmtree(dump_path)
         dump_path.mkdir(parents=True, exist_ok=True)
+    if params.is_distributed:
+        torch.distributed.barrier()
 
 
 def load_student(params):
@@ -188,11 +225,32 @@ def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, mani
         raise DataError(f"the data holds token id {max_id}, beyond the model vocabulary ({student.config.vocab_size})")
 
 
+def load_eval_data(params):
+    """--eval_data as token sequences (evaluate.py's loader), or None."""
+    if params.eval_interval < 0 or (params.eval_interval > 0 and not params.eval_data):
+        raise UsageError("--eval_interval must be >= 0 and needs --eval_data")
+    if not params.eval_data:
+        return None
+    from evaluate import EvalDataError, EvalError, load_eval_sequences
+
+    try:
+        return load_eval_sequences(params.eval_data, params.tokenizer_name or params.teacher_name)
+    except EvalDataError as err:
+        raise DataError(f"--eval_data: {err}") from err
+    except EvalError as err:
+        raise UsageError(f"--eval_data: {err}") from err
+
+
 def run(params) -> None:
+    settings = dict(vars(params))
     check_arguments(params)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and (Path(params.dump_path) / "parameters.json").exists():
+        logger.warning("torchrun restarted this worker: resuming from the newest checkpoint")
+        params.resume, params.force = True, False
     init_distributed(params)
     setup_logging(params.global_rank)
-    prepare_dump_path(params)
+    settings["world_size"] = params.world_size
+    check_dump_path(params, settings)
     set_seed(params.seed)
 
     from data_prep.tokenization import load_tokenizer
@@ -212,19 +270,24 @@ def run(params) -> None:
     if len(dataset) < params.world_size:
         raise DataError(f"{len(dataset)} sequence(s) cannot be shared between {params.world_size} processes")
 
+    eval_sequences = load_eval_data(params)
+
+    prepare_dump_path(params)  # everything above is checked before anything on disk changes
     if params.is_master:
-        write_json(Path(params.dump_path) / "parameters.json", {k: v for k, v in vars(params).items() if k != "device"})
+        write_json(Path(params.dump_path) / "parameters.json", settings)
         git_log(params.dump_path)
         tokenizer.save_pretrained(params.dump_path)
     logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                 "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
-    distiller = Distiller(params, dataset, student, teacher)
+    distiller = Distiller(params, dataset, student, teacher, eval_sequences)
+    if params.resume and not distiller.resume():
+        logger.info("--resume: no checkpoint in %s yet, starting from the first step", params.dump_path)
     distiller.train()
 
 
 def main(argv=None) -> None:
     params = build_parser().parse_args(argv)
-    setup_logging(0)
+    setup_logging(int(os.environ.get("RANK", 0)))
     code = 0
     try:
         run(params)

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 from pathlib import Path
 
@@ -18,17 +19,22 @@ class UsageError(Exception):
 
 
 def setup_logging(rank: int = 0) -> None:
-    logging.basicConfig(
-        format=f"%(asctime)s - rank {rank} - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        force=True,
-    )
+    """Log lines of the `distillation` logger to stderr, tagged with the rank; only warnings off rank 0."""
+    for handler in [h for h in logger.handlers if getattr(h, "is_distillation_handler", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.is_distillation_handler = True
+    handler.setFormatter(logging.Formatter(f"%(asctime)s - rank {rank} - %(levelname)s - %(message)s",
+                                           datefmt="%m/%d/%Y %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("transformers.modeling_utils").addFilter(_no_attention_mask_advice)
+
+
+def _no_attention_mask_advice(record: logging.LogRecord) -> bool:
     # Padding is on the right and attention causal, so the models run without an attention
     # mask on purpose (see Distiller.loss_sums); transformers' advice to pass one does not apply.
-    logging.getLogger("transformers.modeling_utils").addFilter(
-        lambda record: "attention_mask" not in record.getMessage()
-    )
+    return "attention_mask" not in record.getMessage()
 
 
 def set_seed(seed: int) -> None:
@@ -69,7 +75,12 @@ def init_distributed(params) -> None:
         backend = "gloo"
 
     if params.is_distributed:
-        torch.distributed.init_process_group(backend=backend)
+        # torchrun keeps one TCP store across worker restarts (--max-restarts): a key prefix per
+        # attempt stops restarted workers from reading the dead attempt's addresses and hanging.
+        store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch.distributed.init_process_group(backend=backend, store=torch.distributed.PrefixStore(
+            f"distillation/attempt_{attempt}", store), rank=rank, world_size=world_size)
         logger.info(
             "Process group (%s): rank %d of %d on %s", backend, params.global_rank, params.world_size,
             socket.gethostname(),
@@ -96,3 +107,20 @@ def write_json(path: Path, obj) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
     os.replace(tmp, path)
+
+
+def inject_fault(point: str, step: int) -> None:
+    """Test hook: DISTIL_FAULT="<point>:<step>[:<rank>]" SIGKILLs this process at that point.
+
+    Points: "after_step" (after the step's checkpoint, if any) and "checkpoint_write" (rank 0,
+    with the checkpoint half written). Only the first attempt is killed: a process that torchrun
+    restarted (TORCHELASTIC_RESTART_COUNT > 0) runs on.
+    """
+    spec = os.environ.get("DISTIL_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    want_point, want_step, *want_rank = spec.split(":")
+    rank = int(os.environ.get("RANK", 0))
+    if want_point == point and int(want_step) == step and (not want_rank or int(want_rank[0]) == rank):
+        logger.warning("DISTIL_FAULT: killing rank %d at %s of step %d", rank, point, step)
+        os.kill(os.getpid(), signal.SIGKILL)

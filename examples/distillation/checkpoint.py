@@ -1,0 +1,122 @@
+"""Crash-safe training checkpoints.
+
+A checkpoint is a directory `checkpoint_stepNNNNNNNN/` holding `training_state.pt` (weights,
+optimizer, scheduler, scaler, counters; written by rank 0) and `rank{R}.pt` (each rank's RNG
+states and unreduced log sums). Every file is written into `checkpoint_stepNNNNNNNN.tmp/`,
+fsynced, and the directory is renamed only when complete, so a crash mid-write leaves the
+previous checkpoint as the newest complete one.
+"""
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("distillation")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_step(\d{8})$")
+STATE_FILE = "training_state.pt"
+
+
+def checkpoint_dir(dump_path: Path, step: int) -> Path:
+    return Path(dump_path) / f"checkpoint_step{step:08d}"
+
+
+def list_checkpoints(dump_path: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    found = [p for p in Path(dump_path).glob("checkpoint_step*") if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def _fsynced_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(dump_path: Path, step: int, training_state: dict | None, rank_state: dict, rank: int, keep: int,
+         fault=None) -> Path:
+    """Collective: every rank calls it; rank 0 passes training_state, the others None."""
+    final = checkpoint_dir(dump_path, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+        tmp.mkdir(parents=True)
+    _barrier()
+    _fsynced_save(rank_state, tmp / f"rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        if fault is not None:
+            fault("checkpoint_write", step)
+        _fsynced_save(training_state, tmp / STATE_FILE)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+        for old in list_checkpoints(dump_path)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("Saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def _try_load(path: Path, rank: int):
+    try:
+        training_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        rank_state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        return training_state, rank_state
+    except Exception as err:  # truncated, corrupt, missing file: fall back to an older checkpoint
+        logger.error("Checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(err).__name__, err)
+        return None
+
+
+def load_latest(dump_path: Path, rank: int, device: torch.device):
+    """(path, training_state, rank_state) of the newest checkpoint every rank can read, or None."""
+    for path in list_checkpoints(dump_path):
+        loaded = _try_load(path, rank)
+        ok = torch.tensor([1 if loaded is not None else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 1:
+            return path, *loaded
+    return None
