@@ -28,7 +28,8 @@ def dropout_setup(tiny_setup, tmp_path_factory):
 
 def resume_args(setup, dump, *extra):
     return train_args(setup, dump, "--max_steps", "8", "--checkpoint_interval", "2", "--log_interval", "1",
-                      "--batch_size", "3", "--gradient_accumulation_steps", "2", "--group_by_size", *extra)
+                      "--batch_size", "3", "--gradient_accumulation_steps", "2", "--group_by_size",
+                      "--eval_data", str(setup["data"]), "--eval_interval", "3", *extra)
 
 
 def run(args, fault=None, torchrun=None, timeout=300):
@@ -43,6 +44,9 @@ def metrics(dump):
 
 def assert_identical_runs(a, b):
     assert metrics(a) == metrics(b)
+    evaluations = json.loads((a / "eval_results.json").read_text())
+    assert [e["step"] for e in evaluations["history"]] == [3, 6, 8]
+    assert evaluations == json.loads((b / "eval_results.json").read_text())
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:

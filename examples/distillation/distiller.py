@@ -18,12 +18,13 @@ import checkpoint
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
 from losses import clm_loss_sum, cos_loss_sum, kd_loss_sum, mse_loss_sum
-from utils import inject_fault
+from utils import inject_fault, write_json
 
 logger = logging.getLogger("distillation")
 
 LOSS_TERMS = ("ce", "clm", "mse", "cos")
-COUNTERS = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen")
+# Loop state saved in checkpoints, beside the weights and optimizer.
+LOOP_STATE = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen", "eval_history")
 
 
 class TrainingError(Exception):
@@ -226,11 +227,11 @@ class Distiller:
         self.log_tokens += int(counts[0])
         if self.n_steps % self.params.log_interval == 0:
             self.log_tensorboard(grad_norm)
+        if self.eval_sequences is not None and self.params.eval_interval > 0 \
+                and self.n_steps % self.params.eval_interval == 0:
+            self.evaluate()  # before the checkpoint, which saves the evaluation history
         if self.params.checkpoint_interval > 0 and self.n_steps % self.params.checkpoint_interval == 0:
             self.save_checkpoint()
-        if self.eval_sequences is not None and getattr(self.params, "eval_interval", 0) > 0 \
-                and self.n_steps % self.params.eval_interval == 0:
-            self.evaluate()
         inject_fault("after_step", self.n_steps)
 
     def evaluate(self):
@@ -247,8 +248,6 @@ class Distiller:
             self.writer.add_scalar("eval/perplexity", out["perplexity"], self.n_steps)
             self.writer.add_scalar("eval/nll", out["nll_sum"] / max(out["tokens"], 1), self.n_steps)
         if self.params.is_master:
-            from utils import write_json
-
             write_json(self.dump_path / "eval_results.json", {**record, "history": self.eval_history})
 
     def log_tensorboard(self, grad_norm):
@@ -294,7 +293,7 @@ class Distiller:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "counters": {name: getattr(self, name) for name in COUNTERS},
+                "loop_state": {name: getattr(self, name) for name in LOOP_STATE},
                 "world_size": self.params.world_size,
             }
         rank_state = {"rng": checkpoint.rng_state(), "log_sums": self.log_sums.cpu(),
@@ -316,7 +315,7 @@ class Distiller:
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.scheduler.load_state_dict(training_state["scheduler"])
         self.scaler.load_state_dict(training_state["scaler"])
-        for name, value in training_state["counters"].items():
+        for name, value in training_state["loop_state"].items():
             setattr(self, name, value)
         checkpoint.set_rng_state(rank_state["rng"])
         self.log_sums = rank_state["log_sums"].to(self.device)
