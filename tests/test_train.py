@@ -97,6 +97,12 @@ def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tmp_path):
     train.main(second)
     assert (tmp_path / "second" / "model.safetensors").is_file()
 
+    from data_prep.tokenization import DocumentEncoder
+
+    text = ["今日はPythonで電車の本を読んだ。"]
+    assert DocumentEncoder(str(tmp_path / "second")).encode_document(text) == \
+        DocumentEncoder(str(tiny_setup["tokenizer"])).encode_document(text)
+
 
 def test_training_without_a_teacher(tiny_setup, tmp_path):
     args = train_args(tiny_setup, tmp_path / "alone", "--alpha_ce", "0", "--alpha_cos", "0", "--alpha_clm", "1")

@@ -241,6 +241,18 @@ def load_eval_data(params):
         raise UsageError(f"--eval_data: {err}") from err
 
 
+def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
+    """The tokenizer beside the student, with its sentencepiece model so binarize.py and
+    evaluate.py can use DUMP_PATH as a tokenizer too."""
+    from data_prep.tokenization import resolve_spiece
+
+    tokenizer.save_pretrained(dump_path)
+    try:
+        shutil.copyfile(resolve_spiece(source), Path(dump_path) / "spiece.model")
+    except OSError as err:
+        logger.warning("No spiece.model saved with the student (%s)", err)
+
+
 def run(params) -> None:
     settings = dict(vars(params))
     check_arguments(params)
@@ -276,7 +288,7 @@ def run(params) -> None:
     if params.is_master:
         write_json(Path(params.dump_path) / "parameters.json", settings)
         git_log(params.dump_path)
-        tokenizer.save_pretrained(params.dump_path)
+        save_tokenizer(tokenizer, params.tokenizer_name or params.teacher_name, params.dump_path)
     logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                 "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
     distiller = Distiller(params, dataset, student, teacher, eval_sequences)
