@@ -184,3 +184,12 @@ def test_n_gpu_must_match_what_torchrun_started(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match="only 1 GPU"):
         init_distributed(SimpleNamespace(n_gpu=2))
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_runs_on_the_cpu(tiny_setup, tmp_path, precision):
+    dump = tmp_path / "run"
+    train.main(train_args(tiny_setup, dump, precision, "--max_steps", "3", "--log_interval", "1"))
+    logged = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert all(torch.isfinite(w).all() and w.dtype == torch.float32 for w in weights(dump).values())
