@@ -17,15 +17,6 @@ EVALUATE_PY = REPO / "examples" / "distillation" / "evaluate.py"
 DEV_TEXT = REPO / "data_prep" / "sample" / "ja_dev.txt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     from transformers import GPT2LMHeadModel
@@ -170,7 +161,5 @@ def test_training_scores_the_student_on_held_out_data(tiny_setup, tmp_path):
     assert results["step"] == 6 and results["tokens"] == ref["tokens"]
     assert results["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert [h["step"] for h in results["history"]] == [3, 6]
-    from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401
-
     events = b"".join(p.read_bytes() for p in (dump / "log").glob("events.out.tfevents.*"))
     assert b"eval/perplexity" in events

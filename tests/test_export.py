@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import export
-from conftest import REPO, gpt2_config
+from conftest import gpt2_config
 
 UPPERCASE_TEXT = "GPUとPythonで東京のAIモデルをTrainする。ＡＢＣの本"
 
@@ -32,14 +32,6 @@ print(json.dumps({
     "data_prep_loaded": any(m.startswith("data_prep") for m in sys.modules),
 }))
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

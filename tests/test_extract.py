@@ -18,15 +18,6 @@ import extract  # noqa: E402
 EXTRACT_PY = REPO / "examples" / "distillation" / "scripts" / "extract.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_default_layers_spread_over_the_depth():
     assert extract.default_layers(24, 6) == [0, 5, 9, 14, 18, 23]
     assert extract.default_layers(4, 2) == [0, 3]

@@ -52,8 +52,6 @@ def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
 
 
 def test_training_lowers_the_loss(tiny_setup, tmp_path):
-    from tensorboardX.proto import event_pb2  # noqa: F401  (tensorboardX is a requirement)
-
     import numpy as np
 
     from conftest import TINY_VOCAB, write_shard
