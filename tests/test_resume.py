@@ -216,7 +216,17 @@ def _bad_inputs(setup, tmp):
     (manifest_dir / "manifest.json").write_text(json.dumps({
         "tokenizer": {"vocab_size": 32000, "special_ids": {"unk": 0, "bos": 1, "eos": 2, "pad": 3}},
         "shards": [{"file": "00000.pickle"}]}))
+    other_model = tmp / "other_model_dir"
+    other_model.mkdir()
+    write_shard(other_model / "00000.pickle", good)
+    from data_prep.tokenization import load_tokenizer
+
+    (other_model / "manifest.json").write_text(json.dumps({
+        "tokenizer": {"vocab_size": len(load_tokenizer(str(setup["tokenizer"]))), "spiece_sha256": "0" * 64},
+        "shards": [{"file": "00000.pickle"}]}))
     return [
+        ("other sentencepiece", {"--data_file": str(other_model)}, "binarized with another sentencepiece model",
+         train.EXIT_USAGE),
         ("missing shard", {"--data_file": str(tmp / "nope.pickle")}, "nope.pickle: shard not found", train.EXIT_DATA),
         ("corrupt shard", {"--data_file": str(corrupt)}, "corrupt.pickle: corrupt or truncated", train.EXIT_DATA),
         ("truncated shard", {"--data_file": str(truncated)}, "truncated.pickle: corrupt or truncated", train.EXIT_DATA),

@@ -17,7 +17,8 @@ from tqdm import tqdm
 import checkpoint
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import clm_loss_sum, cos_loss_sum, kd_loss_sum, mse_loss_sum
+import losses
+from losses import clm_loss_sum, cos_loss_sum, kd_clm_loss_sums, kd_loss_sum, mse_loss_sum
 from utils import inject_fault, write_json
 
 logger = logging.getLogger("distillation")
@@ -69,6 +70,11 @@ class Distiller:
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
         self.need_hidden = params.alpha_cos > 0
         self.amp_dtype = amp_dtype(params)
+        # Fast paths (getattr: a params namespace from before these options still works).
+        self.fused_loss = getattr(params, "fused_loss", True)  # KD + CLM with the gradient in the forward
+        self.compile = bool(getattr(params, "compile", False))
+        self.loss_weights = dict(self.alphas)  # fused KD/CLM weight ratio; optimize_step sets it per step
+        self.chunk_fn = losses.fused_rows
 
         self.sampler = DistributedSampler(
             dataset, num_replicas=params.world_size, rank=params.global_rank, shuffle=True, seed=params.seed
@@ -78,9 +84,14 @@ class Distiller:
         else:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
+        # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
+        num_workers = getattr(params, "num_workers", None)
+        if num_workers is None:
+            num_workers = 2 if self.device.type == "cuda" else 0
         self.dataloader = DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", num_workers=num_workers,
+            prefetch_factor=4 if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(params.seed),  # else each new iterator draws from the global RNG
         )
         self.batches_per_epoch = micro_batches = len(batch_sampler)
@@ -108,6 +119,12 @@ class Distiller:
             self.student = DistributedDataParallel(student, device_ids=ids, output_device=ids and ids[0])
         if teacher is not None:
             teacher.to(self.device)
+        if self.compile:
+            # In place (nn.Module.compile): state_dict keys, DDP and checkpoints are unchanged.
+            student.compile()
+            if teacher is not None:
+                teacher.compile()
+            self.chunk_fn = torch.compile(losses.fused_rows, dynamic=True)
 
         self.epoch = 0
         self.batches_done = 0  # micro-batches of the current epoch consumed (the same on every rank)
@@ -145,10 +162,19 @@ class Distiller:
                 with torch.no_grad():
                     t_out = self.teacher(input_ids=token_ids, output_hidden_states=self.need_hidden, use_cache=False)
         sums = {}
-        if self.alphas["ce"] > 0:
-            sums["ce"] = kd_loss_sum(s_out.logits, t_out.logits, mask, self.params.temperature)
-        if self.alphas["clm"] > 0:
-            sums["clm"] = clm_loss_sum(s_out.logits, token_ids, mask)
+        if self.fused_loss and (self.alphas["ce"] > 0 or self.alphas["clm"] > 0):
+            # Loss and gradient in one chunked pass: no fp32 batch x seq x vocab tensor is kept for backward.
+            ce, clm = kd_clm_loss_sums(
+                s_out.logits, t_out.logits if self.alphas["ce"] > 0 else None, token_ids, mask,
+                self.params.temperature, self.loss_weights["ce"] if self.alphas["ce"] > 0 else 0.0,
+                self.loss_weights["clm"] if self.alphas["clm"] > 0 else 0.0, chunk_fn=self.chunk_fn,
+            )
+            sums.update({k: v for k, v in (("ce", ce), ("clm", clm)) if self.alphas[k] > 0})
+        else:
+            if self.alphas["ce"] > 0:
+                sums["ce"] = kd_loss_sum(s_out.logits, t_out.logits, mask, self.params.temperature)
+            if self.alphas["clm"] > 0:
+                sums["clm"] = clm_loss_sum(s_out.logits, token_ids, mask)
         if self.alphas["mse"] > 0:
             sums["mse"] = mse_loss_sum(s_out.logits, t_out.logits, mask)
         if self.alphas["cos"] > 0:
@@ -167,19 +193,23 @@ class Distiller:
             dist.all_reduce(counts)
         return counts
 
-    def optimize_step(self, window) -> None:
+    def optimize_step(self, window) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches in `window`, then one optimizer step.
 
         Each term is divided by the position count of the whole global batch, so
         the step equals one big batch whatever the split across ranks and
         accumulation; DDP averages gradients over ranks, hence the world-size factor.
-        Gradients are all-reduced only on the last micro-batch.
+        Gradients are all-reduced only on the last micro-batch. Returns each loss term of the
+        step (a tensor, not synchronised), as logged.
         """
         counts = self.global_counts(window)
         n_real, n_pred = counts.clamp(min=1).tolist()
         norm = {"ce": n_real, "mse": n_real, "cos": n_real, "clm": n_pred}
+        self.loss_weights = {k: self.alphas[k] / norm[k] for k in LOSS_TERMS}  # how loss uses the sums below
         step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
         for i, (token_ids, lengths) in enumerate(window):
+            self.log_slots += token_ids.numel()  # positions, padding included (this rank, host-side counts)
+            self.log_real += int(lengths.sum())
             token_ids = token_ids.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
             last = i == len(window) - 1
@@ -202,6 +232,7 @@ class Distiller:
         self.n_steps += 1
         self.tokens_seen += int(n_real)
         self._record_step(step_sums, counts, grad_norm, finite)
+        return {k: step_sums[i] / norm[k] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -210,6 +241,7 @@ class Distiller:
         self.log_counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.log_start = time.perf_counter()
         self.log_tokens = 0
+        self.log_slots = self.log_real = 0
 
     def _record_step(self, step_sums, counts, grad_norm, finite):
         if not finite:
@@ -266,6 +298,7 @@ class Distiller:
             self.writer.add_scalar("global/tokens_per_s", self.log_tokens / max(elapsed, 1e-9), self.n_steps)
             self.writer.add_scalar("global/skipped_steps", self.n_skipped, self.n_steps)
             self.writer.add_scalar("global/memory_gib", self.memory_gib(), self.n_steps)
+            self.writer.add_scalar("global/padding_fraction", self.padding_fraction(), self.n_steps)
         if self.params.is_master:
             with open(self.dump_path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.n_steps, **terms, "skipped_steps": self.n_skipped}) + "\n")
@@ -275,6 +308,10 @@ class Distiller:
                 self.scheduler.get_last_lr()[0], self.log_tokens / max(elapsed, 1e-9),
             )
         self._reset_log_window()
+
+    def padding_fraction(self) -> float:
+        """Share of padding in this rank's micro-batches since the last log line."""
+        return 1.0 - self.log_real / self.log_slots if self.log_slots else 0.0
 
     def memory_gib(self) -> float:
         if self.device.type == "cuda":

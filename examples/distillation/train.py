@@ -201,7 +201,7 @@ def special_ids_of(tokenizer) -> SpecialIds:
     return ids
 
 
-def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, manifest, sequences) -> None:
+def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, sequences) -> None:
     """Refuse models, tokenizer and data that disagree on the vocabulary or the special ids."""
     configs = {"student": student.config} | ({"teacher": teacher.config} if teacher is not None else {})
     for who, config in configs.items():
@@ -212,17 +212,30 @@ def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, mani
                 raise UsageError(f"{who} config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
     if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
         raise UsageError(f"student vocab_size {student.config.vocab_size} != teacher's {teacher.config.vocab_size}")
-    if manifest is not None:
-        data_tok = manifest.get("tokenizer", {})
-        if data_tok.get("vocab_size") not in (None, vocab_size):
-            raise UsageError(f"the data was binarized with vocab_size {data_tok['vocab_size']}, the tokenizer has {vocab_size}")
-        data_ids = data_tok.get("special_ids", {})
-        for name in ("unk", "bos", "eos", "pad"):
-            if data_ids.get(name) not in (None, getattr(ids, name)):
-                raise UsageError(f"the data's {name} id is {data_ids[name]}, the tokenizer's is {getattr(ids, name)}")
     max_id = max((int(s.max()) for s in sequences if len(s)), default=-1)
     if max_id >= student.config.vocab_size:
         raise DataError(f"the data holds token id {max_id}, beyond the model vocabulary ({student.config.vocab_size})")
+
+
+def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_source: str) -> None:
+    """The tokenizer recorded by binarize.py must be the one this run uses."""
+    from data_prep.tokenization import resolve_spiece, sha256_file
+
+    data_tok = manifest.get("tokenizer", {})
+    if data_tok.get("vocab_size") not in (None, vocab_size):
+        raise UsageError(f"the data was binarized with vocab_size {data_tok['vocab_size']}, the tokenizer has {vocab_size}")
+    data_ids = data_tok.get("special_ids", {})
+    for name in ("unk", "bos", "eos", "pad"):
+        if data_ids.get(name) not in (None, getattr(ids, name)):
+            raise UsageError(f"the data's {name} id is {data_ids[name]}, the tokenizer's is {getattr(ids, name)}")
+    if data_tok.get("spiece_sha256"):
+        try:
+            ours = sha256_file(resolve_spiece(tokenizer_source))
+        except OSError:
+            return  # a tokenizer without its sentencepiece file: the checks above are all we can do
+        if ours != data_tok["spiece_sha256"]:
+            raise UsageError(f"the data was binarized with another sentencepiece model than {tokenizer_source!r} "
+                             f"(sha256 {data_tok['spiece_sha256'][:12]}… vs {ours[:12]}…)")
 
 
 def load_eval_data(params):
@@ -272,7 +285,9 @@ def run(params) -> None:
     teacher = load_teacher(params)
     student = load_student(params)
     sequences, manifest = load_sequences(params.data_file)
-    check_compatibility(student, teacher, ids, len(tokenizer), manifest, sequences)
+    check_compatibility(student, teacher, ids, len(tokenizer), sequences)
+    if manifest is not None:
+        check_manifest(manifest, ids, len(tokenizer), params.tokenizer_name or params.teacher_name)
 
     max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
     dataset = LmSeqsDataset(sequences, max_len, ids)
