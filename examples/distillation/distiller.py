@@ -72,7 +72,8 @@ class Distiller:
         self.amp_dtype = amp_dtype(params)
         # Fast paths (getattr: a params namespace from before these options still works).
         self.fused_loss = getattr(params, "fused_loss", True)  # KD + CLM with the gradient in the forward
-        self.compile = bool(getattr(params, "compile", False))
+        compile_opt = getattr(params, "compile", None)  # None: on for CUDA, off on the CPU
+        self.compile = self.device.type == "cuda" if compile_opt is None else bool(compile_opt)
         self.loss_weights = dict(self.alphas)  # fused KD/CLM weight ratio; optimize_step sets it per step
         self.chunk_fn = losses.fused_rows
 

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     hw = parser.add_argument_group("hardware and precision")
     hw.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler.")
     hw.add_argument("--bf16", action="store_true", help="bfloat16 autocast (teacher held in bfloat16).")
+    hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the student, the teacher and the fused loss (default: on with CUDA, off on the CPU).")
+    hw.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=True,
+                    help="KD and CLM losses with their gradient in one chunked pass over the logits (on by default).")
+    hw.add_argument("--num_workers", type=int, default=None,
+                    help="DataLoader worker processes (default: 2 with CUDA, 0 on the CPU); batches are the same.")
     hw.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 trains on the CPU.")
     hw.add_argument("--seed", type=int, default=56)
 
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_nonfinite", "eval_interval"}
+                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile"}
 
 
 def check_arguments(params) -> None:
@@ -108,6 +114,8 @@ def check_arguments(params) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints"):
         if getattr(params, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if params.num_workers is not None and params.num_workers < 0:
+        raise UsageError("--num_workers must be >= 0")
     if not 0 <= params.warmup_prop < 1:
         raise UsageError("--warmup_prop must be in [0, 1)")
     if params.max_steps <= 0 and params.n_epoch < 1:
