@@ -128,3 +128,20 @@ def test_grouped_batches_have_equal_counts_on_every_rank():
         sampler = DistributedSampler(range(101), num_replicas=4, rank=rank, shuffle=True, seed=0)
         counts.add(len(list(GroupedBatchSampler(sampler, groups, batch_size=3))))
     assert counts == {9}
+
+
+def test_token_cache_maps_the_same_sequences(tmp_path):
+    from token_cache import write_cache
+
+    sequences = [seq(*range(10, 10 + n)) for n in (15, 40, 12, 25)]
+    dataset = LmSeqsDataset(sequences, max_len=32, ids=IDS)
+    write_cache(tmp_path / "cache", dataset.sequences)
+    mapped = LmSeqsDataset.from_cache(tmp_path / "cache", IDS)
+    assert len(mapped) == len(dataset) == 5  # the 42-token sequence became two chunks
+    assert mapped.lengths.tolist() == dataset.lengths.tolist()
+    for a, b in zip(mapped.sequences, dataset.sequences):
+        assert a.dtype == np.uint16 and np.array_equal(a, b)
+    assert isinstance(mapped.sequences.tokens, np.memmap)
+    batch = [mapped[i] for i in (1, 3)]
+    for x, y in zip(mapped.batch_sequences(batch), dataset.batch_sequences([dataset[1], dataset[3]])):
+        assert torch.equal(x, y)

@@ -254,3 +254,14 @@ def test_bad_input_gives_one_clear_line_and_leaves_dump_path_untouched(tiny_setu
         assert message in result.stderr, (name, result.stderr[-1500:])
         assert "Traceback" not in result.stderr, name
         assert [p.name for p in dump.iterdir()] == ["earlier_run.txt"], name
+
+
+@pytest.mark.slow
+def test_a_data_error_stops_every_rank_without_a_hang(tiny_setup, tmp_path):
+    bad = write_shard(tmp_path / "big_ids.pickle", random_sequences(8, vocab_size=5000))
+    args = train_args(tiny_setup, tmp_path / "run")
+    args[args.index("--data_file") + 1] = str(bad)
+    result = run(args, torchrun=["--nproc_per_node", "2", "--master_port", "29591"], timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("beyond the model vocabulary") >= 2  # rank 0 found it, rank 1 was told
+    assert not (tmp_path / "run").exists()

@@ -106,6 +106,17 @@ class LmSeqsDataset(Dataset):
         self.sequences = kept
         self.lengths = np.array([len(s) for s in kept], dtype=np.int64)
 
+    @classmethod
+    def from_cache(cls, folder: Path, ids: SpecialIds = SpecialIds()) -> "LmSeqsDataset":
+        """The sequences a token_cache holds (already split and filtered), memory-mapped."""
+        from token_cache import MappedSequences
+
+        dataset = cls.__new__(cls)
+        dataset.ids = ids
+        dataset.sequences = MappedSequences(folder)
+        dataset.lengths = dataset.sequences.lengths()
+        return dataset
+
     def __len__(self):
         return len(self.sequences)
 

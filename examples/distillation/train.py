@@ -18,9 +18,11 @@ import torch  # noqa: E402
 
 from distiller import Distiller, TrainingError  # noqa: E402
 from lm_seqs_dataset import DataError, LmSeqsDataset, SpecialIds, load_sequences  # noqa: E402
+from token_cache import write_cache  # noqa: E402
 from utils import UsageError, git_log, init_distributed, logger, set_seed, setup_logging, write_json  # noqa: E402
 
 EXIT_DATA, EXIT_USAGE, EXIT_TRAINING = 1, 2, 3
+TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +276,35 @@ def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
         logger.warning("No spiece.model saved with the student (%s)", err)
 
 
+def load_dataset(params, tokenizer, ids: SpecialIds, student, teacher) -> LmSeqsDataset | DataError | UsageError:
+    """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it."""
+    try:
+        sequences, manifest = load_sequences(params.data_file)
+        check_compatibility(student, teacher, ids, len(tokenizer), sequences)
+        if manifest is not None:
+            check_manifest(manifest, ids, len(tokenizer), params.tokenizer_name or params.teacher_name)
+        max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
+        dataset = LmSeqsDataset(sequences, max_len, ids)
+        if len(dataset) == 0:
+            raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
+        if len(dataset) < params.world_size:
+            raise DataError(f"{len(dataset)} sequence(s) cannot be shared between {params.world_size} processes")
+        return dataset
+    except (DataError, UsageError) as err:
+        return err
+
+
+def share_errors(params, loaded) -> None:
+    """Raise rank 0's data error on every rank, so that none waits for the others forever."""
+    error = loaded if isinstance(loaded, Exception) else None
+    if params.is_distributed:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
 def run(params) -> None:
     settings = dict(vars(params))
     check_arguments(params)
@@ -292,26 +323,20 @@ def run(params) -> None:
     ids = special_ids_of(tokenizer)
     teacher = load_teacher(params)
     student = load_student(params)
-    sequences, manifest = load_sequences(params.data_file)
-    check_compatibility(student, teacher, ids, len(tokenizer), sequences)
-    if manifest is not None:
-        check_manifest(manifest, ids, len(tokenizer), params.tokenizer_name or params.teacher_name)
-
-    max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
-    dataset = LmSeqsDataset(sequences, max_len, ids)
-    del sequences
-    if len(dataset) == 0:
-        raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
-    if len(dataset) < params.world_size:
-        raise DataError(f"{len(dataset)} sequence(s) cannot be shared between {params.world_size} processes")
-
+    dataset = load_dataset(params, tokenizer, ids, student, teacher) if params.is_master else None
+    share_errors(params, dataset)
     eval_sequences = load_eval_data(params)
 
     prepare_dump_path(params)  # everything above is checked before anything on disk changes
+    cache = Path(params.dump_path) / TOKEN_CACHE
     if params.is_master:
         write_json(Path(params.dump_path) / "parameters.json", settings)
         git_log(params.dump_path)
         save_tokenizer(tokenizer, params.tokenizer_name or params.teacher_name, params.dump_path)
+        write_cache(cache, dataset.sequences)
+    if params.is_distributed:
+        torch.distributed.barrier()
+    dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank maps the same file: one copy in memory
     logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                 "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
     distiller = Distiller(params, dataset, student, teacher, eval_sequences)

@@ -1,0 +1,53 @@
+"""A memory-mapped copy of the training sequences, shared by every rank and DataLoader worker.
+
+Rank 0 reads the pickled shards once and writes the filtered sequences as one flat token
+array plus offsets (`tokens.npy`, `offsets.npy`); every process then maps them read-only, so
+the corpus sits once in the page cache instead of once per process, and forked workers copy
+nothing on write.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+TOKENS, OFFSETS = "tokens.npy", "offsets.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_cache(folder: Path, sequences: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = np.result_type(*{s.dtype for s in sequences}) if sequences else np.uint16
+    tokens = np.empty(int(offsets[-1]), dtype=dtype)
+    for seq, start in zip(sequences, offsets[:-1]):
+        tokens[start : start + len(seq)] = seq
+    _save_atomic(folder / TOKENS, tokens)
+    _save_atomic(folder / OFFSETS, offsets)  # written last: its presence marks a complete cache
+
+
+class MappedSequences:
+    """A read-only list-like view of the cached sequences: item i is a 1-D numpy array."""
+
+    def __init__(self, folder: Path):
+        self.tokens = np.load(Path(folder) / TOKENS, mmap_mode="r")
+        self.offsets = np.load(Path(folder) / OFFSETS)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
