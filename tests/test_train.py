@@ -116,6 +116,8 @@ def test_training_without_a_teacher(tiny_setup, tmp_path):
     (["--n_gpu", "1"], "CUDA is not available"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--student_config", "/nonexistent.json"], "unreadable student config"),
+    (["--tokenizer_name", "/nonexistent/tokenizer"], "cannot load tokenizer '/nonexistent/tokenizer'"),
+    (["--teacher_name", "/nonexistent/teacher"], "cannot load teacher '/nonexistent/teacher'"),
 ])
 def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message):
     if "--n_gpu" in extra and torch.cuda.is_available():

@@ -319,7 +319,11 @@ def run(params) -> None:
 
     from data_prep.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(params.tokenizer_name or params.teacher_name)
+    tokenizer_source = params.tokenizer_name or params.teacher_name
+    try:
+        tokenizer = load_tokenizer(tokenizer_source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load tokenizer {tokenizer_source!r}: {str(err).strip().splitlines()[0]}") from err
     ids = special_ids_of(tokenizer)
     teacher = load_teacher(params)
     student = load_student(params)
@@ -332,7 +336,7 @@ def run(params) -> None:
     if params.is_master:
         write_json(Path(params.dump_path) / "parameters.json", settings)
         git_log(params.dump_path)
-        save_tokenizer(tokenizer, params.tokenizer_name or params.teacher_name, params.dump_path)
+        save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
         write_cache(cache, dataset.sequences)
     if params.is_distributed:
         torch.distributed.barrier()
