@@ -1,0 +1,546 @@
+#!/usr/bin/env python
+"""Quality experiment: raw Japanese text -> tokenizer -> teacher -> three students -> perplexity table.
+
+    python bench/quality.py --size tiny                  # CPU, ~6-10 min on 2 cores
+    python bench/quality.py --size gpu [--corpora DIR]   # one GPU, < 9 min (H100/H200)
+    python bench/quality.py --size smoke                 # the project's sample text, < 1 min (tests)
+
+Every step runs the project's own command-line tools in a subprocess, as a user would:
+
+ 1. data_prep/build_corpus.py  raw text (the .xz corpora, or slices of them) -> rinna layout;
+                                the held-out set is JaQuAD *dev* (other Wikipedia articles than train)
+ 2. data_prep/make_tokenizer.py a sentencepiece vocabulary with rinna's special ids
+ 3. data_prep/binarize.py       train and dev text -> token shards
+ 4. train.py (no teacher)       pretrain the teacher
+ 5. scripts/extract.py          student init from evenly spread teacher layers
+ 6. train.py x 3, one student architecture, the same steps/batch/seed/data (= the same tokens):
+      no_kd      random init, no teacher (--alpha_ce 0 --alpha_clm 1)
+      kd         random init, distilled with the recipe (--recipe, default: run_distill.sh's)
+      kd_init    distilled with the same recipe, initialised from teacher layers
+ 7. evaluate.py --json          perplexity of the four models on the held-out dev paragraphs
+
+Output (in --out_dir, default checkpoints/quality/SIZE): results-TAG.json and results-TAG.md
+(the table: perplexity, student/teacher perplexity ratio, tokens seen, wall time, tensorboard
+log folder of each run), logs/ (each command's output), one folder per model, and a line per
+invocation in sweep.jsonl.  A step whose command and output are unchanged is not rerun
+(its wall time is the one recorded when it ran), so recipe sweeps reuse the tokenizer, the data
+and the teacher: `--recipe T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students
+(and the no-KD student when --student_lr changes).  --fresh reruns everything.
+
+The corpora (../shared/corpora; see its README) are read in place; text derived from them is
+written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
+Exit status: 0 done, 1 a step failed (its log is named), 2 bad arguments or missing corpora.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import lzma
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIST = REPO / "examples" / "distillation"
+SAMPLE = REPO / "data_prep" / "sample"
+
+
+
+def project_recipe() -> dict:
+    """The project's default distillation recipe: run_distill.sh's loss settings (read from it, so the
+    benchmark follows the script), else the values it had when this file was written."""
+    import re
+
+    recipe = {"T": 2.0, "ce": 5.0, "clm": 2.0, "cos": 1.0}
+    names = {"T": "TEMPERATURE", "ce": "ALPHA_CE", "clm": "ALPHA_CLM", "cos": "ALPHA_COS"}
+    try:
+        script = (REPO / "run_distill.sh").read_text()
+    except OSError:
+        return recipe
+    for key, var in names.items():
+        found = re.search(rf"^{var}=\$\{{{var}:-([0-9.eE+-]+)\}}", script, re.M)
+        if found:
+            recipe[key] = float(found.group(1))
+    return recipe
+
+
+DEFAULT_RECIPE = project_recipe()
+
+
+@dataclass(frozen=True)
+class Model:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    dropout: float = 0.0
+
+
+@dataclass
+class Size:
+    """One experiment scale. Teacher and student share the width, so layers can be copied (extract.py)."""
+    vocab: int
+    tokenizer_lines: int  # make_tokenizer.py --max_sentences
+    n_positions: int
+    teacher: Model
+    student: Model
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    grad_accum: int
+    teacher_lr: float
+    student_lr: float
+    warmup_prop: float
+    weight_decay: float
+    jobs: int  # students trained at once
+    n_gpu: int
+    precision: list = field(default_factory=list)
+    wikinews_mb: float = 0.0  # training text besides JaQuAD train (MB of raw text; -1 = all)
+    aozora_mb: float = 0.0
+    dev_docs: int = 0  # held-out paragraphs scored (seeded sample of jawiki_jaquad_dev); 0 = all 1,431
+    eval_batch: int = 8
+    log_interval: int = 25
+    sample: bool = False  # the project's sample text instead of the corpora
+
+
+SIZES = {
+    # Tests: data_prep/sample, a few steps.
+    "smoke": Size(vocab=1000, tokenizer_lines=0, n_positions=64, teacher=Model(2, 32, 2), student=Model(1, 32, 2),
+                  teacher_steps=12, student_steps=6, batch_size=4, grad_accum=1, teacher_lr=3e-3, student_lr=3e-3,
+                  warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, sample=True),
+    # 2 CPU cores: a 4 x 128 teacher, a 1 x 128 student (4x fewer layers), ~0.5M teacher tokens.
+    "tiny": Size(vocab=4000, tokenizer_lines=20000, n_positions=128, teacher=Model(4, 128, 4), student=Model(1, 128, 4),
+                 teacher_steps=420, student_steps=120, batch_size=16, grad_accum=1, teacher_lr=4e-3, student_lr=3e-3,
+                 warmup_prop=0.05, weight_decay=0.01, jobs=2, n_gpu=0, wikinews_mb=1, dev_docs=300, log_interval=20),
+    # One H100/H200: a 12 x 512 teacher (~40M parameters), a 3 x 512 student (4x fewer layers), bf16.
+    # Not yet run (no GPU so far): --teacher_steps/--student_steps adjust the budget if it overruns.
+    "gpu": Size(vocab=8000, tokenizer_lines=60000, n_positions=256, teacher=Model(12, 512, 8, 0.1),
+                student=Model(3, 512, 8), teacher_steps=3000, student_steps=1200, batch_size=32, grad_accum=1,
+                teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,
+                precision=["--bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0, eval_batch=32,
+                log_interval=100),
+}
+
+
+class StepFailed(Exception):
+    pass
+
+
+def parse_recipe(text: str) -> dict:
+    """'T=1,ce=0.9,clm=0.1' -> the default recipe with those values changed."""
+    recipe = dict(DEFAULT_RECIPE)
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in recipe or not value:
+            raise argparse.ArgumentTypeError(f"--recipe: {item!r}; keys are {', '.join(recipe)}")
+        recipe[key] = float(value)
+    return recipe
+
+
+def gpt2_config(model: Model, vocab: int, n_positions: int) -> dict:
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
+            "n_positions": n_positions, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "tie_word_embeddings": True, "n_layer": model.n_layer, "n_embd": model.n_embd, "n_head": model.n_head,
+            "resid_pdrop": model.dropout, "embd_pdrop": model.dropout, "attn_pdrop": model.dropout}
+
+
+class Runner:
+    """Runs the steps; a step is skipped when its stamp records the same command and its output exists."""
+
+    def __init__(self, out: Path, fresh: bool, dry_run: bool, env: dict):
+        self.out, self.fresh, self.dry_run, self.env = out, fresh, dry_run, env
+        self.lock = threading.Lock()  # students run in threads: one whole line at a time
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "stamps").mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(f"[quality] {text}", flush=True)
+
+    def run(self, name: str, cmd: list, output: Path, *, key_extra=None) -> dict:
+        cmd = [str(c) for c in cmd]
+        key = {"cmd": cmd, "extra": key_extra}
+        stamp = self.out / "stamps" / f"{name}.json"
+        log = self.out / "logs" / f"{name}.log"
+        if not self.fresh and stamp.is_file() and output.exists():
+            saved = json.loads(stamp.read_text())
+            if saved.get("key") == key:
+                self.say(f"{name}: unchanged, reused ({saved['wall_s']:.1f} s when run)")
+                return {**saved, "cached": True}
+        printable = " ".join(shlex.quote(c) for c in cmd)
+        self.say(f"{name}: {printable}")
+        if self.dry_run:
+            return {"key": key, "wall_s": 0.0, "cached": False, "log": str(log)}
+        stamp.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            f.write(f"$ {printable}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            raise StepFailed(f"{name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        record = {"key": key, "wall_s": wall, "log": str(log), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        stamp.write_text(json.dumps(record, indent=1) + "\n")
+        self.say(f"{name}: done in {wall:.1f} s")
+        return {**record, "cached": False}
+
+
+def write_slice(src: Path, dst: Path, megabytes: float, blank_line_docs: bool) -> None:
+    """The first `megabytes` MB of an .xz text file, ending at a document boundary."""
+    limit = math.inf if megabytes < 0 else megabytes * 1e6
+    written = 0
+    with lzma.open(src, "rt", encoding="utf-8", errors="replace") as fin, open(dst, "w", encoding="utf-8") as fout:
+        for line in fin:
+            at_boundary = (not line.strip()) if blank_line_docs else True
+            if written >= limit and at_boundary:
+                break
+            fout.write(line)
+            written += len(line.encode("utf-8"))
+
+
+def default_corpora() -> Path:
+    for candidate in (REPO.parent / "shared" / "corpora", REPO / "shared" / "corpora"):
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "corpora"
+
+
+def prepare_text(size: Size, corpora: Path, text_dir: Path, runner: Runner, py: str) -> tuple[list, Path, dict]:
+    """build_corpus.py over the sources; returns (train doc_data dirs, dev text dir, step records)."""
+    build = [py, REPO / "data_prep" / "build_corpus.py", "--quiet", "--overwrite", "--source", "text"]
+    steps, train_dirs = {}, []
+    if size.sample:
+        sources = [("train_sample", SAMPLE / "ja_train.txt", [], "doc_data"),
+                   ("dev", SAMPLE / "ja_dev.txt", [], "doc_data")]
+    else:
+        raw = text_dir / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        sources = [("train_jawiki", corpora / "jawiki_jaquad_train.txt.xz", ["--doc_per_line", "--split_sentences"],
+                    "doc_data")]
+        if size.wikinews_mb:
+            sliced = raw / f"wikinews_{size.wikinews_mb:g}MB.txt"
+            if not runner.dry_run and (runner.fresh or not sliced.is_file()):
+                write_slice(corpora / "jawikinews.txt.xz", sliced, size.wikinews_mb, blank_line_docs=False)
+            sources.append(("train_wikinews", sliced, ["--doc_per_line", "--split_sentences"], "doc_data"))
+        if size.aozora_mb:
+            sliced = raw / f"aozora_{size.aozora_mb:g}MB.txt"
+            if not runner.dry_run and (runner.fresh or not sliced.is_file()):
+                write_slice(corpora / "aozora_modern_50MB.txt.xz", sliced, size.aozora_mb, blank_line_docs=True)
+            sources.append(("train_aozora", sliced, [], "doc_data"))
+        dev_args = ["--doc_per_line", "--split_sentences"]
+        dev_part = "doc_data"
+        if size.dev_docs:  # a seeded sample of the dev paragraphs goes to dev_data/
+            dev_args += ["--dev_docs", str(size.dev_docs), "--seed", "0"]
+            dev_part = "dev_data"
+        sources.append(("dev", corpora / "jawiki_jaquad_dev.txt.xz", dev_args, dev_part))
+    dev_dir = None
+    for name, src, extra, part in sources:
+        out = text_dir / name
+        steps[f"corpus_{name}"] = runner.run(f"corpus_{name}", build + ["--input", src, "--output_dir", out, *extra],
+                                             out / part)
+        if name == "dev":
+            dev_dir = out / part
+        else:
+            train_dirs.append(out / "doc_data")
+    return train_dirs, dev_dir, steps
+
+
+def tokens_seen(dump_path: Path) -> int | None:
+    """The token counter of the run's newest checkpoint (real tokens, padding excluded)."""
+    import torch
+
+    found = sorted(dump_path.glob("checkpoint_step*/training_state.pt"))
+    if not found:
+        return None
+    state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    return int(state["loop_state"]["tokens_seen"])
+
+
+def student_runs(recipe: dict) -> dict:
+    kd = ["--temperature", recipe["T"], "--alpha_ce", recipe["ce"], "--alpha_clm", recipe["clm"],
+          "--alpha_cos", recipe["cos"]]
+    return {
+        "no_kd": {"init": "random", "teacher": False, "args": ["--alpha_ce", 0, "--alpha_clm", 1]},
+        "kd": {"init": "random", "teacher": True, "args": kd},
+        "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
+    }
+
+
+def short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def markdown_table(result: dict) -> str:
+    rows = result["runs"]
+    lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | ppl ÷ teacher | tensorboard |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in rows.items():
+        recipe = r.get("recipe_text", "")
+        lines.append(f"| {name} | {r['model']} | {r['init']} | {'yes' if r['teacher'] else 'no'} | {recipe} | "
+                     f"{r['lr']:g} | {r['steps']} | {fmt(r['tokens_seen'], ',')} | {fmt(r['wall_s'], '.0f')}"
+                     f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | "
+                     f"{fmt(r['ratio'], '.3f')} | `{r['tensorboard']}` |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--corpora", default=None,
+                        help="Folder of the .xz corpora (default: ../shared/corpora, else shared/corpora).")
+    parser.add_argument("--out_dir", default=None, help="Work and output folder (default: checkpoints/quality/SIZE).")
+    parser.add_argument("--recipe", type=parse_recipe, default=parse_recipe(""),
+                        help="KD students' loss settings, e.g. 'T=1,ce=0.9,clm=0.1,cos=0' "
+                             f"(default {DEFAULT_RECIPE}: run_distill.sh's).")
+    parser.add_argument("--student_lr", type=float, default=None, help="Learning rate of the students (default: per size).")
+    parser.add_argument("--kd_lr", type=float, default=None,
+                        help="Learning rate of the two distilled students only (default: --student_lr).")
+    parser.add_argument("--student_steps", type=int, default=None, help="Optimizer steps of each student.")
+    parser.add_argument("--teacher_steps", type=int, default=None)
+    parser.add_argument("--runs", default="no_kd,kd,kd_init", help="Which students to train (comma-separated).")
+    parser.add_argument("--tag", default="default", help="Names results-TAG.json/.md (keep one per sweep point).")
+    parser.add_argument("--jobs", type=int, default=None, help="Students trained at once (default: per size).")
+    parser.add_argument("--seed", type=int, default=0, help="Students' seed (the teacher keeps seed 0).")
+    parser.add_argument("--report_dir", default=None,
+                        help="Also copy the results, logs, metrics and tensorboard folders here (e.g. $OUT).")
+    parser.add_argument("--keep_text", action="store_true", help="Keep the text derived from the corpora.")
+    parser.add_argument("--fresh", action="store_true", help="Rerun every step, even unchanged ones.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands only.")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    size = replace(SIZES[args.size])
+    if args.student_lr is not None:
+        size.student_lr = args.student_lr
+    if args.student_steps is not None:
+        size.student_steps = args.student_steps
+    if args.teacher_steps is not None:
+        size.teacher_steps = args.teacher_steps
+    jobs = args.jobs or size.jobs
+    runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = sorted(set(runs_wanted) - {"no_kd", "kd", "kd_init"})
+    if bad or not runs_wanted:
+        print(f"quality.py: --runs takes no_kd, kd, kd_init; got {args.runs!r}", file=sys.stderr)
+        return 2
+    corpora = Path(args.corpora) if args.corpora else default_corpora()
+    if not size.sample:
+        needed = ["jawiki_jaquad_train.txt.xz", "jawiki_jaquad_dev.txt.xz"]
+        needed += ["jawikinews.txt.xz"] if size.wikinews_mb else []
+        needed += ["aozora_modern_50MB.txt.xz"] if size.aozora_mb else []
+        missing = [n for n in needed if not (corpora / n).is_file()]
+        if missing:
+            print(f"quality.py: {corpora} lacks {', '.join(missing)}; pass --corpora DIR", file=sys.stderr)
+            return 2
+    out = Path(args.out_dir or REPO / "checkpoints" / "quality" / args.size).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if size.n_gpu == 0:
+        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")  # tiny models: one thread per process is fastest
+    runner = Runner(out, args.fresh, args.dry_run, env)
+    py = sys.executable
+    started = time.perf_counter()
+    try:
+        result = experiment(args, size, jobs, runs_wanted, corpora, out, runner, py)
+    except StepFailed as err:
+        print(f"quality.py: {err}", file=sys.stderr)
+        return 1
+    if result is None:
+        return 0
+    result["total_wall_s"] = time.perf_counter() - started
+    stem = out / f"results-{args.tag}"  # the tag may hold dots (lr 1.5e-3): no with_suffix
+    table = markdown_table(result)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    Path(f"{stem}.md").write_text(f"{result['title']}\n\n{table}\n\n{result['notes']}\n")
+    with open(out / "sweep.jsonl", "a") as f:
+        f.write(json.dumps({"tag": args.tag, "date": result["date"], "recipe": result["recipe"],
+                            "student_lr": size.student_lr, "kd_lr": args.kd_lr, "student_steps": size.student_steps,
+                            "perplexity": {k: v["perplexity"] for k, v in result["runs"].items()}}) + "\n")
+    print()
+    print(result["title"])
+    print(table)
+    print(result["notes"])
+    print(f"[quality] total {result['total_wall_s']:.0f} s; wrote {stem}.json and {stem}.md")
+    if args.report_dir:
+        copy_report(result, out, Path(args.report_dir), stem)
+    return 0
+
+
+def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner, py) -> dict | None:
+    text_dir = out / "text"
+    steps = {}
+    train_dirs, dev_text, corpus_steps = prepare_text(size, corpora, text_dir, runner, py)
+    steps.update(corpus_steps)
+
+    tok = out / "tokenizer"
+    steps["tokenizer"] = runner.run("tokenizer", [
+        py, REPO / "data_prep" / "make_tokenizer.py", "--input", *train_dirs, "--vocab_size", size.vocab,
+        "--max_sentences", size.tokenizer_lines, "--output_dir", tok, "--overwrite"], tok / "spiece.model")
+    workers = max(1, min(8, os.cpu_count() or 1))  # the shards are the same whatever the number
+    binarize = [py, REPO / "data_prep" / "binarize.py", "--tokenizer", tok, "--num_workers", workers, "--quiet", "--overwrite"]
+    # the tokenizer's hash is part of the key: a new vocabulary re-binarizes
+    tok_hash = None if args.dry_run else hashlib.sha256((tok / "spiece.model").read_bytes()).hexdigest()
+    data, dev = out / "data" / "train", out / "data" / "dev"
+    steps["binarize_train"] = runner.run("binarize_train", binarize + ["--input", *train_dirs, "--output_dir", data],
+                                         data / "manifest.json", key_extra=tok_hash)
+    steps["binarize_dev"] = runner.run("binarize_dev", binarize + ["--input", dev_text, "--output_dir", dev],
+                                       dev / "manifest.json", key_extra=tok_hash)
+    if not args.keep_text and not args.dry_run:
+        shutil.rmtree(text_dir, ignore_errors=True)  # the shards are all the later steps need
+
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    teacher_cfg, student_cfg = configs / "teacher.json", configs / "student.json"
+    teacher_cfg.write_text(json.dumps(gpt2_config(size.teacher, size.vocab, size.n_positions), indent=2) + "\n")
+    student_cfg.write_text(json.dumps(gpt2_config(size.student, size.vocab, size.n_positions), indent=2) + "\n")
+    common = ["--n_gpu", size.n_gpu, *size.precision, "--data_file", data, "--tokenizer_name", tok,
+              "--batch_size", size.batch_size, "--gradient_accumulation_steps", size.grad_accum,
+              "--warmup_prop", size.warmup_prop, "--weight_decay", size.weight_decay,
+              "--log_interval", size.log_interval, "--checkpoint_interval", 0, "--keep_checkpoints", 1, "--force"]
+    train = [py, DIST / "train.py"]
+    # Keys also carry the data's and configs' identity, so new data or models retrain.
+    data_key = [tok_hash, None if args.dry_run else (data / "manifest.json").read_text(),
+                teacher_cfg.read_text(), student_cfg.read_text()]
+
+    teacher = out / "teacher"
+    init = out / "student_init.pth"
+    specs = student_runs(args.recipe)
+    jobs_list = []
+    for name in runs_wanted:
+        spec = specs[name]
+        lr = size.student_lr if not spec["teacher"] or args.kd_lr is None else args.kd_lr
+        spec["lr"] = lr
+        cmd = train + common + ["--student_config", student_cfg, "--max_steps", size.student_steps,
+                                "--learning_rate", lr, "--seed", args.seed, *spec["args"]]
+        if spec["teacher"]:
+            cmd += ["--teacher_name", teacher]
+        if spec["init"] != "random":
+            cmd += ["--student_pretrained_weights", init]
+        # one folder per setting, so a sweep keeps every point
+        dump = out / "students" / f"{name}-{short_hash([str(c) for c in cmd])}"
+        cmd += ["--dump_path", dump]
+        jobs_list.append((name, dump, cmd, spec["teacher"]))
+
+    def submit(pool, name, dump, cmd, key):
+        return pool.submit(runner.run, f"student_{name}-{dump.name.split('-')[-1]}", cmd,
+                           dump / "model.safetensors", key_extra=key)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        # the student trained alone needs no teacher: it runs while the teacher trains
+        futures = {name: submit(pool, name, dump, cmd, data_key)
+                   for name, dump, cmd, needs_teacher in jobs_list if not needs_teacher}
+        steps["teacher"] = runner.run("teacher", train + common + [
+            "--dump_path", teacher, "--student_config", teacher_cfg, "--alpha_ce", 0, "--alpha_clm", 1,
+            "--max_steps", size.teacher_steps, "--learning_rate", size.teacher_lr, "--seed", 0],
+            teacher / "model.safetensors", key_extra=data_key)
+        teacher_key = [data_key, steps["teacher"].get("date")]
+        if "kd_init" in runs_wanted:
+            steps["extract"] = runner.run(
+                "extract", [py, DIST / "scripts" / "extract.py", "--teacher", teacher,
+                            "--student_config", student_cfg, "--dump_checkpoint", init], init, key_extra=teacher_key)
+        futures.update({name: submit(pool, name, dump, cmd, teacher_key)
+                        for name, dump, cmd, needs_teacher in jobs_list if needs_teacher})
+        for name, _, _, _ in jobs_list:
+            steps[f"student_{name}"] = futures[name].result()
+
+    models = [("teacher", teacher)] + [(name, dump) for name, dump, _, _ in jobs_list]
+    ppl_json = out / f"perplexity-{args.tag}.json"
+    eval_cmd = [py, DIST / "evaluate.py", "--tokenizer", tok, "--data", dev, "--batch_size", size.eval_batch,
+                "--json", ppl_json, "--device", "cuda" if size.n_gpu else "cpu",
+                *(["--bf16"] if "--bf16" in size.precision else [])]
+    for label, path in models:
+        eval_cmd += ["--model", f"{label}={path}"]
+    # the model folders' weights decide the numbers: key on the training stamps' dates
+    steps["evaluate"] = runner.run(f"evaluate-{args.tag}", eval_cmd, ppl_json,
+                                   key_extra=[steps[k].get("date") for k in steps if k.startswith(("teacher", "student"))])
+    if args.dry_run:
+        return None
+
+    ppl = json.loads(ppl_json.read_text())
+    details = ppl["details"]
+    t_ppl = ppl["perplexity"]["teacher"]
+    recipe_text = "T={T:g} ce={ce:g} clm={clm:g} cos={cos:g}".format(**args.recipe)
+    arch = lambda m: f"{m.n_layer}x{m.n_embd}"  # noqa: E731
+    runs = {"teacher": {"model": arch(size.teacher), "init": "random", "teacher": False, "recipe_text": "clm only",
+                        "lr": size.teacher_lr, "steps": size.teacher_steps, "tokens_seen": tokens_seen(teacher),
+                        "wall_s": steps["teacher"]["wall_s"], "cached": steps["teacher"]["cached"],
+                        "perplexity": t_ppl, "ratio": 1.0, "tensorboard": rel(teacher / "log"), "path": rel(teacher)}}
+    for name, dump, cmd, _ in jobs_list:
+        spec = specs[name]
+        p = ppl["perplexity"][name]
+        runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
+                      "recipe_text": recipe_text if spec["teacher"] else "clm only",
+                      "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
+                      "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
+                      "perplexity": p, "ratio": p / t_ppl, "tensorboard": rel(dump / "log"), "path": rel(dump),
+                      "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+    dev_tokens = details["teacher"]["tokens"]
+    date = time.strftime("%a %b %d %H:%M %Z %Y")
+    title = (f"quality --size {args.size} ({date}): teacher {arch(size.teacher)}, student {arch(size.student)}, "
+             f"vocab {size.vocab}, context {size.n_positions}, batch {size.batch_size}x{size.grad_accum}, "
+             f"recipe {recipe_text}, student lr {size.student_lr:g}"
+             + (f" (KD students {args.kd_lr:g})" if args.kd_lr is not None else ""))
+    kd_names = [n for n in ("kd", "kd_init") if n in runs]
+    verdicts = []
+    if "no_kd" in runs:
+        for n in kd_names:
+            better = runs[n]["perplexity"] < runs["no_kd"]["perplexity"]
+            verdicts.append(f"{n} {'beats' if better else 'does NOT beat'} no_kd "
+                            f"({runs[n]['perplexity']:.2f} vs {runs['no_kd']['perplexity']:.2f})")
+    train_manifest = json.loads((data / "manifest.json").read_text())["totals"]
+    notes = (f"Held-out: {dev_tokens:,} predicted tokens of jawiki_jaquad_dev"
+             f"{'' if size.sample else f' ({size.dev_docs or 1431} paragraphs)'}; training data "
+             f"{train_manifest['tokens']:,} tokens in {train_manifest['documents']:,} documents. "
+             f"ppl ÷ teacher = student perplexity / teacher perplexity. Wall s: the train.py process "
+             f"(students {jobs} at a time; * = reused from an earlier run). " + "; ".join(verdicts) + ".")
+    if size.sample:
+        notes = notes.replace("jawiki_jaquad_dev", "data_prep/sample/ja_dev.txt")
+    return {"title": title, "notes": notes, "date": date, "size": args.size, "argv": sys.argv[1:],
+            "recipe": args.recipe, "student_lr": size.student_lr, "kd_lr": args.kd_lr, "config": asdict(size),
+            "dev_tokens": dev_tokens, "train_tokens": train_manifest["tokens"], "runs": runs,
+            "kd_beats_no_kd": {n: runs[n]["perplexity"] < runs["no_kd"]["perplexity"] for n in kd_names}
+            if "no_kd" in runs else {}, "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def copy_report(result: dict, out: Path, report: Path, stem: Path) -> None:
+    """Small files only (no weights): results, logs, metrics and tensorboard events."""
+    report.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".md"):
+        shutil.copy2(f"{stem}{suffix}", report / f"{stem.name}{suffix}")
+    shutil.copytree(out / "logs", report / "logs", dirs_exist_ok=True)
+    for name, r in result["runs"].items():
+        folder = REPO / r["path"] if not Path(r["path"]).is_absolute() else Path(r["path"])
+        for item in ("log", "metrics.jsonl", "parameters.json"):
+            src = folder / item
+            if src.is_dir():
+                shutil.copytree(src, report / name / item, dirs_exist_ok=True)
+            elif src.is_file():
+                (report / name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, report / name / item)
+    print(f"[quality] report copied to {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
