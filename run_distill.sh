@@ -106,7 +106,7 @@ DUMP_PATH=${DUMP_PATH:-checkpoints/distilgpt2-ja}
 TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
 STUDENT_CONFIG=${STUDENT_CONFIG:-examples/distillation/training_configs/distilgpt2-ja.json}
 STUDENT_INIT=${STUDENT_INIT:-}              # e.g. the output of scripts/extract.py
-TEMPERATURE=${TEMPERATURE:-2.0}
+TEMPERATURE=${TEMPERATURE:-1.0}                # T=1 beat T=2 in bench/quality.py (README: Recommended recipe)
 ALPHA_CE=${ALPHA_CE:-5.0}
 ALPHA_CLM=${ALPHA_CLM:-2.0}
 ALPHA_COS=${ALPHA_COS:-1.0}

@@ -59,7 +59,7 @@ def project_recipe() -> dict:
     benchmark follows the script), else the values it had when this file was written."""
     import re
 
-    recipe = {"T": 2.0, "ce": 5.0, "clm": 2.0, "cos": 1.0}
+    recipe = {"T": 1.0, "ce": 5.0, "clm": 2.0, "cos": 1.0}
     names = {"T": "TEMPERATURE", "ce": "ALPHA_CE", "clm": "ALPHA_CLM", "cos": "ALPHA_COS"}
     try:
         script = (REPO / "run_distill.sh").read_text()

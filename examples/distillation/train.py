@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or directory (default: the teacher's).")
 
     loss = parser.add_argument_group("losses")
-    loss.add_argument("--temperature", type=float, default=2.0, help="Softmax temperature of the KD term.")
+    loss.add_argument("--temperature", type=float, default=1.0,
+                      help="Softmax temperature of the KD term (1 beat 2 in bench/quality.py).")
     loss.add_argument("--alpha_ce", type=float, default=0.5, help="KL(teacher || student) at the temperature.")
     loss.add_argument("--alpha_clm", type=float, default=0.5, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, default=0.0, help="MSE between student and teacher logits.")
