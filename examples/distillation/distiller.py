@@ -70,10 +70,8 @@ class Distiller:
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
         self.need_hidden = params.alpha_cos > 0
         self.amp_dtype = amp_dtype(params)
-        # Fast paths (getattr: a params namespace from before these options still works).
-        self.fused_loss = getattr(params, "fused_loss", True)  # KD + CLM with the gradient in the forward
-        compile_opt = getattr(params, "compile", None)  # None: on for CUDA, off on the CPU
-        self.compile = self.device.type == "cuda" if compile_opt is None else bool(compile_opt)
+        self.fused_loss = params.fused_loss  # KD + CLM with the gradient in the forward
+        self.compile = self.device.type == "cuda" if params.compile is None else params.compile
         self.loss_weights = dict(self.alphas)  # fused KD/CLM weight ratio; optimize_step sets it per step
         self.chunk_fn = losses.fused_rows
 
@@ -86,7 +84,7 @@ class Distiller:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
-        num_workers = getattr(params, "num_workers", None)
+        num_workers = params.num_workers
         if num_workers is None:
             num_workers = 2 if self.device.type == "cuda" else 0
         self.dataloader = DataLoader(
@@ -98,10 +96,10 @@ class Distiller:
         self.batches_per_epoch = micro_batches = len(batch_sampler)
         steps_per_epoch = math.ceil(micro_batches / params.gradient_accumulation_steps)
         self.total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.n_epoch
-        self.n_epoch = math.ceil(self.total_steps / steps_per_epoch)
+        n_epoch = math.ceil(self.total_steps / steps_per_epoch)
         logger.info(
             "%d micro-batches per epoch per rank, %d optimizer steps per epoch, %d steps over %d epoch(s)",
-            micro_batches, steps_per_epoch, self.total_steps, self.n_epoch,
+            micro_batches, steps_per_epoch, self.total_steps, n_epoch,
         )
 
         student.to(self.device)
