@@ -339,8 +339,11 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from utils import silence_attention_mask_advice
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    silence_attention_mask_advice()
     code = 0
     try:
         run(args)

@@ -28,12 +28,21 @@ def setup_logging(rank: int = 0) -> None:
                                            datefmt="%m/%d/%Y %H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logging.getLogger("transformers.modeling_utils").addFilter(_no_attention_mask_advice)
+    silence_attention_mask_advice()
+
+
+def silence_attention_mask_advice() -> None:
+    """Drop transformers' advice to pass an attention mask.
+
+    Padding is on the right and attention causal, so the models run without a mask on purpose
+    (see Distiller.loss_sums and evaluate.perplexity): the advice does not apply.
+    """
+    modeling_logger = logging.getLogger("transformers.modeling_utils")
+    if _no_attention_mask_advice not in modeling_logger.filters:
+        modeling_logger.addFilter(_no_attention_mask_advice)
 
 
 def _no_attention_mask_advice(record: logging.LogRecord) -> bool:
-    # Padding is on the right and attention causal, so the models run without an attention
-    # mask on purpose (see Distiller.loss_sums); transformers' advice to pass one does not apply.
     return "attention_mask" not in record.getMessage()
 
 
