@@ -128,6 +128,24 @@ def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.pt", None, "No such file"),
+    ("garbage.pt", b"not a state dict", "cannot load --student_pretrained_weights"),
+    ("garbage.safetensors", b"not safetensors", "cannot load --student_pretrained_weights"),
+    ("wrong_shape.pt", "state", "size mismatch"),
+])
+def test_bad_student_weights_give_one_clear_line(tiny_setup, tmp_path, name, content, message):
+    weights_file = tmp_path / name
+    if content == "state":
+        torch.save({"transformer.wte.weight": torch.zeros(5, 5)}, weights_file)
+    elif content is not None:
+        weights_file.write_bytes(content)
+    result = run_train(train_args(tiny_setup, tmp_path / "run", "--student_pretrained_weights", str(weights_file)))
+    assert result.returncode == train.EXIT_USAGE, result.stderr
+    assert message in result.stderr and str(weights_file) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
     args = train_args(tiny_setup, tmp_path / "run")
     i = args.index("--teacher_name")

@@ -8,6 +8,7 @@ Exit status: 0 done, 1 bad data, 2 bad arguments, 3 training stopped (non-finite
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -169,6 +170,21 @@ def load_student(params):
     weights = params.student_pretrained_weights
     if weights is None:
         return GPT2LMHeadModel(config)
+    from safetensors import SafetensorError
+
+    try:
+        student = load_student_weights(weights, config)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        detail = " ".join(str(err).split())  # load_state_dict's message spans lines
+        raise UsageError(f"cannot load --student_pretrained_weights {weights!r}: {detail[:400]}") from err
+    logger.info("Student initialised from %s", weights)
+    return student
+
+
+def load_student_weights(weights: str, config):
+    """A student from a save_pretrained folder, a .safetensors file or a torch state dict (scripts/extract.py)."""
+    from transformers import GPT2LMHeadModel
+
     if Path(weights).is_dir():
         return GPT2LMHeadModel.from_pretrained(weights, config=config)
     student = GPT2LMHeadModel(config)
@@ -182,7 +198,6 @@ def load_student(params):
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embeddings
     if missing or unexpected:
         raise UsageError(f"{weights} does not fit the student config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    logger.info("Student initialised from %s", weights)
     return student
 
 
@@ -193,8 +208,8 @@ def load_teacher(params):
 
     try:
         teacher = GPT2LMHeadModel.from_pretrained(params.teacher_name)
-    except OSError as err:
-        raise UsageError(f"cannot load teacher {params.teacher_name!r}: {err}") from err
+    except (OSError, ValueError) as err:  # transformers 4.x: HFValidationError (a ValueError) for a bad path
+        raise UsageError(f"cannot load teacher {params.teacher_name!r}: {str(err).strip().splitlines()[0]}") from err
     teacher.requires_grad_(False)
     teacher.eval()
     if params.bf16:
