@@ -135,3 +135,22 @@ def test_compiled_chunk_math_matches_eager():
     out = fused(s, t, ids, mask, 2.0, 0.4, 0.2, 1.5, chunk_fn=compiled, row_chunk=4)
     for got, want in zip(out, ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_its_checkpoint_resumes_eager(tiny_setup, default_run, tmp_path):
+    """--compile (the default on CUDA) on the CPU: same weights as eager, and a checkpoint that an
+    eager --resume continues like an eager checkpoint (in-place compile keeps the state_dict keys)."""
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    for dump, flag in ((compiled, "--compile"), (eager, "--no-compile")):
+        train.main(train_args(tiny_setup, dump, "--max_steps", "3", "--log_interval", "3", flag))
+    for k, v in default_run[1].items():
+        torch.testing.assert_close(weights(compiled)[k], v, rtol=0, atol=2e-6, msg=k)
+    state = torch.load(compiled / "checkpoint_step00000003" / "training_state.pt", weights_only=False)
+    assert not [k for k in state["student"] if "_orig_mod" in k]
+
+    for dump in (compiled, eager):
+        train.main(train_args(tiny_setup, dump, "--max_steps", "6", "--log_interval", "3", "--resume",
+                              "--no-compile"))
+    for k, v in weights(eager).items():
+        torch.testing.assert_close(weights(compiled)[k], v, rtol=0, atol=5e-6, msg=k)
