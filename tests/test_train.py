@@ -144,6 +144,7 @@ def test_bad_student_weights_give_one_clear_line(tiny_setup, tmp_path, name, con
     assert result.returncode == train.EXIT_USAGE, result.stderr
     assert message in result.stderr and str(weights_file) in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the dump path is created
 
 
 def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
