@@ -264,7 +264,7 @@ def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_s
                              f"(sha256 {data_tok['spiece_sha256'][:12]}… vs {ours[:12]}…)")
 
 
-def load_eval_data(params):
+def load_eval_data(params, tokenizer_source: str):
     """--eval_data as token sequences (evaluate.py's loader), or None."""
     if params.eval_interval < 0 or (params.eval_interval > 0 and not params.eval_data):
         raise UsageError("--eval_interval must be >= 0 and needs --eval_data")
@@ -273,7 +273,7 @@ def load_eval_data(params):
     from evaluate import EvalDataError, EvalError, load_eval_sequences
 
     try:
-        return load_eval_sequences(params.eval_data, params.tokenizer_name or params.teacher_name)
+        return load_eval_sequences(params.eval_data, tokenizer_source)
     except EvalDataError as err:
         raise DataError(f"--eval_data: {err}") from err
     except EvalError as err:
@@ -292,13 +292,14 @@ def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
         logger.warning("No spiece.model saved with the student (%s)", err)
 
 
-def load_dataset(params, tokenizer, ids: SpecialIds, student, teacher) -> LmSeqsDataset | DataError | UsageError:
+def load_dataset(params, tokenizer, tokenizer_source: str, ids: SpecialIds, student,
+                 teacher) -> LmSeqsDataset | DataError | UsageError:
     """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it."""
     try:
         sequences, manifest = load_sequences(params.data_file)
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
-            check_manifest(manifest, ids, len(tokenizer), params.tokenizer_name or params.teacher_name)
+            check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
         max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
         dataset = LmSeqsDataset(sequences, max_len, ids)
         if len(dataset) == 0:
@@ -343,9 +344,9 @@ def run(params) -> None:
     ids = special_ids_of(tokenizer)
     teacher = load_teacher(params)
     student = load_student(params)
-    dataset = load_dataset(params, tokenizer, ids, student, teacher) if params.is_master else None
+    dataset = load_dataset(params, tokenizer, tokenizer_source, ids, student, teacher) if params.is_master else None
     share_errors(params, dataset)
-    eval_sequences = load_eval_data(params)
+    eval_sequences = load_eval_data(params, tokenizer_source)
 
     prepare_dump_path(params)  # everything above is checked before anything on disk changes
     cache = Path(params.dump_path) / TOKEN_CACHE
