@@ -1,0 +1,98 @@
+"""What every command does with an error: one line on stderr and an exit status from one table.
+
+| status | meaning                                                        | raised as        |
+| ------ | -------------------------------------------------------------- | ---------------- |
+| 0      | done                                                           |                  |
+| 1      | bad data (missing, corrupt or unusable input files)            | DataError        |
+| 2      | bad arguments or models (flags, configs, tokenizers, weights)  | UsageError       |
+| 3      | training stopped (e.g. repeated non-finite losses)             | TrainingError    |
+| 130    | interrupted (Ctrl-C)                                           | KeyboardInterrupt|
+
+Library code raises these classes; only `run_command` turns them into an exit status and the
+one line `error: MESSAGE` on stderr, so a function called from a test or another command never
+exits the process.
+"""
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+
+
+class DataError(Exception):
+    """Unusable data: the message names the file and the problem (exit 1)."""
+
+
+class UsageError(Exception):
+    """Bad arguments, or a model, tokenizer or environment that contradicts them (exit 2)."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on; the last checkpoint is kept (exit 3)."""
+
+
+EXIT_CODES = ((DataError, EXIT_DATA), (UsageError, EXIT_USAGE), (TrainingError, EXIT_TRAINING))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageError: through run_command they are one line `error: ...`
+    with status 2 like every other usage error, and main(argv) called from a test or another
+    command returns 2 instead of raising SystemExit. --help still prints and exits 0."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name when it has none.
+
+    Library exceptions (transformers, safetensors, pickle) often carry several lines of advice;
+    one line is what a user reads.
+    """
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The table's status for err, or None for an exception the table does not know (a bug)."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    for cls, code in EXIT_CODES:
+        if isinstance(err, cls):
+            return code
+    return None
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain logging for a single-process command (train.py tags lines with the rank itself)."""
+    logging.basicConfig(format=LOG_FORMAT, level=level)
+
+
+def run_command(main, argv=None) -> int:
+    """Call main(argv); print a known error as one line `error: ...` on stderr and return its status.
+
+    Unknown exceptions propagate with their traceback: they are bugs, and hiding them would hide
+    where they happened. main may return an int status of its own (None counts as 0).
+    Every command is `def main(argv=None) -> int: return run_command(run, argv)`, and
+    `sys.exit(main())` under `if __name__ == "__main__"`.
+    """
+    try:
+        status = main(argv)
+    except (DataError, UsageError, TrainingError, KeyboardInterrupt) as err:
+        print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
+        return exit_code(err)
+    return status or EXIT_OK
+
+
+def error_message(err: BaseException) -> str:
+    """The line run_command prints. A command that must say what an interrupt left behind
+    (an incomplete output) re-raises KeyboardInterrupt with that as its message."""
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted: {first_line(err)}" if str(err).strip() else "interrupted"
+    return first_line(err)
+

@@ -1,0 +1,146 @@
+"""The binarized token-shard format: what data_prep/binarize.py writes and every reader reads.
+
+A binarized directory holds
+
+    NNNNN.pickle   a pickled Python list of 1-D numpy integer arrays, one `<s> ... </s>` sequence
+                   each (uint16 when the vocabulary has fewer than 65,536 ids, else int32): the
+                   upstream example's binarized_data.py format, so its shards load here too;
+    manifest.json  written last and atomically, so a directory without one is incomplete:
+                   {"format": FORMAT, "tokenizer": {...}, "unit", "dtype", "shards": [{"file",
+                   "sequences", "tokens", "sha256", ...}], "totals": {...}} (see binarize.py).
+
+--data_file / --data values name such directories or single .pickle shards (no manifest: no
+tokenizer check). Every reading error is a DataError naming the file.
+"""
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from distil_ja import fileio
+from distil_ja.cli import DataError
+
+FORMAT = "distil-ja/binarized/v1"
+MANIFEST = "manifest.json"
+SHARD_SUFFIXES = (".pickle", ".pkl")
+PICKLE_PROTOCOL = 4  # fixed, so shard bytes do not depend on the Python version
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 below 65,536 ids, else int32: upstream binarized_data.py's rule, kept so a vocabulary
+    of exactly 65,536 ids (max id 65,535, which would fit uint16) gives the dtype upstream gives."""
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+
+
+def is_binarized(path) -> bool:
+    """A binarized directory (it has a manifest) or a shard file."""
+    path = Path(path)
+    return (path.is_dir() and (path / MANIFEST).is_file()) or path.name.endswith(SHARD_SUFFIXES)
+
+
+# ---- writing ----------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what goes through it (pickle streams into it)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def write_shard(path, sequences: list[np.ndarray]) -> dict:
+    """Write one shard atomically; returns {"bytes", "sha256"} for the manifest."""
+    with fileio.atomic_open(path, "wb") as f:
+        out = _HashingWriter(f)
+        pickle.dump(sequences, out, protocol=PICKLE_PROTOCOL)  # streamed: no second copy in memory
+    return {"bytes": out.size, "sha256": out.sha256.hexdigest()}
+
+
+def write_manifest(directory, manifest: dict) -> dict:
+    """The manifest, last: its presence marks a complete directory. Returns what was written.
+
+    "format" is always FORMAT (first), whatever manifest holds: this module writes the
+    shards, so it alone says which format they are in.
+    """
+    written = {"format": FORMAT, **{key: value for key, value in manifest.items() if key != "format"}}
+    fileio.write_json(Path(directory) / MANIFEST, written)
+    return written
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+
+def load_manifest(directory) -> dict:
+    """The manifest of a binarized directory (DataError when missing, unreadable or foreign)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory} has no {MANIFEST}: not a binarize.py output, or an incomplete one")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                               for s in shards):
+        raise DataError(f"{path}: no list of shards with a 'file' name each")
+    return manifest
+
+
+def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
+    """The sequences of one shard, checked: a list of 1-D integer arrays (and, given the
+    manifest's entry, the sequence and token counts it records)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: shard not found")
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except Exception as err:  # a truncated or foreign file can raise almost anything
+        raise DataError(f"{path}: corrupt or truncated shard ({type(err).__name__}: {err})") from err
+    if not isinstance(data, list) or not all(
+            isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu" for x in data):
+        raise DataError(f"{path}: expected a pickled list of 1-D integer numpy arrays")
+    if expected_entry is not None:
+        found = {"sequences": len(data), "tokens": sum(len(x) for x in data)}
+        for key, value in found.items():
+            if key in expected_entry and expected_entry[key] != value:
+                raise DataError(f"{path}: {value} {key}, its manifest says {expected_entry[key]} "
+                                "(replaced or damaged)")
+    return data
+
+
+def shard_paths(data_files) -> tuple[list[tuple[Path, dict | None]], dict | None]:
+    """Expand data arguments: ([(shard path, its manifest entry or None)], the last manifest or None)."""
+    shards, manifest = [], None
+    for name in data_files:
+        path = Path(name)
+        if path.is_dir():
+            manifest = load_manifest(path)
+            shards += [(path / entry["file"], entry) for entry in manifest["shards"]]
+        else:
+            shards.append((path, None))
+    if not shards:
+        raise DataError("no data files given")
+    return shards, manifest
+
+
+def load_sequences(data_files) -> tuple[list[np.ndarray], dict | None]:
+    """Every sequence of the named directories and shards, in order, and the manifest (if any)."""
+    shards, manifest = shard_paths(data_files)
+    sequences = []
+    for path, entry in shards:
+        sequences += read_shard(path, entry)
+    return sequences, manifest

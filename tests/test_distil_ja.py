@@ -1,0 +1,258 @@
+"""The shared base layer (distil_ja/), checked against independent references: files are read
+back with plain open/pickle/json and hashed with hashlib, not with the module under test."""
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from distil_ja import cli, fileio, shards
+from distil_ja.cli import DataError, TrainingError, UsageError
+
+# ---- cli ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("first\nsecond\nthird", "first"),
+    ("\n\n  indented first  \nsecond", "indented first"),
+    ("", "ValueError"),
+    ("  \n\t\n ", "ValueError"),
+])
+def test_first_line(message, expected):
+    assert cli.first_line(ValueError(message)) == expected
+
+
+def raiser(err):
+    def run(argv):
+        raise err
+    return run
+
+
+@pytest.mark.parametrize("err, status, line", [
+    (DataError("data.pickle: truncated\nmore detail"), 1, "error: data.pickle: truncated"),
+    (UsageError("--batch_size must be positive"), 2, "error: --batch_size must be positive"),
+    (TrainingError("loss is nan"), 3, "error: loss is nan"),
+    (KeyboardInterrupt(), 130, "error: interrupted"),
+    (KeyboardInterrupt("out/ is incomplete (no manifest.json)"), 130,
+     "error: interrupted: out/ is incomplete (no manifest.json)"),
+    (DataError(""), 1, "error: DataError"),
+])
+def test_run_command_prints_one_line_and_returns_the_table_status(capsys, err, status, line):
+    assert cli.run_command(raiser(err), ["--x"]) == status
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""
+
+
+@pytest.mark.parametrize("returned, status", [(None, 0), (0, 0), (4, 4)])
+def test_run_command_passes_argv_and_returns_main_status(capsys, returned, status):
+    seen = []
+
+    def run(argv):
+        seen.append(argv)
+        return returned
+
+    assert cli.run_command(run, ["a", "b"]) == status
+    assert seen == [["a", "b"]] and capsys.readouterr().err == ""
+
+
+def test_run_command_lets_unknown_exceptions_propagate(capsys):
+    with pytest.raises(ZeroDivisionError):
+        cli.run_command(raiser(ZeroDivisionError("a bug")))
+    assert capsys.readouterr().err == ""  # the traceback is Python's to print, not an error: line
+
+
+def test_argument_parser_errors_are_usage_errors(capsys):
+    def run(argv):
+        parser = cli.ArgumentParser(prog="cmd.py")
+        parser.add_argument("--n", type=int, required=True)
+        return parser.parse_args(argv).n - 7
+
+    assert cli.run_command(run, ["--n", "7"]) == 0
+    assert cli.run_command(run, ["--n", "seven"]) == 2
+    assert cli.run_command(run, []) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") and "cmd.py --help" in line for line in lines)
+    assert "--n" in lines[1] and "usage:" not in "".join(lines)
+    with pytest.raises(SystemExit) as info:  # --help is no error
+        run(["--help"])
+    assert info.value.code == 0 and "usage: cmd.py" in capsys.readouterr().out
+
+
+def test_exit_table_values():
+    assert (cli.EXIT_OK, cli.EXIT_DATA, cli.EXIT_USAGE, cli.EXIT_TRAINING, cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 130)
+
+
+# ---- fileio -------------------------------------------------------------------------------
+
+
+def test_atomic_writes_replace_the_content(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old content, longer than the new one")
+    fileio.write_bytes(path, b"new")
+    assert open(path, "rb").read() == b"new"
+    fileio.write_text(path, "テキスト\n")
+    assert open(path, encoding="utf-8").read() == "テキスト\n"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_exception_inside_atomic_open_keeps_the_old_file(tmp_path):
+    path = tmp_path / "keep.txt"
+    path.write_text("old", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with fileio.atomic_open(path, "w", encoding="utf-8") as f:
+            f.write("half of the new")
+            raise RuntimeError("disk full")
+    assert open(path, encoding="utf-8").read() == "old"
+    assert os.listdir(tmp_path) == ["keep.txt"]  # no keep.txt.tmp left behind
+
+
+def test_write_json_round_trips_non_ascii(tmp_path):
+    obj = {"名前": "東京", "emoji": "☃", "nested": [1, 2.5, None, {"ｶﾅ": True}]}
+    path = tmp_path / "x.json"
+    fileio.write_json(path, obj)
+    raw = open(path, "rb").read().decode("utf-8")
+    assert json.loads(raw) == obj
+    assert "東京" in raw and "\\u" not in raw and raw.endswith("\n")  # readable, not escaped
+
+
+# ---- shards -------------------------------------------------------------------------------
+
+
+def seqs(n, seed=0, dtype=np.uint16, offset=0):
+    rng = np.random.default_rng(seed)
+    return [np.arange(offset + i, offset + i + int(rng.integers(2, 9)), dtype=dtype) for i in range(n)]
+
+
+def test_write_shard_is_a_plain_pickle_with_the_returned_hash(tmp_path):
+    data = seqs(5) + [np.array([1, 70000, 2], dtype=np.int32)]
+    info = shards.write_shard(tmp_path / "00000.pickle", data)
+    raw = open(tmp_path / "00000.pickle", "rb").read()
+    back = pickle.loads(raw)
+    assert len(back) == len(data)
+    for a, b in zip(back, data):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert info == {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert os.listdir(tmp_path) == ["00000.pickle"]
+
+
+def test_write_manifest_always_records_this_format(tmp_path):
+    written = shards.write_manifest(tmp_path, {"format": "something/else", "shards": []})
+    on_disk = json.load(open(tmp_path / "manifest.json", encoding="utf-8"))
+    assert on_disk == written == {"format": "distil-ja/binarized/v1", "shards": []}
+    assert list(on_disk)[0] == "format"
+
+
+def write_dir(folder, shard_lists):
+    folder.mkdir()
+    entries = []
+    for i, data in enumerate(shard_lists):
+        name = f"{i:05d}.pickle"
+        with open(folder / name, "wb") as f:
+            pickle.dump(data, f)
+        entries.append({"file": name, "sequences": len(data), "tokens": sum(len(x) for x in data)})
+    with open(folder / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump({"format": "distil-ja/binarized/v1", "shards": entries}, f)
+    return entries
+
+
+@pytest.mark.parametrize("case", ["missing", "not_json", "not_utf8", "foreign_format", "no_format", "a_list",
+                                  "no_shard_names"])
+def test_load_manifest_refuses(tmp_path, case):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    path = folder / "manifest.json"
+    content = {"not_json": b"{not json", "not_utf8": b'{"format": "\xff"}',
+               "foreign_format": json.dumps({"format": "other/v9", "shards": []}).encode(),
+               "no_format": json.dumps({"shards": []}).encode(), "a_list": b"[1, 2]",
+               "no_shard_names": json.dumps({"format": shards.FORMAT, "shards": [{"name": "x"}]}).encode()}
+    if case != "missing":
+        path.write_bytes(content[case])
+    with pytest.raises(DataError) as info:
+        shards.load_manifest(folder)
+    assert str(folder) in str(info.value)
+    if case != "missing":
+        assert str(path) in str(info.value)  # names the file itself
+
+
+def test_load_manifest_accepts_its_own_format(tmp_path):
+    entries = write_dir(tmp_path / "bin", [seqs(2)])
+    assert shards.load_manifest(tmp_path / "bin")["shards"] == entries
+
+
+@pytest.mark.parametrize("content", [
+    [np.array([1.0, 2.0])],                    # floats
+    [np.array([True, False])],                 # booleans
+    [np.array([[1, 2], [3, 4]])],              # 2-D
+    [[1, 2, 3]],                               # a list, not an array
+    (np.array([1, 2]),),                       # a tuple, not a list
+    {"ids": np.array([1, 2])},                 # not a list at all
+])
+def test_read_shard_refuses_what_is_not_a_list_of_integer_arrays(tmp_path, content):
+    path = tmp_path / "bad.pickle"
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(DataError, match="bad.pickle"):
+        shards.read_shard(path)
+
+
+def test_read_shard_refuses_missing_and_truncated_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        shards.read_shard(tmp_path / "missing.pickle")
+    raw = pickle.dumps(seqs(20))
+    (tmp_path / "cut.pickle").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cut.pickle"):
+        shards.read_shard(tmp_path / "cut.pickle")
+
+
+@pytest.mark.parametrize("key", ["sequences", "tokens"])
+def test_read_shard_checks_the_counts_of_its_manifest_entry(tmp_path, key):
+    data = seqs(4)
+    path = tmp_path / "s.pickle"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    entry = {"file": "s.pickle", "sequences": 4, "tokens": sum(len(x) for x in data)}
+    assert len(shards.read_shard(path, entry)) == 4
+    entry[key] += 1  # the shard was replaced or damaged after binarize wrote the manifest
+    with pytest.raises(DataError, match=f"s.pickle: .* {key}, its manifest says"):
+        shards.read_shard(path, expected_entry=entry)
+
+
+def test_load_sequences_keeps_the_order_of_directories_and_loose_shards(tmp_path):
+    first, second, loose = seqs(3, seed=1, offset=0), seqs(2, seed=2, offset=100), seqs(4, seed=3, offset=200)
+    write_dir(tmp_path / "bin", [first, second])
+    with open(tmp_path / "loose.pickle", "wb") as f:
+        pickle.dump(loose, f)
+    got, manifest = shards.load_sequences([str(tmp_path / "loose.pickle"), str(tmp_path / "bin")])
+    expected = loose + first + second
+    assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert manifest["format"] == shards.FORMAT and len(manifest["shards"]) == 2
+    got, manifest = shards.load_sequences([str(tmp_path / "bin"), str(tmp_path / "loose.pickle")])
+    assert all(np.array_equal(a, b) for a, b in zip(got, first + second + loose)) and len(got) == 9
+    with pytest.raises(DataError, match="no data files"):
+        shards.load_sequences([])
+
+
+def test_load_sequences_refuses_a_directory_without_manifest(tmp_path):
+    (tmp_path / "bin").mkdir()
+    with open(tmp_path / "bin" / "00000.pickle", "wb") as f:
+        pickle.dump(seqs(2), f)
+    with pytest.raises(DataError, match="incomplete"):
+        shards.load_sequences([str(tmp_path / "bin")])
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(1, np.uint16), (32000, np.uint16), (65535, np.uint16),
+                                               (65536, np.int32), (65537, np.int32), (250_000, np.int32)])
+def test_dtype_for_vocab_boundaries(vocab_size, dtype):
+    got = shards.dtype_for_vocab(vocab_size)
+    assert got == np.dtype(dtype)
+    assert np.iinfo(got).max >= vocab_size - 1  # every id of the vocabulary fits
+
+
+def test_is_binarized(tmp_path):
+    write_dir(tmp_path / "bin", [seqs(1)])
+    (tmp_path / "text").mkdir()
+    assert shards.is_binarized(tmp_path / "bin") and shards.is_binarized(tmp_path / "x.pickle")
+    assert shards.is_binarized(tmp_path / "x.pkl")
+    assert not shards.is_binarized(tmp_path / "text") and not shards.is_binarized(tmp_path / "a.txt")
