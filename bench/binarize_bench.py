@@ -14,23 +14,24 @@ sizes to show it does not grow with the corpus.
 The small corpus is every k-th document of the inputs (same mix of sources), 'all' is all of
 them, 'all_xN' all of them N times (memory only: same document mix as 'all').  Prints a markdown summary; --json writes the raw figures.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from data_prep.binarize import load_manifest, read_shard
-from data_prep.tokenization import iter_documents, load_tokenizer, normalize_text
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.tokenization import iter_documents, load_tokenizer, normalize_text  # noqa: E402
+from distil_ja.shards import load_manifest, load_sequences  # noqa: E402
 
 
 def write_docs(docs, path):
@@ -150,7 +151,7 @@ def main(argv=None):
             continue  # same text as 'all', repeated: only our speed and memory
         base_seqs, base_s = upstream_baseline(args.tokenizer, text_dir)
         out_dir = os.path.join(args.work_dir, f"bin_{name}")
-        ours = [s for shard in load_manifest(out_dir)["shards"] for s in read_shard(os.path.join(out_dir, shard["file"]))]
+        ours, _ = load_sequences([out_dir])
         assert len(ours) == len(base_seqs)
         differing = sum(not np.array_equal(a, b) for a, b in zip(ours, base_seqs))
         base_tokens = int(sum(len(s) for s in base_seqs))

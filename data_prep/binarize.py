@@ -11,7 +11,7 @@ line (--unit line, knok) wrapped in <s> ... </s>.  No </s> is appended by a toke
 and special-token strings in the text are never parsed as special tokens.  Documents are not
 cut here: sequences longer than the model's context are split by the distiller's dataset.
 
-Output directory:
+Output directory (the format is distil_ja/shards.py's, which every reader uses):
     NNNNN.pickle   pickled Python list of 1-D numpy arrays, one per sequence (uint16 when
                    the vocabulary has fewer than 65,536 ids, else int32), like upstream's
                    binarized_data.py.  A shard closes at the first document boundary after
@@ -31,36 +31,34 @@ Output directory:
 
 Memory stays flat whatever the corpus size: documents are streamed, at most 2 chunks per
 worker are in flight, and only the current shard is held.
+
+Exit status (distil_ja/cli.py): 0 done; 1 an input is missing, unreadable, truncated or holds no
+document; 2 bad flags, a tokenizer that does not load, an output folder in the way (not empty,
+no --overwrite) or not writable; 130 interrupted (the output has no manifest.json: incomplete).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse
 import collections
-import hashlib
 import itertools
-import json
 import logging
 import multiprocessing
-import pickle
+import os
+import signal
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.tokenization import DocumentEncoder, expand_paths, iter_documents
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
+from distil_ja import shards
+from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 
 logger = logging.getLogger("binarize")
 
-FORMAT = "distil-ja/binarized/v1"
-MANIFEST = "manifest.json"
-PICKLE_PROTOCOL = 4  # fixed, so shard bytes do not depend on the Python version
-
-
-def dtype_for_vocab(vocab_size):
-    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+UNITS = ("doc", "line")
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +68,9 @@ _ENCODER = None
 
 
 def _init_worker(tokenizer, lowercase):
+    """Workers ignore Ctrl-C: the parent alone handles it (one message, then it ends the pool)."""
     global _ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _ENCODER = DocumentEncoder(tokenizer, lowercase=lowercase)
 
 
@@ -84,7 +84,7 @@ def encode_chunk(docs, unit, encoder=None):
       doc_seq_counts  int64 number of sequences of each document
     """
     enc = encoder or _ENCODER
-    dtype = dtype_for_vocab(enc.vocab_size)
+    dtype = shards.dtype_for_vocab(enc.vocab_size)
     lines = list(itertools.chain.from_iterable(docs))
     encoded = enc.encode_batch(lines)
     line_lens = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
@@ -161,16 +161,10 @@ def _ordered_bounded_map(pool, fn, items, max_pending):
         yield pending.popleft().get()
 
 
-def _atomic_write_bytes(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
+    """Collects encoded documents and writes a shard at the first document boundary after
+    shard_size tokens (shards never split a document); self.shards are the manifest entries."""
+
     def __init__(self, output_dir, shard_size, dtype):
         self.output_dir = output_dir
         self.shard_size = shard_size
@@ -205,142 +199,132 @@ class ShardWriter:
         if not self.documents:
             return
         name = f"{len(self.shards):05d}.pickle"
-        path = os.path.join(self.output_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            out = _HashingWriter(f)
-            pickle.dump(self.seqs, out, protocol=PICKLE_PROTOCOL)  # streamed: no second copy in memory
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self.shards.append({
-            "file": name,
-            "documents": self.documents,
-            "sequences": len(self.seqs),
-            "tokens": self.tokens,
-            "unk_tokens": self.unk,
-            "bytes": out.size,
-            "sha256": out.sha256.hexdigest(),
-        })
+        written = shards.write_shard(os.path.join(self.output_dir, name), self.seqs)
+        self.shards.append({"file": name, "documents": self.documents, "sequences": len(self.seqs),
+                            "tokens": self.tokens, "unk_tokens": self.unk, **written})
         self._reset()
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what is written through it."""
-
-    def __init__(self, f):
-        self.f = f
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data):
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-
 def prepare_output_dir(output_dir, overwrite):
+    """An empty output folder, or (--overwrite) one cleared of an earlier output's files.
+
+    The old manifest goes first, so an interrupted overwrite never looks complete again.
+    """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise FileExistsError(f"{output_dir} exists and is not a directory")
+        raise UsageError(f"{output_dir} exists and is not a directory")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         if not overwrite:
-            raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its shards")
-        manifest = os.path.join(output_dir, MANIFEST)
+            raise UsageError(f"{output_dir} is not empty; pass --overwrite to replace its shards")
+        manifest = os.path.join(output_dir, shards.MANIFEST)
         if os.path.exists(manifest):
-            os.remove(manifest)  # first, so the old output never looks complete again
+            os.remove(manifest)
         for name in os.listdir(output_dir):
             if name.endswith((".pickle", ".pickle.tmp", ".json.tmp")):
                 os.remove(os.path.join(output_dir, name))
     os.makedirs(output_dir, exist_ok=True)
 
 
-def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,
-             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True):
-    """Binarize rinna-layout text; returns the manifest dict (also written to output_dir)."""
-    if unit not in ("doc", "line"):
-        raise ValueError(f"--unit must be doc or line, got {unit!r}")
+def check_options(unit, shard_size, lines_per_chunk, num_workers):
+    """Refuse bad options before anything is read or written (UsageError, exit 2)."""
+    if unit not in UNITS:
+        raise UsageError(f"--unit must be doc or line, got {unit!r}")
     if shard_size < 1:
-        raise ValueError("--shard_size must be positive")
-    num_workers = num_workers or os.cpu_count() or 1
-    files = expand_paths(inputs)
-    if not files:
-        raise FileNotFoundError(f"no .txt files in {inputs}")
-    encoder = DocumentEncoder(tokenizer, lowercase=lowercase)
-    dtype = dtype_for_vocab(encoder.vocab_size)
-    prepare_output_dir(output_dir, overwrite)
-    writer = ShardWriter(output_dir, shard_size, dtype)
-    chunks = ((chunk, unit) for chunk in iter_chunks(iter_documents(files), lines_per_chunk))
-    t0 = time.time()
+        raise UsageError("--shard_size must be positive")
+    if lines_per_chunk < 1:
+        raise UsageError("--lines_per_chunk must be positive")
+    if num_workers is not None and num_workers < 0:
+        raise UsageError("--num_workers must be 0 (all cores) or more")
+
+
+def load_encoder(tokenizer, lowercase):
+    """The DocumentEncoder; a tokenizer that does not load is a bad --tokenizer (UsageError)."""
+    try:
+        return DocumentEncoder(tokenizer, lowercase=lowercase)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {first_line(e)}") from e
+
+
+def read_documents(files):
+    """iter_documents, its reading errors (unreadable, truncated, corrupt input) as DataError."""
+    with reading_inputs():
+        yield from iter_documents(files)
+
+
+def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, progress):
+    """Encode every document of files (in num_workers processes when more than 1) into writer's
+    shards, in input order; DataError when there is no document at all."""
+    chunks = ((chunk, unit) for chunk in iter_chunks(read_documents(files), lines_per_chunk))
     pool = bar = None
     try:
         if num_workers <= 1:
             results = (encode_chunk(docs, u, encoder) for docs, u in chunks)
         else:  # workers first: tqdm may start a monitor thread, and fork must come before threads
             ctx = multiprocessing.get_context(_start_method())
-            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, lowercase))
+            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(encoder.name, encoder.lowercase))
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
         bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
         for result in results:
             bar.update(writer.add_chunk(result))
         writer.flush()
-        if not writer.shards:
-            raise ValueError(f"no documents in {', '.join(files)}")
     finally:
         if bar is not None:
             bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    totals = {"shards": len(writer.shards)}
+    if not writer.shards:
+        raise DataError(f"no documents in {', '.join(files)}")
+
+
+def totals_of(shard_entries):
+    totals = {"shards": len(shard_entries)}
     for key in ("documents", "sequences", "tokens", "unk_tokens"):
-        totals[key] = sum(s[key] for s in writer.shards)
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": encoder.identity(),
-        "unit": unit,
-        "dtype": dtype.name,
-        "shard_size": shard_size,
-        "inputs": files,
-        "shards": writer.shards,
-        "totals": totals,
-    }
-    data = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    _atomic_write_bytes(os.path.join(output_dir, MANIFEST), data)
-    elapsed = time.time() - t0
+        totals[key] = sum(s[key] for s in shard_entries)
+    return totals
+
+
+def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,
+             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True):
+    """Binarize rinna-layout text; returns the manifest dict (also written to output_dir).
+
+    Raises DataError for unusable inputs and UsageError for bad options, tokenizers and output
+    folders (see the module docstring); an interrupt is re-raised saying the output is incomplete.
+    """
+    check_options(unit, shard_size, lines_per_chunk, num_workers)
+    files = find_inputs(inputs)
+    encoder = load_encoder(tokenizer, lowercase)
+    t0 = time.time()
+    try:
+        prepare_output_dir(output_dir, overwrite)
+        writer = ShardWriter(output_dir, shard_size, shards.dtype_for_vocab(encoder.vocab_size))
+        write_shards(writer, files, encoder, unit, num_workers or os.cpu_count() or 1, lines_per_chunk, progress)
+        manifest = shards.write_manifest(output_dir, {
+            "tokenizer": encoder.identity(), "unit": unit, "dtype": writer.dtype.name, "shard_size": shard_size,
+            "inputs": files, "shards": writer.shards, "totals": totals_of(writer.shards)})
+    except OSError as e:  # reading errors are DataError by now: this is the output folder
+        raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{output_dir} is incomplete (no {shards.MANIFEST})") from None
+    log_summary(manifest["totals"], time.time() - t0)
+    return manifest
+
+
+def log_summary(totals, elapsed):
     logger.info(
         "%d documents, %d sequences, %d tokens (%d <unk>, %.4f%%) in %d shards; %.1fs, %.0f tokens/s",
         totals["documents"], totals["sequences"], totals["tokens"], totals["unk_tokens"],
         100.0 * totals["unk_tokens"] / max(totals["tokens"], 1), totals["shards"], elapsed,
         totals["tokens"] / max(elapsed, 1e-9),
     )
-    return manifest
 
 
-def load_manifest(output_dir):
-    """The manifest of a binarized directory; FileNotFoundError if missing (incomplete output)."""
-    path = os.path.join(output_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{output_dir} has no {MANIFEST}: not a binarized directory, or incomplete")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
-    return manifest
-
-
-def read_shard(path):
-    """The list of 1-D arrays stored in one shard."""
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Binarize rinna-layout text (see module docstring).")
+def build_parser():
+    parser = ArgumentParser(description="Binarize rinna-layout text (see module docstring).")
     parser.add_argument("--input", nargs="+", required=True, help="doc_data directories or .txt files")
     parser.add_argument("--tokenizer", required=True, help="hub name (rinna/japanese-gpt2-medium) or directory")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_workers", type=int, default=0, help="processes (default: all cores)")
-    parser.add_argument("--unit", choices=("doc", "line"), default="doc",
+    parser.add_argument("--unit", choices=UNITS, default="doc",
                         help="doc: <s> document </s> (rinna); line: <s> line </s> (knok)")
     parser.add_argument("--shard_size", type=int, default=20_000_000,
                         help="tokens per shard (approx.; the parent holds one shard: ~4 bytes/token of RAM)")
@@ -348,19 +332,19 @@ def main(argv=None):
     parser.add_argument("--no_lowercase", action="store_true", help="do not lowercase (not for rinna)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        binarize(args.input, args.tokenizer, args.output_dir, num_workers=args.num_workers, unit=args.unit,
-                 shard_size=args.shard_size, lines_per_chunk=args.lines_per_chunk, overwrite=args.overwrite,
-                 lowercase=not args.no_lowercase, progress=not args.quiet)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; output is incomplete (no manifest.json)", file=sys.stderr)
-        return 130
-    return 0
+    return parser
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
+    binarize(args.input, args.tokenizer, args.output_dir, num_workers=args.num_workers, unit=args.unit,
+             shard_size=args.shard_size, lines_per_chunk=args.lines_per_chunk, overwrite=args.overwrite,
+             lowercase=not args.no_lowercase, progress=not args.quiet)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

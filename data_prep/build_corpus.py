@@ -28,25 +28,31 @@ Sources:
 Bad input never crashes: undecodable bytes are replaced (lines counted), unparsable JSON
 lines are skipped (counted), empty documents are dropped (counted).  A truncated or corrupt
 .gz/.xz keeps what was read, and the run ends with an error naming the file (exit status 1).
+
+Exit status (distil_ja/cli.py): 0 done; 1 an input is missing, truncated, corrupt or unreadable
+(what was read is kept), or the inputs hold no document; 2 bad flags, an output folder in the way
+(doc_data/ or dev_data/ exists, no --overwrite) or not writable; 130 interrupted.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse
 import collections
 import json
 import logging
 import lzma
+import os
 import random
 import shutil
+import sys
 import zlib
+from pathlib import Path
 
 from tqdm import tqdm
 
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from data_prep.text_clean import clean_wiki_text, has_math, normalize_line, split_sentences
-from data_prep.tokenization import expand_paths, open_binary
+from data_prep.tokenization import find_inputs, open_binary
+from distil_ja import fileio
+from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 
 logger = logging.getLogger("build_corpus")
 
@@ -75,7 +81,7 @@ def iter_lines(path, stats):
                 stats["input_lines"] += 1
                 yield line.rstrip("\r\n")
     except _TRUNCATION_ERRORS as e:
-        stats.damaged.append(f"{path}: {type(e).__name__}: {e}")
+        stats.damaged.append(f"{path}: {type(e).__name__}: {first_line(e)}")
         logger.error("%s is truncated or corrupt (%s); keeping what was read", path, e)
 
 
@@ -184,64 +190,72 @@ class DocDataWriter:
         return self.file_index + 1
 
 
-def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_docs=0, seed=42,
-                 doc_per_line=False, split=None, min_chars=1, max_chars=1024, overwrite=False,
-                 progress=True):
-    """Run the whole build; returns the Stats (stats.damaged lists truncated/corrupt inputs)."""
+INPUT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz", ".json.gz", ".json")
+
+
+def check_options(source, lines_per_file):
+    """Refuse bad options before anything is read or written (UsageError, exit 2)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+        raise UsageError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if lines_per_file < 1:
-        raise ValueError("--lines_per_file must be positive")
-    files = expand_paths(inputs, suffixes=(".txt", ".txt.xz", ".txt.gz", ".json.gz", ".json"))
-    if not files:
-        raise FileNotFoundError(f"no input files in {inputs}")
-    train_dir = os.path.join(output_dir, "doc_data")
-    dev_dir = os.path.join(output_dir, "dev_data")
-    for d in (train_dir, dev_dir):
+        raise UsageError("--lines_per_file must be positive")
+
+
+def prepare_output(output_dir, overwrite):
+    """(train_dir, dev_dir): an earlier run's folders are refused (UsageError) or, with
+    overwrite, removed, so no file of an earlier run is mixed into this one."""
+    dirs = (os.path.join(output_dir, "doc_data"), os.path.join(output_dir, "dev_data"))
+    for d in dirs:
         if os.path.exists(d):
             if not overwrite:
-                raise FileExistsError(f"{d} exists; pass --overwrite to replace it")
+                raise UsageError(f"{d} exists; pass --overwrite to replace it")
             shutil.rmtree(d)
-    stats = Stats()
-    writer = DocDataWriter(train_dir, lines_per_file)
+    return dirs
+
+
+def iter_source_docs(source, files, stats, *, doc_per_line, split, min_chars, max_chars):
+    for path in files:
+        if source == "jawiki-cirrus":
+            yield from iter_cirrus_docs(path, stats, min_chars, max_chars)
+        else:
+            yield from iter_paragraph_docs(path, stats, doc_per_line=doc_per_line, split=bool(split),
+                                           min_chars=min_chars, max_chars=max_chars if split else None)
+
+
+def write_documents(docs, writer, stats, dev_docs, seed):
+    """Write docs to writer, holding back a seeded reservoir sample of dev_docs documents
+    (returned; an evicted one goes to training)."""
     rng = random.Random(seed)
     reservoir = []
     seen = 0
-
-    def documents():
-        for path in files:
-            if source == "jawiki-cirrus":
-                yield from iter_cirrus_docs(path, stats, min_chars, max_chars)
-            else:
-                yield from iter_paragraph_docs(path, stats, doc_per_line=doc_per_line, split=bool(split),
-                                               min_chars=min_chars, max_chars=max_chars if split else None)
-
-    bar = tqdm(documents(), desc="documents", unit="doc", disable=not progress, mininterval=1.0)
-    try:
-        for doc in bar:
-            if not doc:
-                stats["docs_dropped_empty"] += 1
-                continue
-            if dev_docs <= 0:
-                writer.write(doc)
-                continue
-            # seeded reservoir sample of dev_docs documents; evicted ones go to training
-            seen += 1
-            if len(reservoir) < dev_docs:
-                reservoir.append(doc)
-                continue
-            j = rng.randrange(seen)
-            if j < dev_docs:
-                reservoir[j], doc = doc, reservoir[j]
+    for doc in docs:
+        if not doc:
+            stats["docs_dropped_empty"] += 1
+            continue
+        if dev_docs <= 0:
             writer.write(doc)
-    finally:
-        bar.close()
-        writer.close()
+            continue
+        seen += 1
+        if len(reservoir) < dev_docs:
+            reservoir.append(doc)
+            continue
+        j = rng.randrange(seen)
+        if j < dev_docs:
+            reservoir[j], doc = doc, reservoir[j]
+        writer.write(doc)
+    return reservoir
+
+
+def write_dev(reservoir, dev_dir, lines_per_file):
     if reservoir:
         dev = DocDataWriter(dev_dir, lines_per_file)
         for doc in reservoir:
             dev.write(doc)
         dev.close()
+
+
+def summarize(stats, writer, reservoir, extra):
+    """stats.json's content: the counters, the damaged inputs, the run's settings."""
     stats["train_documents"] = writer.documents
     stats["train_lines"] = writer.lines
     stats["train_files"] = writer.files
@@ -249,15 +263,57 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
     stats["dev_lines"] = sum(len(d) for d in reservoir)
     summary = dict(sorted(stats.items()))
     summary["damaged_inputs"] = stats.damaged
-    summary.update({"source": source, "inputs": files, "seed": seed, "lines_per_file": lines_per_file})
-    with open(os.path.join(output_dir, "stats.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    summary.update(extra)
+    return summary
+
+
+def check_inputs_were_usable(stats, stats_path):
+    """DataError, after the output is written, when an input was damaged (what was read is kept)
+    or no document was found at all."""
+    if stats.damaged:
+        more = f" (and {len(stats.damaged) - 1} more, see {stats_path})" if len(stats.damaged) > 1 else ""
+        raise DataError(f"truncated or corrupt input, kept what was read: {stats.damaged[0]}{more}")
+    if not stats["train_documents"] + stats["dev_documents"]:
+        raise DataError(f"no documents in the inputs (counts in {stats_path})")
+
+
+def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_docs=0, seed=42,
+                 doc_per_line=False, split=None, min_chars=1, max_chars=1024, overwrite=False,
+                 progress=True):
+    """Run the whole build; returns the Stats.
+
+    Raises UsageError for bad options or an output folder in the way (or not writable), and
+    DataError for missing inputs, and (after writing all that was read, stats.json included)
+    for damaged inputs or inputs without a document.
+    """
+    check_options(source, lines_per_file)
+    files = find_inputs(inputs, suffixes=INPUT_SUFFIXES)
+    stats = Stats()
+    stats_path = os.path.join(output_dir, "stats.json")
+    try:
+        train_dir, dev_dir = prepare_output(output_dir, overwrite)
+        docs = iter_source_docs(source, files, stats, doc_per_line=doc_per_line, split=split,
+                                min_chars=min_chars, max_chars=max_chars)
+        writer = DocDataWriter(train_dir, lines_per_file)
+        bar = tqdm(docs, desc="documents", unit="doc", disable=not progress, mininterval=1.0)
+        try:
+            reservoir = write_documents(bar, writer, stats, dev_docs, seed)
+        finally:
+            bar.close()
+            writer.close()
+        write_dev(reservoir, dev_dir, lines_per_file)
+        summary = summarize(stats, writer, reservoir,
+                            {"source": source, "inputs": files, "seed": seed, "lines_per_file": lines_per_file})
+        fileio.write_json(stats_path, summary)
+    except OSError as e:  # input reading errors are counted in stats.damaged: this is the output
+        raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
+    logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    check_inputs_were_usable(stats, stats_path)
     return stats
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build rinna-layout training text (see module docstring).")
+def build_parser():
+    parser = ArgumentParser(description="Build rinna-layout training text (see module docstring).")
     parser.add_argument("--source", choices=SOURCES, required=True)
     parser.add_argument("--input", nargs="+", required=True, help="input files or directories")
     parser.add_argument("--output_dir", required=True)
@@ -271,24 +327,22 @@ def main(argv=None):
     parser.add_argument("--max_chars", type=int, default=1024)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        stats = build_corpus(
-            args.source, args.input, args.output_dir, lines_per_file=args.lines_per_file,
-            dev_docs=args.dev_docs, seed=args.seed, doc_per_line=args.doc_per_line,
-            split=args.split_sentences, min_chars=args.min_chars, max_chars=args.max_chars,
-            overwrite=args.overwrite, progress=not args.quiet,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    if stats.damaged:
-        for item in stats.damaged:
-            print(f"error: truncated or corrupt input, kept what was read: {item}", file=sys.stderr)
-        return 1
-    return 0
+    return parser
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
+    build_corpus(
+        args.source, args.input, args.output_dir, lines_per_file=args.lines_per_file,
+        dev_docs=args.dev_docs, seed=args.seed, doc_per_line=args.doc_per_line,
+        split=args.split_sentences, min_chars=args.min_chars, max_chars=args.max_chars,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,25 @@ lowercased before encoding with it (``data_prep.tokenization.DocumentEncoder`` d
 
 Usage:
     python data_prep/make_tokenizer.py --input doc_data/ --vocab_size 32000 --output_dir tok/
+
+Exit status (distil_ja/cli.py): 0 done; 1 an input is missing, unreadable, truncated or holds no
+text; 2 bad flags (a --vocab_size the text cannot give with --hard_vocab_limit included), an
+output folder that already holds a tokenizer (no --overwrite) or is not writable; 130 interrupted.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse
-import json
+import io
 import logging
+import os
 import random
+import sys
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
+from distil_ja import fileio
+from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 
 logger = logging.getLogger("make_tokenizer")
 
@@ -39,7 +47,6 @@ SPECIAL_TOKENS = {
 
 def _iter_training_lines(paths, max_lines, seed):
     """Non-empty normalized lines of the inputs; reservoir-sampled to max_lines if given."""
-    from data_prep.tokenization import iter_text_lines, normalize_text
 
     def lines():
         for line in iter_text_lines(paths):
@@ -67,11 +74,9 @@ def write_tokenizer_files(model_path_or_bytes, output_dir, model_max_length=1024
     os.makedirs(output_dir, exist_ok=True)
     target = os.path.join(output_dir, "spiece.model")
     if isinstance(model_path_or_bytes, (bytes, bytearray)):
-        with open(target, "wb") as f:
-            f.write(model_path_or_bytes)
+        fileio.write_bytes(target, model_path_or_bytes)
     elif os.path.abspath(model_path_or_bytes) != os.path.abspath(target):
-        with open(model_path_or_bytes, "rb") as src, open(target, "wb") as dst:
-            dst.write(src.read())
+        fileio.write_bytes(target, Path(model_path_or_bytes).read_bytes())
     config = dict(SPECIAL_TOKENS)
     config.update(
         {
@@ -83,12 +88,54 @@ def write_tokenizer_files(model_path_or_bytes, output_dir, model_max_length=1024
             "model_max_length": model_max_length,
         }
     )
-    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    with open(os.path.join(output_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(SPECIAL_TOKENS, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    fileio.write_json(os.path.join(output_dir, "tokenizer_config.json"), config)
+    fileio.write_json(os.path.join(output_dir, "special_tokens_map.json"), SPECIAL_TOKENS)
+
+
+def read_training_lines(input_paths, max_sentences, seed):
+    """The sampled training lines; unusable inputs (missing, unreadable, truncated, no text) are
+    DataError."""
+    files = find_inputs(input_paths)
+    with reading_inputs():
+        lines = list(_iter_training_lines(files, max_sentences, seed))
+    if not lines:
+        raise DataError(f"no text found in {', '.join(files)}")
+    return lines
+
+
+def train_model(lines, vocab_size, *, character_coverage, max_sentence_length, num_threads, seed,
+                hard_vocab_limit):
+    """The serialized unigram model. sentencepiece's refusals (a vocabulary the text cannot give
+    under --hard_vocab_limit, a bad coverage) are about the flags: UsageError."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            normalization_rule_name="nmt_nfkc",
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            pad_piece="[PAD]",
+            control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            hard_vocab_limit=hard_vocab_limit,
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise UsageError(f"sentencepiece refused the settings: {first_line(e)}") from e
+    return model.getvalue()
 
 
 def train_tokenizer(
@@ -109,40 +156,22 @@ def train_tokenizer(
     vocab_size: target size; with hard_vocab_limit=False (default) it is a soft limit, so
     tiny texts still train (the resulting vocabulary may be smaller).
     max_sentences: lines reservoir-sampled (seeded) for training; 0 = all lines.
+    Raises DataError for unusable inputs and UsageError for bad settings or an unwritable output_dir.
     """
     import sentencepiece as spm
 
     if vocab_size < 8:
-        raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
-    lines = list(_iter_training_lines(input_paths, max_sentences, seed))
-    if not lines:
-        raise ValueError(f"no text found in {input_paths}")
-    model = __import__("io").BytesIO()
+        raise UsageError(f"--vocab_size must be at least 8, got {vocab_size}")
+    lines = read_training_lines(input_paths, max_sentences, seed)
     t0 = time.time()
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        character_coverage=character_coverage,
-        normalization_rule_name="nmt_nfkc",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        unk_piece="<unk>",
-        bos_piece="<s>",
-        eos_piece="</s>",
-        pad_piece="[PAD]",
-        control_symbols=["[CLS]", "[SEP]", "[MASK]"],
-        hard_vocab_limit=hard_vocab_limit,
-        max_sentence_length=max_sentence_length,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
-    write_tokenizer_files(model.getvalue(), output_dir)
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    model = train_model(lines, vocab_size, character_coverage=character_coverage,
+                        max_sentence_length=max_sentence_length, num_threads=num_threads, seed=seed,
+                        hard_vocab_limit=hard_vocab_limit)
+    try:
+        write_tokenizer_files(model, output_dir)
+    except OSError as e:
+        raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
+    sp = spm.SentencePieceProcessor(model_proto=model)
     logger.info(
         "trained unigram vocab of %d pieces on %d lines in %.1fs -> %s",
         sp.get_piece_size(), len(lines), time.time() - t0, output_dir,
@@ -150,8 +179,8 @@ def train_tokenizer(
     return output_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="text files or directories (.txt/.xz/.gz)")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--output_dir", required=True)
@@ -162,21 +191,23 @@ def main(argv=None):
                         help="fail instead of returning a smaller vocabulary on small text")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return parser
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
     if os.path.exists(os.path.join(args.output_dir, "spiece.model")) and not args.overwrite:
-        print(f"error: {args.output_dir} already holds a tokenizer; pass --overwrite", file=sys.stderr)
-        return 2
-    try:
-        train_tokenizer(
-            args.input, args.vocab_size, args.output_dir,
-            character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-            seed=args.seed, hard_vocab_limit=args.hard_vocab_limit,
-        )
-    except (OSError, ValueError, RuntimeError, EOFError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        raise UsageError(f"{args.output_dir} already holds a tokenizer; pass --overwrite")
+    train_tokenizer(
+        args.input, args.vocab_size, args.output_dir,
+        character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+        seed=args.seed, hard_vocab_limit=args.hard_vocab_limit,
+    )
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ C++, no ``</s>`` appended, no special-token parsing of the text), and gives the 
 the transformers tokenizer called on ``normalize_text(line)`` minus its trailing ``</s>``.
 """
 import bz2
+import contextlib
 import gzip
 import hashlib
 import lzma
@@ -18,6 +19,8 @@ import os
 import re
 import unicodedata
 import zlib
+
+from distil_ja.cli import DataError, first_line
 
 SPIECE = "spiece.model"
 
@@ -71,6 +74,30 @@ def expand_paths(path_or_paths, suffixes=TEXT_SUFFIXES):
         else:
             raise FileNotFoundError(f"no such file or directory: {p}")
     return files
+
+
+def find_inputs(inputs, suffixes=TEXT_SUFFIXES):
+    """expand_paths for a command's --input, with its failures as DataError (exit 1): a missing
+    path, or paths that name no input file, are bad data, not bad flags."""
+    with reading_inputs():
+        files = expand_paths(inputs, suffixes)
+    if not files:
+        names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+        raise DataError(f"no input files ({', '.join(suffixes)}) in {', '.join(map(os.fspath, names))}")
+    return files
+
+
+@contextlib.contextmanager
+def reading_inputs():
+    """Reading errors of input files (missing, unreadable, truncated, corrupt) as DataError.
+
+    The readers here raise OSError/ValueError, which examples/ code catches by those types;
+    a command wraps its reading in this so its exit status says 'bad data' (1).
+    """
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise DataError(first_line(e)) from e
 
 
 def iter_text_lines(path_or_paths):
@@ -159,8 +186,7 @@ def resolve_spiece(name_or_dir):
     try:
         return hf_hub_download(name_or_dir, SPIECE)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no spiece.model ...
-        raise OSError(f"cannot get {SPIECE} of {name_or_dir!r} from the Hugging Face hub: "
-                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise OSError(f"cannot get {SPIECE} of {name_or_dir!r} from the Hugging Face hub: {first_line(e)}") from e
 
 
 def sha256_file(path, chunk=1 << 20):

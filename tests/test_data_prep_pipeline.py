@@ -11,8 +11,10 @@ import pytest
 
 from data_prep import binarize as binarize_mod
 from data_prep import build_corpus
-from data_prep.binarize import binarize, load_manifest, read_shard
+from data_prep.binarize import binarize
 from data_prep.tokenization import iter_documents
+from distil_ja.cli import DataError
+from distil_ja.shards import dtype_for_vocab, load_manifest, read_shard
 from fixtures_data_prep import (plain_text_bytes, tiny_tokenizer_dir, write_cc100_xz, write_cirrus_dump,
                                 write_truncated_xz)
 
@@ -138,7 +140,7 @@ def test_output_dir_refused_without_overwrite(env, tmp_path, capsys):
     out = str(tmp_path / "existing")
     shutil.copytree(env["bin"][1], out)  # a complete earlier output; the shared one stays intact
     args = ["--input", env["doc_dirs"][2], "--tokenizer", env["tok"], "--output_dir", out, "--quiet"]
-    assert binarize_mod.main(args) == 1
+    assert binarize_mod.main(args) == 2  # an output folder in the way is a usage error
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--overwrite" in err and "\n" not in err
     assert binarize_mod.main(args + ["--overwrite"]) == 0
@@ -159,7 +161,7 @@ def test_partial_output_has_no_manifest(env, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         binarize(env["doc_dirs"], env["tok"], str(out), num_workers=1, shard_size=300, progress=False)
     assert (out / "00000.pickle").exists() and not (out / "manifest.json").exists()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(DataError, match="incomplete"):
         load_manifest(str(out))
 
 
@@ -188,32 +190,65 @@ def test_dev_split_is_seeded_and_disjoint(env, tmp_path):
     assert sorted(map(tuple, train + dev)) == sorted(map(tuple, everything))
 
 
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def test_build_corpus_errors(tmp_path, capsys):
     assert build_corpus.main(["--source", "text", "--input", str(tmp_path / "nope.txt"),
-                              "--output_dir", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "nope.txt" in err and "\n" not in err
+                              "--output_dir", str(tmp_path / "o")]) == 1  # missing input: bad data
+    assert "nope.txt" in one_error_line(capsys)
     f = tmp_path / "a.txt"
     f.write_text("一つ目。\n二つ目。\n", encoding="utf-8")
     assert build_corpus.main(["--source", "text", "--input", str(f), "--output_dir", str(tmp_path / "o"),
                               "--doc_per_line", "--quiet"]) == 0
     assert list(iter_documents(str(tmp_path / "o" / "doc_data"))) == [["一つ目。"], ["二つ目。"]]
     assert build_corpus.main(["--source", "text", "--input", str(f), "--output_dir", str(tmp_path / "o")]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--overwrite" in one_error_line(capsys)
+    assert build_corpus.main(["--source", "text", "--input", str(f), "--output_dir", str(tmp_path / "p"),
+                              "--lines_per_file", "0"]) == 2
+    assert "--lines_per_file" in one_error_line(capsys)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n", encoding="utf-8")
+    assert build_corpus.main(["--source", "text", "--input", str(blank), "--output_dir", str(tmp_path / "q"),
+                              "--quiet"]) == 1
+    assert "no documents" in one_error_line(capsys)
+    assert json.loads((tmp_path / "q" / "stats.json").read_text())["train_documents"] == 0
 
 
-def test_entry_scripts_run_from_repo_root(env, tmp_path):
+@pytest.mark.parametrize("where", ["repo_root", "elsewhere_spawn"])
+def test_entry_scripts_run_from_any_folder(env, tmp_path, where):
+    script, cwd, env_vars = "data_prep/binarize.py", REPO, dict(os.environ)
+    if where == "elsewhere_spawn":  # the workers import the script as __mp_main__: no path block there
+        script, cwd = os.path.join(REPO, script), str(tmp_path)
+        env_vars["BINARIZE_MP_START"] = "spawn"
+    env_vars.pop("PYTHONPATH", None)
     out = str(tmp_path / "cli")
-    cmd = [sys.executable, "data_prep/binarize.py", "--input", env["doc_dirs"][2], "--tokenizer", env["tok"],
+    cmd = [sys.executable, script, "--input", env["doc_dirs"][2], "--tokenizer", env["tok"],
            "--output_dir", out, "--num_workers", "2", "--quiet"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=cwd, env=env_vars, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "tokens/s" in proc.stderr
     assert load_manifest(out)["totals"]["documents"] == 5
-    bad = subprocess.run([sys.executable, "data_prep/binarize.py", "--input", str(tmp_path / "missing"),
+    bad = subprocess.run([sys.executable, script, "--input", str(tmp_path / "missing"),
                           "--tokenizer", env["tok"], "--output_dir", str(tmp_path / "x")],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                         cwd=cwd, env=env_vars, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_interrupt_says_the_output_is_incomplete(env, tmp_path, monkeypatch, capsys):
+    def interrupted_flush(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(binarize_mod.ShardWriter, "flush", interrupted_flush)
+    out = tmp_path / "cut"
+    rc = binarize_mod.main(["--input", env["doc_dirs"][2], "--tokenizer", env["tok"], "--output_dir", str(out),
+                            "--num_workers", "1", "--quiet"])
+    err = one_error_line(capsys)
+    assert rc == 130 and "interrupted" in err and "incomplete" in err and "manifest.json" in err
+    assert not (out / "manifest.json").exists()
 
 
 def test_spawn_start_method_gives_same_output(env, tmp_path, monkeypatch):
@@ -223,13 +258,34 @@ def test_spawn_start_method_gives_same_output(env, tmp_path, monkeypatch):
     assert load_manifest(out) == load_manifest(env["bin"][1])
 
 
-@pytest.mark.parametrize("case", ["missing_tokenizer", "no_documents", "truncated_input"])
+BINARIZE_ERRORS = {  # case: (exit status, a word the one-line message must hold)
+    "missing_tokenizer": (2, "no_tok"),
+    "corrupt_tokenizer": (2, "bad_tok"),
+    "bad_shard_size": (2, "--shard_size"),
+    "bad_unit": (2, "--unit"),  # argparse's own refusals are one line and 2 as well
+    "missing_input": (1, "gone.txt"),
+    "no_documents": (1, "no documents"),
+    "truncated_input": (1, "cut.txt.xz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BINARIZE_ERRORS))
 def test_binarize_cli_errors_are_one_line(env, tmp_path, capsys, case):
     import lzma
 
-    tok, inp = env["tok"], env["doc_dirs"][2]
+    tok, inp, extra = env["tok"], env["doc_dirs"][2], []
     if case == "missing_tokenizer":
         tok = str(tmp_path / "no_tok")
+    elif case == "corrupt_tokenizer":
+        tok = str(tmp_path / "bad_tok")
+        os.makedirs(tok)
+        open(os.path.join(tok, "spiece.model"), "wb").write(b"not a sentencepiece model")
+    elif case == "bad_shard_size":
+        extra = ["--shard_size", "0"]
+    elif case == "bad_unit":
+        extra = ["--unit", "para"]
+    elif case == "missing_input":
+        inp = str(tmp_path / "gone.txt")
     elif case == "no_documents":
         inp = str(tmp_path / "blank.txt")
         open(inp, "w").write("\n \n\n")
@@ -238,10 +294,10 @@ def test_binarize_cli_errors_are_one_line(env, tmp_path, capsys, case):
         data = lzma.compress(open(os.path.join(env["doc_dirs"][1], "0.txt"), "rb").read())
         open(inp, "wb").write(data[: len(data) // 2])
     out = tmp_path / "out"
-    rc = binarize_mod.main(["--input", inp, "--tokenizer", tok, "--output_dir", str(out), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.startswith("error:") and "\n" not in err, err
-    assert {"missing_tokenizer": "no_tok", "no_documents": "no documents", "truncated_input": "cut.txt.xz"}[case] in err
+    rc = binarize_mod.main(["--input", inp, "--tokenizer", tok, "--output_dir", str(out), "--quiet", *extra])
+    err = one_error_line(capsys)
+    status, word = BINARIZE_ERRORS[case]
+    assert rc == status and word in err, err
     assert not (out / "manifest.json").exists()
 
 
@@ -251,8 +307,8 @@ def test_plain_text_counts_and_int32_for_big_vocabularies(env):
     docs = list(iter_documents(env["doc_dirs"][2]))
     assert docs[0][1] == "ABCとWikiは学校に行きました。"  # NFKC: full-width to ASCII, case kept in text
     assert "\ufffd" in docs[2][0]
-    assert binarize_mod.dtype_for_vocab(32000) == np.uint16
-    assert binarize_mod.dtype_for_vocab(65536) == np.int32
+    assert dtype_for_vocab(32000) == np.uint16
+    assert dtype_for_vocab(65536) == np.int32
 
 
 def test_truncated_cirrus_gz(tmp_path, capsys):

@@ -101,10 +101,37 @@ def test_iter_documents(tmp_path):
 
 
 def test_make_tokenizer_cli_errors(tmp_path, capsys):
-    assert make_tokenizer.main(["--input", str(tmp_path / "none.txt"), "--output_dir", str(tmp_path / "o")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "none.txt" in err and "\n" not in err
+    def one_error_line():
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+        return err
+
+    out = str(tmp_path / "o")
+    assert make_tokenizer.main(["--input", str(tmp_path / "none.txt"), "--output_dir", out]) == 1
+    assert "none.txt" in one_error_line()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
-    assert make_tokenizer.main(["--input", str(empty), "--output_dir", str(tmp_path / "o")]) == 1
-    assert "no text" in capsys.readouterr().err
+    assert make_tokenizer.main(["--input", str(empty), "--output_dir", out]) == 1
+    assert "no text" in one_error_line()
+    text = tmp_path / "t.txt"
+    text.write_text(training_text(n_docs=20), encoding="utf-8")
+    assert make_tokenizer.main(["--input", str(text), "--output_dir", out, "--vocab_size", "4"]) == 2
+    assert "--vocab_size" in one_error_line()
+    assert make_tokenizer.main(["--input", str(text), "--output_dir", out, "--vocab_size", "5000",
+                                "--hard_vocab_limit"]) == 2  # more pieces than the text can give
+    assert "sentencepiece" in one_error_line()
+    assert make_tokenizer.main(["--input", str(text), "--output_dir", out, "--vocab_size", "200"]) == 0
+    assert make_tokenizer.main(["--input", str(text), "--output_dir", out, "--vocab_size", "200"]) == 2
+    assert "--overwrite" in one_error_line()
+
+
+def test_make_tokenizer_truncated_input_is_bad_data(tmp_path, capsys):
+    import lzma
+
+    data = lzma.compress(training_text(n_docs=40).encode("utf-8"))
+    cut = tmp_path / "cut.txt.xz"
+    cut.write_bytes(data[: len(data) // 2])
+    assert make_tokenizer.main(["--input", str(cut), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "cut.txt.xz" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
