@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from grouped_batch_sampler import GroupedBatchSampler, length_groups
-from lm_seqs_dataset import MIN_SEQ_LEN, DataError, LmSeqsDataset, SpecialIds, load_sequences, split_long
+from distil_ja.cli import DataError
+from distil_ja.shards import FORMAT, load_sequences
+from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset, SpecialIds, split_long
 
 IDS = SpecialIds()
 
@@ -63,7 +65,7 @@ def test_load_sequences_from_binarize_directory(tmp_path):
     for i, shard in enumerate(shards):
         with open(tmp_path / f"{i:05d}.pickle", "wb") as f:
             pickle.dump(shard, f)
-    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"file": "00000.pickle"}, {"file": "00001.pickle"}]}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "shards": [{"file": "00000.pickle"}, {"file": "00001.pickle"}]}))
     sequences, manifest = load_sequences([str(tmp_path)])
     assert [len(s) for s in sequences] == [22, 17, 32]
     assert manifest["shards"][1]["file"] == "00001.pickle"
@@ -74,7 +76,7 @@ def test_load_sequences_from_binarize_directory(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "shard not found"),
     (b"not a pickle", "corrupt or truncated"),
-    (pickle.dumps([[1, 2, 3]]), "list of 1-D numpy arrays"),
+    (pickle.dumps([[1, 2, 3]]), "list of 1-D integer numpy arrays"),
 ])
 def test_bad_shards_are_named(tmp_path, content, message):
     path = tmp_path / "bad.pickle"
@@ -94,7 +96,7 @@ def test_truncated_shard(tmp_path):
 
 
 def test_directory_without_manifest(tmp_path):
-    with pytest.raises(DataError, match="no manifest.json"):
+    with pytest.raises(DataError, match="has no manifest.json"):
         load_sequences([str(tmp_path)])
 
 

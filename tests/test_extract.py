@@ -1,6 +1,7 @@
 """scripts/extract.py: layer choice, exact copy, a useful start, clear errors, train.py integration."""
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_VOCAB, gpt2_config
+from distil_ja.cli import EXIT_USAGE, UsageError
 
-sys.path.insert(0, str(REPO / "examples" / "distillation" / "scripts"))
-import extract  # noqa: E402
+EXTRACT = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")
+extract = importlib.util.module_from_spec(EXTRACT)
+EXTRACT.loader.exec_module(extract)
 
 EXTRACT_PY = REPO / "examples" / "distillation" / "scripts" / "extract.py"
 
@@ -26,7 +29,7 @@ def test_default_layers_spread_over_the_depth():
     for n_t, n_s in [(24, 4), (7, 3), (36, 6)]:
         layers = extract.default_layers(n_t, n_s)
         assert len(layers) == n_s and layers[0] == 0 and layers[-1] == n_t - 1 and layers == sorted(set(layers))
-    with pytest.raises(extract.ExtractError):
+    with pytest.raises(UsageError):
         extract.default_layers(4, 6)
 
 
@@ -100,7 +103,7 @@ def test_cli_output_feeds_train_py(tiny_setup, tmp_path):
     proc = run_extract("--teacher", tiny_setup["teacher"], "--student_config", config, "--layers", "1",
                        "--dump_checkpoint", out)
     assert proc.returncode == 0, proc.stderr
-    params = argparse.Namespace(student_config=str(config), student_pretrained_weights=str(out))
+    params = argparse.Namespace(student_type="gpt2", student_config=str(config), student_pretrained_weights=str(out))
     student = train.load_student(params)
     teacher = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"])
     assert torch.equal(student.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[1].mlp.c_fc.weight)
@@ -114,13 +117,12 @@ def test_cli_output_feeds_train_py(tiny_setup, tmp_path):
     ({"n_layer": 2}, "0", "1 layer(s) chosen for a 2-layer student"),
     ({"n_layer": 2}, "a,b", "comma-separated"),
 ])
-def test_cli_incompatible_models_give_one_clear_line(tiny_setup, tmp_path, caplog, config_kwargs, layers, message):
+def test_cli_incompatible_models_give_one_clear_line(tiny_setup, tmp_path, capsys, config_kwargs, layers, message):
     config = tmp_path / "student.json"
     config.write_text(json.dumps(gpt2_config(**config_kwargs).to_dict()))
     extra = ["--layers", layers] if layers else []
-    with pytest.raises(SystemExit) as exit_info:
-        extract.main(["--teacher", str(tiny_setup["teacher"]), "--student_config", str(config),
-                      "--dump_checkpoint", str(tmp_path / "x.pth"), *extra])
-    assert exit_info.value.code == 2
-    assert message in caplog.text
+    code = extract.main(["--teacher", str(tiny_setup["teacher"]), "--student_config", str(config),
+                         "--dump_checkpoint", str(tmp_path / "x.pth"), *extra])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and message in err and err.count("error:") == 1
     assert not (tmp_path / "x.pth").exists()

@@ -1,6 +1,5 @@
 """Fast paths against the plain computation: fused KD+CLM loss, DataLoader workers, compile, padding log."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -89,7 +88,7 @@ def test_nan_loss_gives_nan_gradients():
 
 
 def run_weights(setup, dump, *extra):
-    train.main(train_args(setup, dump, "--max_steps", "3", "--checkpoint_interval", "0", "--log_interval", "3",
+    train.run(train_args(setup, dump, "--max_steps", "3", "--checkpoint_interval", "0", "--log_interval", "3",
                           *extra))
     return weights(dump)
 
@@ -143,14 +142,14 @@ def test_compiled_training_matches_eager_and_its_checkpoint_resumes_eager(tiny_s
     eager --resume continues like an eager checkpoint (in-place compile keeps the state_dict keys)."""
     compiled, eager = tmp_path / "compiled", tmp_path / "eager"
     for dump, flag in ((compiled, "--compile"), (eager, "--no-compile")):
-        train.main(train_args(tiny_setup, dump, "--max_steps", "3", "--log_interval", "3", flag))
+        train.run(train_args(tiny_setup, dump, "--max_steps", "3", "--log_interval", "3", flag))
     for k, v in default_run[1].items():
         torch.testing.assert_close(weights(compiled)[k], v, rtol=0, atol=2e-6, msg=k)
     state = torch.load(compiled / "checkpoint_step00000003" / "training_state.pt", weights_only=False)
     assert not [k for k in state["student"] if "_orig_mod" in k]
 
     for dump in (compiled, eager):
-        train.main(train_args(tiny_setup, dump, "--max_steps", "6", "--log_interval", "3", "--resume",
+        train.run(train_args(tiny_setup, dump, "--max_steps", "6", "--log_interval", "3", "--resume",
                               "--no-compile"))
     for k, v in weights(eager).items():
         torch.testing.assert_close(weights(compiled)[k], v, rtol=0, atol=5e-6, msg=k)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from distil_ja.cli import EXIT_DATA, EXIT_TRAINING, EXIT_USAGE
 from conftest import REPO, TRAIN_PY, gpt2_config, random_sequences, train_args, write_shard
 
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
@@ -118,7 +119,7 @@ def test_resume_with_other_settings_is_refused(dropout_setup, uninterrupted, tmp
     shutil.copytree(uninterrupted, dump)
     before = sorted(p.name for p in dump.rglob("*"))
     result = run(resume_args(dropout_setup, dump, "--resume", "--learning_rate", "0.01"))
-    assert result.returncode == train.EXIT_USAGE
+    assert result.returncode == EXIT_USAGE
     assert "cannot resume with changed settings (--learning_rate was 0.001, now 0.01)" in result.stderr
     assert sorted(p.name for p in dump.rglob("*")) == before
 
@@ -163,7 +164,7 @@ def test_nonfinite_steps_are_skipped_and_logged(tiny_setup, tmp_path, monkeypatc
     monkeypatch.setattr(Distiller, "loss_sums", nan_on_step_3)
     dump = tmp_path / "run"
     with caplog.at_level("INFO"):
-        train.main(train_args(tiny_setup, dump, "--log_interval", "1"))
+        train.run(train_args(tiny_setup, dump, "--log_interval", "1"))
     assert "Step 3: non-finite gradients" in caplog.text and "update skipped" in caplog.text
     logged = metrics(dump)
     assert [m["step"] for m in logged] == [1, 2, 4, 5, 6]
@@ -182,10 +183,9 @@ def test_repeated_nonfinite_steps_stop_the_run(tiny_setup, tmp_path, monkeypatch
 
     monkeypatch.setattr(Distiller, "loss_sums", nan_from_step_4)
     dump = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(train_args(tiny_setup, dump, "--max_steps", "20", "--checkpoint_interval", "3",
-                              "--max_nonfinite", "2"))
-    assert exit_info.value.code == train.EXIT_TRAINING
+    code = train.main(train_args(tiny_setup, dump, "--max_steps", "20", "--checkpoint_interval", "3",
+                                 "--max_nonfinite", "2"))
+    assert code == EXIT_TRAINING
     assert [p.name for p in dump.glob("checkpoint_step*")] == ["checkpoint_step00000003"]
     assert not (dump / "model.safetensors").exists()
 
@@ -213,7 +213,7 @@ def _bad_inputs(setup, tmp):
     manifest_dir = tmp / "manifest_dir"
     manifest_dir.mkdir()
     write_shard(manifest_dir / "00000.pickle", good)
-    (manifest_dir / "manifest.json").write_text(json.dumps({
+    (manifest_dir / "manifest.json").write_text(json.dumps({"format": "distil-ja/binarized/v1",
         "tokenizer": {"vocab_size": 32000, "special_ids": {"unk": 0, "bos": 1, "eos": 2, "pad": 3}},
         "shards": [{"file": "00000.pickle"}]}))
     other_model = tmp / "other_model_dir"
@@ -221,22 +221,22 @@ def _bad_inputs(setup, tmp):
     write_shard(other_model / "00000.pickle", good)
     from data_prep.tokenization import load_tokenizer
 
-    (other_model / "manifest.json").write_text(json.dumps({
+    (other_model / "manifest.json").write_text(json.dumps({"format": "distil-ja/binarized/v1",
         "tokenizer": {"vocab_size": len(load_tokenizer(str(setup["tokenizer"]))), "spiece_sha256": "0" * 64},
         "shards": [{"file": "00000.pickle"}]}))
     return [
         ("other sentencepiece", {"--data_file": str(other_model)}, "binarized with another sentencepiece model",
-         train.EXIT_USAGE),
-        ("missing shard", {"--data_file": str(tmp / "nope.pickle")}, "nope.pickle: shard not found", train.EXIT_DATA),
-        ("corrupt shard", {"--data_file": str(corrupt)}, "corrupt.pickle: corrupt or truncated", train.EXIT_DATA),
-        ("truncated shard", {"--data_file": str(truncated)}, "truncated.pickle: corrupt or truncated", train.EXIT_DATA),
-        ("token id", {"--data_file": str(big_vocab)}, "beyond the model vocabulary", train.EXIT_DATA),
-        ("empty after filter", {"--data_file": str(short)}, "no sequence is left after filtering", train.EXIT_DATA),
-        ("student vocab", {"--student_config": str(small_vocab)}, "student vocab_size 50 < tokenizer's", train.EXIT_USAGE),
-        ("teacher vocab", {"--teacher_name": str(other_teacher)}, "student vocab_size 192 != teacher's 300", train.EXIT_USAGE),
-        ("special ids", {"--student_config": str(tmp / "wrong_bos.json")}, "bos_token_id=0 but the tokenizer's is 1", train.EXIT_USAGE),
-        ("manifest", {"--data_file": str(manifest_dir)}, "binarized with vocab_size 32000", train.EXIT_USAGE),
-        ("config", {"--student_config": str(tmp / "broken.json")}, "unreadable student config", train.EXIT_USAGE),
+         EXIT_USAGE),
+        ("missing shard", {"--data_file": str(tmp / "nope.pickle")}, "nope.pickle: shard not found", EXIT_DATA),
+        ("corrupt shard", {"--data_file": str(corrupt)}, "corrupt.pickle: corrupt or truncated", EXIT_DATA),
+        ("truncated shard", {"--data_file": str(truncated)}, "truncated.pickle: corrupt or truncated", EXIT_DATA),
+        ("token id", {"--data_file": str(big_vocab)}, "beyond the model vocabulary", EXIT_DATA),
+        ("empty after filter", {"--data_file": str(short)}, "no sequence is left after filtering", EXIT_DATA),
+        ("student vocab", {"--student_config": str(small_vocab)}, "student vocab_size 50 < tokenizer's", EXIT_USAGE),
+        ("teacher vocab", {"--teacher_name": str(other_teacher)}, "student vocab_size 192 != teacher's 300", EXIT_USAGE),
+        ("special ids", {"--student_config": str(tmp / "wrong_bos.json")}, "bos_token_id=0 but the tokenizer's is 1", EXIT_USAGE),
+        ("manifest", {"--data_file": str(manifest_dir)}, "binarized with vocab_size 32000", EXIT_USAGE),
+        ("config", {"--student_config": str(tmp / "broken.json")}, "unreadable student config", EXIT_USAGE),
     ]
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import TRAIN_PY, REPO, train_args
+from distil_ja.cli import EXIT_DATA, EXIT_USAGE
 
 
 def run_train(args, **kwargs):
@@ -31,7 +32,7 @@ def assert_same_weights(a, b, atol):
 
 def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
     dump = tmp_path / "run"
-    train.main(train_args(tiny_setup, dump))
+    train.run(train_args(tiny_setup, dump))
     names = {p.name for p in dump.iterdir()}
     assert {"config.json", "model.safetensors", "parameters.json", "git_log.json", "log",
             "metrics.jsonl", "checkpoint_step00000003", "checkpoint_step00000006"} <= names
@@ -62,7 +63,7 @@ def test_training_lowers_the_loss(tiny_setup, tmp_path):
     args = train_args(tiny_setup, tmp_path / "run", "--max_steps", "40", "--log_interval", "20", "--alpha_cos", "0",
                       "--checkpoint_interval", "0", "--learning_rate", "3e-3")
     args[args.index("--data_file") + 1] = str(write_shard(tmp_path / "counting.pickle", counting))
-    train.main(args)
+    train.run(args)
     losses = read_scalars(tmp_path / "run" / "log", "losses/clm")
     assert len(losses) == 2 and losses[1] < losses[0] - 0.5
 
@@ -83,16 +84,16 @@ def read_scalars(log_dir, tag):
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
-    train.main(train_args(tiny_setup, tmp_path / "big", "--batch_size", "4"))
-    train.main(train_args(tiny_setup, tmp_path / "accumulated", "--batch_size", "2", "--gradient_accumulation_steps", "2"))
+    train.run(train_args(tiny_setup, tmp_path / "big", "--batch_size", "4"))
+    train.run(train_args(tiny_setup, tmp_path / "accumulated", "--batch_size", "2", "--gradient_accumulation_steps", "2"))
     assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accumulated"), atol=1e-5)
 
 
 def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tmp_path):
-    train.main(train_args(tiny_setup, tmp_path / "first"))
+    train.run(train_args(tiny_setup, tmp_path / "first"))
     second = train_args(tiny_setup, tmp_path / "second", "--teacher_name", str(tmp_path / "first"), "--alpha_cos", "0")
     second[second.index("--tokenizer_name") : second.index("--tokenizer_name") + 2] = []
-    train.main(second)
+    train.run(second)
     assert (tmp_path / "second" / "model.safetensors").is_file()
 
     from data_prep.tokenization import DocumentEncoder
@@ -106,7 +107,7 @@ def test_training_without_a_teacher(tiny_setup, tmp_path):
     args = train_args(tiny_setup, tmp_path / "alone", "--alpha_ce", "0", "--alpha_cos", "0", "--alpha_clm", "1")
     i = args.index("--teacher_name")
     del args[i : i + 2]
-    train.main(args)
+    train.run(args)
     assert (tmp_path / "alone" / "model.safetensors").is_file()
 
 
@@ -123,7 +124,7 @@ def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message)
     if "--n_gpu" in extra and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     result = run_train(train_args(tiny_setup, tmp_path / "run", *extra))
-    assert result.returncode == train.EXIT_USAGE
+    assert result.returncode == EXIT_USAGE
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -141,7 +142,7 @@ def test_bad_student_weights_give_one_clear_line(tiny_setup, tmp_path, name, con
     elif content is not None:
         weights_file.write_bytes(content)
     result = run_train(train_args(tiny_setup, tmp_path / "run", "--student_pretrained_weights", str(weights_file)))
-    assert result.returncode == train.EXIT_USAGE, result.stderr
+    assert result.returncode == EXIT_USAGE, result.stderr
     assert message in result.stderr and str(weights_file) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # refused before the dump path is created
@@ -152,7 +153,7 @@ def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
     i = args.index("--teacher_name")
     del args[i : i + 2]
     result = run_train(args)
-    assert result.returncode == train.EXIT_USAGE and "need a teacher" in result.stderr
+    assert result.returncode == EXIT_USAGE and "need a teacher" in result.stderr
 
 
 def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path):
@@ -160,9 +161,9 @@ def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path):
     dump.mkdir()
     (dump / "precious.txt").write_text("keep me")
     result = run_train(train_args(tiny_setup, dump))
-    assert result.returncode == train.EXIT_USAGE and "--force" in result.stderr
+    assert result.returncode == EXIT_USAGE and "--force" in result.stderr
     assert (dump / "precious.txt").read_text() == "keep me"
-    train.main(train_args(tiny_setup, dump, "--force"))
+    train.run(train_args(tiny_setup, dump, "--force"))
     assert not (dump / "precious.txt").exists() and (dump / "model.safetensors").is_file()
 
 
@@ -174,12 +175,12 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
     args = train_args(tiny_setup, tmp_path / "run")
     args[args.index("--data_file") + 1] = str(shard)
     result = run_train(args)
-    assert result.returncode == train.EXIT_DATA and "beyond the model vocabulary" in result.stderr
+    assert result.returncode == EXIT_DATA and "beyond the model vocabulary" in result.stderr
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
-    train.main(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
+    train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
@@ -190,25 +191,24 @@ def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
 
 
 def test_n_gpu_must_match_what_torchrun_started(monkeypatch):
-    from types import SimpleNamespace
-
-    from utils import UsageError, init_distributed
+    from distil_ja.cli import UsageError
+    from utils import init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--n_gpu 4 but 2 process"):
-        init_distributed(SimpleNamespace(n_gpu=4))
+        init_distributed(4)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match="only 1 GPU"):
-        init_distributed(SimpleNamespace(n_gpu=2))
+        init_distributed(2)
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
 def test_mixed_precision_runs_on_the_cpu(tiny_setup, tmp_path, precision):
     dump = tmp_path / "run"
-    train.main(train_args(tiny_setup, dump, precision, "--max_steps", "3", "--log_interval", "1"))
+    train.run(train_args(tiny_setup, dump, precision, "--max_steps", "3", "--log_interval", "1"))
     logged = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
     assert all(torch.isfinite(w).all() and w.dtype == torch.float32 for w in weights(dump).values())

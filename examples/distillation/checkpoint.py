@@ -8,7 +8,6 @@ previous checkpoint as the newest complete one.
 """
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from distil_ja import fileio
 
 logger = logging.getLogger("distillation")
 
@@ -29,24 +30,14 @@ def checkpoint_dir(dump_path: Path, step: int) -> Path:
 
 
 def list_checkpoints(dump_path: Path) -> list[Path]:
-    """Complete checkpoints, newest first."""
+    """Complete checkpoints, newest first (a `.tmp` folder is a write that did not finish)."""
     found = [p for p in Path(dump_path).glob("checkpoint_step*") if p.is_dir() and CHECKPOINT_RE.match(p.name)]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
 def _fsynced_save(obj, path: Path) -> None:
-    with open(path, "wb") as f:
+    with fileio.atomic_open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier():
@@ -88,11 +79,11 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
         if fault is not None:
             fault("checkpoint_write", step)
         _fsynced_save(training_state, tmp / STATE_FILE)
-        _fsync_dir(tmp)
+        fileio.fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(final.parent)
+        fileio.fsync_dir(final.parent)
         for old in list_checkpoints(dump_path)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("Saved checkpoint %s", final)

@@ -1,11 +1,8 @@
 """The training loop: a frozen teacher, a student, and the weighted sum of the loss terms."""
 
 import contextlib
-import json
 import logging
 import math
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -15,29 +12,20 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checkpoint
+import losses
+from config import amp_dtype
+from distil_ja.cli import TrainingError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-import losses
 from losses import clm_loss_sum, cos_loss_sum, kd_clm_loss_sums, kd_loss_sum, mse_loss_sum
-from utils import inject_fault, write_json
+from perplexity import shared_perplexity
+from training_log import LOSS_TERMS, TrainingLog
+from utils import Runtime, inject_fault
 
 logger = logging.getLogger("distillation")
 
-LOSS_TERMS = ("ce", "clm", "mse", "cos")
 # Loop state saved in checkpoints, beside the weights and optimizer.
 LOOP_STATE = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen", "eval_history")
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. repeated non-finite losses); the last checkpoint is kept."""
-
-
-def amp_dtype(params):
-    if params.bf16:
-        return torch.bfloat16
-    if params.fp16:
-        return torch.float16
-    return None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -59,24 +47,38 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
 
 
 class Distiller:
-    def __init__(self, params, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None):
+    """Trains `student` to match `teacher` (and the data) on `dataset`; params is train.py's config."""
+
+    def __init__(self, params, runtime: Runtime, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None):
         self.params = params
-        self.eval_sequences = eval_sequences  # held-out sequences (--eval_data), scored by evaluate.py
-        self.eval_history = []
+        self.runtime = runtime
+        self.device = runtime.device
         self.dump_path = Path(params.dump_path)
-        self.device = params.device
         self.dataset = dataset
         self.teacher = teacher
+        self.eval_sequences = eval_sequences  # held-out sequences (--eval_data)
+        self.eval_history = []
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
         self.need_hidden = params.alpha_cos > 0
-        self.amp_dtype = amp_dtype(params)
+        self.amp_dtype = amp_dtype(params.precision)
         self.fused_loss = params.fused_loss  # KD + CLM with the gradient in the forward
-        self.compile = self.device.type == "cuda" if params.compile is None else params.compile
         self.loss_weights = dict(self.alphas)  # fused KD/CLM weight ratio; optimize_step sets it per step
         self.chunk_fn = losses.fused_rows
+        self._build_data(params, runtime, dataset)
+        self._build_optimization(params, runtime, student)
 
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches of the current epoch consumed (the same on every rank)
+        self.n_steps = 0
+        self.n_nonfinite = 0  # consecutive steps with non-finite gradients
+        self.n_skipped = 0
+        self.tokens_seen = 0
+        self.last_checkpoint_step = None
+        self.log = TrainingLog(self.dump_path, runtime, self.alphas)
+
+    def _build_data(self, params, runtime, dataset):
         self.sampler = DistributedSampler(
-            dataset, num_replicas=params.world_size, rank=params.global_rank, shuffle=True, seed=params.seed
+            dataset, num_replicas=runtime.world_size, rank=runtime.global_rank, shuffle=True, seed=params.seed
         )
         if params.group_by_size:
             batch_sampler = GroupedBatchSampler(self.sampler, length_groups(dataset.lengths), params.batch_size)
@@ -84,24 +86,21 @@ class Distiller:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
-        num_workers = params.num_workers
-        if num_workers is None:
-            num_workers = 2 if self.device.type == "cuda" else 0
         self.dataloader = DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
-            pin_memory=self.device.type == "cuda", num_workers=num_workers,
-            prefetch_factor=4 if num_workers > 0 else None,
+            pin_memory=self.device.type == "cuda", num_workers=params.num_workers,
+            prefetch_factor=4 if params.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(params.seed),  # else each new iterator draws from the global RNG
         )
         self.batches_per_epoch = micro_batches = len(batch_sampler)
         steps_per_epoch = math.ceil(micro_batches / params.gradient_accumulation_steps)
         self.total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.n_epoch
-        n_epoch = math.ceil(self.total_steps / steps_per_epoch)
         logger.info(
             "%d micro-batches per epoch per rank, %d optimizer steps per epoch, %d steps over %d epoch(s)",
-            micro_batches, steps_per_epoch, self.total_steps, n_epoch,
+            micro_batches, steps_per_epoch, self.total_steps, math.ceil(self.total_steps / steps_per_epoch),
         )
 
+    def _build_optimization(self, params, runtime, student):
         student.to(self.device)
         if params.freeze_pos_embs:
             student.transformer.wpe.weight.requires_grad = False
@@ -111,33 +110,19 @@ class Distiller:
         )
         warmup_steps = math.ceil(self.total_steps * params.warmup_prop)
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps, self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=params.fp16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=params.precision == "fp16")
         self.student = student
-        if params.is_distributed:
-            ids = [params.local_rank] if self.device.type == "cuda" else None
+        if runtime.is_distributed:
+            ids = [runtime.local_rank] if self.device.type == "cuda" else None
             self.student = DistributedDataParallel(student, device_ids=ids, output_device=ids and ids[0])
-        if teacher is not None:
-            teacher.to(self.device)
-        if self.compile:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        if params.compile:
             # In place (nn.Module.compile): state_dict keys, DDP and checkpoints are unchanged.
             student.compile()
-            if teacher is not None:
-                teacher.compile()
+            if self.teacher is not None:
+                self.teacher.compile()
             self.chunk_fn = torch.compile(losses.fused_rows, dynamic=True)
-
-        self.epoch = 0
-        self.batches_done = 0  # micro-batches of the current epoch consumed (the same on every rank)
-        self.n_steps = 0
-        self.n_nonfinite = 0
-        self.n_skipped = 0
-        self.tokens_seen = 0
-        self.last_checkpoint_step = None
-        self.writer = None
-        if params.is_master:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(logdir=str(self.dump_path / "log"))
-        self._reset_log_window()
 
     # ---- loss of one micro-batch ----------------------------------------------------------
 
@@ -188,7 +173,7 @@ class Distiller:
         for token_ids, lengths in window:
             n_pred = (lengths - 1).clamp(min=0).sum()
             counts += torch.stack([lengths.sum(), n_pred]).to(counts)
-        if self.params.is_distributed:
+        if self.runtime.is_distributed:
             dist.all_reduce(counts)
         return counts
 
@@ -207,15 +192,14 @@ class Distiller:
         self.loss_weights = {k: self.alphas[k] / norm[k] for k in LOSS_TERMS}  # how loss uses the sums below
         step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
         for i, (token_ids, lengths) in enumerate(window):
-            self.log_slots += token_ids.numel()  # positions, padding included (this rank, host-side counts)
-            self.log_real += int(lengths.sum())
+            self.log.add_batch(token_ids, lengths)
             token_ids = token_ids.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
             last = i == len(window) - 1
-            sync = contextlib.nullcontext() if last or not self.params.is_distributed else self.student.no_sync()
+            sync = contextlib.nullcontext() if last or not self.runtime.is_distributed else self.student.no_sync()
             with sync:
                 sums = self.loss_sums(token_ids, lengths)
-                loss = sum(self.alphas[k] * v / norm[k] for k, v in sums.items()) * self.params.world_size
+                loss = sum(self.alphas[k] * v / norm[k] for k, v in sums.items()) * self.runtime.world_size
                 self.scaler.scale(loss).backward()
             for k, v in sums.items():
                 step_sums[LOSS_TERMS.index(k)] += v.detach().double()
@@ -223,41 +207,29 @@ class Distiller:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm))  # same on every rank: gradients are already all-reduced
-        if finite or self.params.fp16:
+        if finite or self.params.precision == "fp16":
             self.scaler.step(self.optimizer)  # under fp16 the scaler skips non-finite steps itself
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.n_steps += 1
         self.tokens_seen += int(n_real)
-        self._record_step(step_sums, counts, grad_norm, finite)
+        self._after_step(step_sums, counts, grad_norm, finite)
         return {k: step_sums[i] / norm[k] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
 
-    # ---- bookkeeping ----------------------------------------------------------------------
-
-    def _reset_log_window(self):
-        self.log_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
-        self.log_counts = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.log_start = time.perf_counter()
-        self.log_tokens = 0
-        self.log_slots = self.log_real = 0
-
-    def _record_step(self, step_sums, counts, grad_norm, finite):
+    def _after_step(self, step_sums, counts, grad_norm, finite):
+        """Count a skipped step, or log, evaluate and checkpoint on their intervals."""
         if not finite:
             self.n_nonfinite += 1
             self.n_skipped += 1
             logger.warning("Step %d: non-finite gradients (norm %s), update skipped", self.n_steps, grad_norm.item())
             if self.n_nonfinite >= self.params.max_nonfinite:
-                raise TrainingError(
-                    f"{self.n_nonfinite} consecutive steps with non-finite loss or gradients; stopping"
-                )
+                raise TrainingError(f"{self.n_nonfinite} consecutive steps with non-finite loss or gradients; stopping")
             return
         self.n_nonfinite = 0
-        self.log_sums += step_sums
-        self.log_counts += counts
-        self.log_tokens += int(counts[0])
+        self.log.add_step(step_sums, counts)
         if self.n_steps % self.params.log_interval == 0:
-            self.log_tensorboard(grad_norm)
+            self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], grad_norm, self.n_skipped)
         if self.eval_sequences is not None and self.params.eval_interval > 0 \
                 and self.n_steps % self.params.eval_interval == 0:
             self.evaluate()  # before the checkpoint, which saves the evaluation history
@@ -266,87 +238,45 @@ class Distiller:
         inject_fault("after_step", self.n_steps)
 
     def evaluate(self):
-        """Student perplexity on --eval_data (shared between ranks): tensorboard eval/* and eval_results.json."""
-        from evaluate import shared_perplexity
-
-        out = shared_perplexity(self.raw_student(), self.eval_sequences, self.params.global_rank,
-                                self.params.world_size, batch_size=self.params.batch_size, device=self.device,
+        """Student perplexity on --eval_data, shared between ranks (perplexity.py, as evaluate.py)."""
+        out = shared_perplexity(self.raw_student(), self.eval_sequences, self.runtime.global_rank,
+                                self.runtime.world_size, batch_size=self.params.batch_size, device=self.device,
                                 amp_dtype=self.amp_dtype, pad_id=self.dataset.ids.pad)
         record = {"step": self.n_steps, **out}
         self.eval_history.append(record)
-        logger.info("step %d | eval perplexity %.3f over %d tokens", self.n_steps, out["perplexity"], out["tokens"])
-        if self.writer is not None:
-            self.writer.add_scalar("eval/perplexity", out["perplexity"], self.n_steps)
-            self.writer.add_scalar("eval/nll", out["nll_sum"] / max(out["tokens"], 1), self.n_steps)
-        if self.params.is_master:
-            write_json(self.dump_path / "eval_results.json", {**record, "history": self.eval_history})
-
-    def log_tensorboard(self, grad_norm):
-        sums = self.log_sums.clone()
-        if self.params.is_distributed:
-            dist.all_reduce(sums)  # counts are already global
-        n_real, n_pred = self.log_counts.clamp(min=1).tolist()
-        terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real) for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
-        terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
-        elapsed = time.perf_counter() - self.log_start
-        if self.writer is not None:
-            for k, v in terms.items():
-                self.writer.add_scalar(f"losses/{k}", v, self.n_steps)
-            self.writer.add_scalar("global/lr", self.scheduler.get_last_lr()[0], self.n_steps)
-            self.writer.add_scalar("global/grad_norm", float(grad_norm), self.n_steps)
-            self.writer.add_scalar("global/tokens_per_s", self.log_tokens / max(elapsed, 1e-9), self.n_steps)
-            self.writer.add_scalar("global/skipped_steps", self.n_skipped, self.n_steps)
-            self.writer.add_scalar("global/memory_gib", self.memory_gib(), self.n_steps)
-            self.writer.add_scalar("global/padding_fraction", self.padding_fraction(), self.n_steps)
-        if self.params.is_master:
-            with open(self.dump_path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.n_steps, **terms, "skipped_steps": self.n_skipped}) + "\n")
-            logger.info(
-                "step %d/%d | %s | lr %.3g | %.0f tok/s",
-                self.n_steps, self.total_steps, " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
-                self.scheduler.get_last_lr()[0], self.log_tokens / max(elapsed, 1e-9),
-            )
-        self._reset_log_window()
-
-    def padding_fraction(self) -> float:
-        """Share of padding in this rank's micro-batches since the last log line."""
-        return 1.0 - self.log_real / self.log_slots if self.log_slots else 0.0
-
-    def memory_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        self.log.write_eval(record, self.eval_history)
 
     def raw_student(self):
         return self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
 
+    # ---- checkpoints ----------------------------------------------------------------------
+
     def save_checkpoint(self):
         """Everything needed to continue exactly where this step left off (collective)."""
         training_state = None
-        if self.params.is_master:
+        if self.runtime.is_master:
             training_state = {
                 "student": self.raw_student().state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "loop_state": {name: getattr(self, name) for name in LOOP_STATE},
-                "world_size": self.params.world_size,
+                "world_size": self.runtime.world_size,
             }
-        rank_state = {"rng": checkpoint.rng_state(), "log_sums": self.log_sums.cpu(),
-                      "log_counts": self.log_counts.cpu(), "log_tokens": self.log_tokens}
-        checkpoint.save(self.dump_path, self.n_steps, training_state, rank_state, self.params.global_rank,
+        rank_state = {"rng": checkpoint.rng_state(), **self.log.state_dict()}
+        checkpoint.save(self.dump_path, self.n_steps, training_state, rank_state, self.runtime.global_rank,
                         self.params.keep_checkpoints, fault=inject_fault)
         self.last_checkpoint_step = self.n_steps
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint; False when there is none."""
-        found = checkpoint.load_latest(self.dump_path, self.params.global_rank, self.device)
+        found = checkpoint.load_latest(self.dump_path, self.runtime.global_rank, self.device)
         if found is None:
             return False
         path, training_state, rank_state = found
-        if training_state["world_size"] != self.params.world_size:
+        if training_state["world_size"] != self.runtime.world_size:
             raise TrainingError(f"{path} was written by {training_state['world_size']} process(es), "
-                                f"this run has {self.params.world_size}; resume with the same number")
+                                f"this run has {self.runtime.world_size}; resume with the same number")
         self.raw_student().load_state_dict(training_state["student"])
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.scheduler.load_state_dict(training_state["scheduler"])
@@ -354,22 +284,12 @@ class Distiller:
         for name, value in training_state["loop_state"].items():
             setattr(self, name, value)
         checkpoint.set_rng_state(rank_state["rng"])
-        self.log_sums = rank_state["log_sums"].to(self.device)
-        self.log_counts = rank_state["log_counts"].to(self.device)
-        self.log_tokens = rank_state["log_tokens"]
+        self.log.load_state_dict(rank_state)
+        self.log.truncate_metrics(self.n_steps)
         self.last_checkpoint_step = self.n_steps
-        if self.params.is_master:
-            self._truncate_metrics()
         logger.info("Resumed from %s: step %d, epoch %d, %d micro-batches into the epoch",
                     path, self.n_steps, self.epoch, self.batches_done)
         return True
-
-    def _truncate_metrics(self):
-        """Drop log lines written after the checkpoint by the run that crashed."""
-        path = self.dump_path / "metrics.jsonl"
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.n_steps]
-            path.write_text("".join(line + "\n" for line in lines))
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -378,7 +298,7 @@ class Distiller:
             self.teacher.eval()
         self.student.train()
         accumulate = self.params.gradient_accumulation_steps
-        progress = tqdm(total=self.total_steps, initial=self.n_steps, desc="Steps", disable=not self.params.is_master)
+        progress = tqdm(total=self.total_steps, initial=self.n_steps, desc="Steps", disable=not self.runtime.is_master)
         while self.n_steps < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             self.batch_sampler.skip = self.batches_done
@@ -404,9 +324,8 @@ class Distiller:
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:
             self.save_checkpoint()  # so that a later --resume with more steps continues from here
-        if self.params.is_master:
+        if self.runtime.is_master:
             self.raw_student().save_pretrained(self.dump_path, safe_serialization=True)
             logger.info("Saved the student to %s (%d steps, %d skipped, %d tokens)",
                         self.dump_path, self.n_steps, self.n_skipped, self.tokens_seen)
-            if self.writer is not None:
-                self.writer.close()
+        self.log.close()

@@ -18,233 +18,27 @@ tokens: each token is scored exactly once, with at least max_length - stride tok
 context (except near the start of the document).
 
 --model may be given several times (`LABEL=DIR_OR_NAME` names a row); the models are
-printed side by side. Exit status: 0 done, 1 bad data, 2 bad arguments or unloadable model.
+printed side by side. The scoring itself lives in perplexity.py (the trainer's --eval_data
+uses it too). Exit status: 0 done, 1 bad data, 2 bad arguments or unloadable model.
 """
 
 import argparse
-import contextlib
-import json
 import logging
-import math
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data_prep
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # lm_seqs_dataset when imported from elsewhere
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from distil_ja import fileio  # noqa: E402
+from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging  # noqa: E402
+from models import load_causal_lm  # noqa: E402
+from perplexity import check_window, load_eval_sequences, perplexity  # noqa: E402
+from utils import silence_attention_mask_advice  # noqa: E402
 
 logger = logging.getLogger("distillation.evaluate")
-
-EXIT_DATA, EXIT_USAGE = 1, 2
-SHARD_SUFFIXES = (".pickle", ".pkl")
-
-
-class EvalError(Exception):
-    """Bad arguments, data or model for the evaluation; the message says which."""
-
-
-class EvalDataError(EvalError):
-    """Unusable evaluation data."""
-
-
-# ---- data -------------------------------------------------------------------------------
-
-
-class _TransformersEncoder:
-    """Fallback when a tokenizer folder has no spiece.model (transformers 5 saves only
-    tokenizer.json): the transformers tokenizer on each normalized line, no special tokens,
-    which gives the same ids as DocumentEncoder."""
-
-    def __init__(self, name_or_dir):
-        from data_prep.tokenization import fix_unigram_unk_id, load_tokenizer, normalize_text
-
-        self.tok = fix_unigram_unk_id(load_tokenizer(name_or_dir))
-        self.normalize = normalize_text
-        self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise EvalError(f"tokenizer {name_or_dir!r} defines no <s> or </s>")
-
-    def encode_document(self, lines, unit="doc"):
-        ids = [self.tok(self.normalize(line), add_special_tokens=False)["input_ids"] for line in lines]
-        if unit == "doc":
-            return [[self.bos_id] + [i for line in ids for i in line] + [self.eos_id]]
-        return [[self.bos_id] + line + [self.eos_id] for line in ids if line]
-
-
-def document_encoder(tokenizer: str):
-    """data_prep's DocumentEncoder (what binarize.py uses) for a hub name or folder."""
-    from data_prep.tokenization import DocumentEncoder
-
-    try:
-        return DocumentEncoder(tokenizer)
-    except FileNotFoundError:
-        if not Path(tokenizer).is_dir():
-            raise
-        logger.info("%s has no spiece.model: tokenizing through its tokenizer.json", tokenizer)
-        return _TransformersEncoder(tokenizer)
-
-
-def is_binarized(path: Path) -> bool:
-    return (path.is_dir() and (path / "manifest.json").is_file()) or path.name.endswith(SHARD_SUFFIXES)
-
-
-def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc") -> list[np.ndarray]:
-    """Token sequences of held-out data: binarize.py output, or text tokenized like binarize.py.
-
-    data: a path or a list of paths (text files/folders, a binarize.py folder, .pickle shards).
-    """
-    from lm_seqs_dataset import DataError, load_sequences
-
-    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    if not paths:
-        raise EvalDataError("no evaluation data given")
-    sequences, encoder = [], None
-    for path in map(Path, paths):
-        if not path.exists():
-            raise EvalDataError(f"{path}: no such file or directory")
-        if is_binarized(path):
-            try:
-                sequences += load_sequences([str(path)])[0]
-            except DataError as err:
-                raise EvalDataError(str(err)) from err
-            continue
-        if tokenizer is None:
-            raise EvalError(f"{path} is text: name the tokenizer that binarized the training data")
-        if encoder is None:
-            try:
-                encoder = document_encoder(tokenizer)
-            except (OSError, ValueError) as err:
-                raise EvalError(f"cannot load tokenizer {tokenizer!r}: {err}") from err
-        from data_prep.tokenization import iter_documents
-
-        n_before = len(sequences)
-        try:
-            for doc in iter_documents(str(path)):
-                sequences += [np.asarray(s, dtype=np.int64) for s in encoder.encode_document(doc, unit)]
-        except (OSError, EOFError) as err:
-            raise EvalDataError(f"{path}: unreadable ({err})") from err
-        logger.info("%s: %d sequences", path, len(sequences) - n_before)
-    sequences = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
-    if not sequences:
-        raise EvalDataError(f"no document with at least 2 tokens in {', '.join(map(str, paths))}")
-    return sequences
-
-
-# ---- scoring ----------------------------------------------------------------------------
-
-
-def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over a sequence of `length` tokens: (begin, end, first_scored).
-
-    Window tokens are [begin, end); targets first_scored..end-1 are scored in it, so every
-    position 1..length-1 is scored exactly once.
-    """
-    if length <= max_length:
-        return [(0, length, 1)]
-    out, begin, prev_end = [], 0, 1
-    while True:
-        end = min(begin + max_length, length)
-        out.append((begin, end, max(prev_end, begin + 1)))
-        if end == length:
-            return out
-        prev_end, begin = end, begin + stride
-
-
-def model_max_length(model) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_window(max_length: int, stride: int) -> None:
-    if max_length < 2:
-        raise EvalError(f"--max_length must be >= 2, got {max_length}")
-    if not 1 <= stride < max_length:
-        raise EvalError(f"--stride must be in [1, max_length - 1] = [1, {max_length - 1}], got {stride}")
-
-
-@torch.no_grad()
-def perplexity(model, sequences, max_length: int | None = None, stride: int | None = None, batch_size: int = 4,
-               device=None, amp_dtype=None, progress: bool = False, pad_id: int = 0) -> dict:
-    """Token-weighted perplexity of `model` on `sequences` (1-D int arrays or lists of ids).
-
-    Returns {"nll_sum", "tokens", "perplexity"}: the summed NLL (nats) of every predicted
-    token, their number, and exp(nll_sum / tokens) (nan when there is no token).
-    max_length defaults to the model's context; stride to max_length // 2. Windows are
-    right-padded (causal attention: real positions never see the padding). The model's
-    train/eval mode is restored afterwards.
-    """
-    from tqdm import tqdm
-
-    limit = model_max_length(model)
-    if max_length is None:
-        max_length = limit or 1024
-    if limit is not None and max_length > limit:
-        logger.info("max_length %d > the model's context %d: using %d", max_length, limit, limit)
-        if stride is not None and stride >= limit:
-            stride = limit // 2
-        max_length = limit
-    stride = max_length // 2 if stride is None else stride
-    check_window(max_length, stride)
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-
-    items = []  # (sequence index, begin, end, first scored)
-    for i, seq in enumerate(sequences):
-        items += [(i, *w) for w in windows(len(seq), max_length, stride)]
-    items.sort(key=lambda item: item[2] - item[1])  # similar lengths together: less padding
-
-    was_training = model.training
-    model.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    try:
-        for start in tqdm(range(0, len(items), batch_size), desc="Scoring", unit="batch", disable=not progress):
-            batch = items[start : start + batch_size]
-            width = max(end - begin for _, begin, end, _ in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)
-            for row, (i, begin, end, first) in enumerate(batch):
-                ids[row, : end - begin] = torch.as_tensor(np.asarray(sequences[i][begin:end], dtype=np.int64))
-                scored[row, first - begin - 1 : end - begin - 1] = True  # logit j predicts token j + 1
-            ids, scored = ids.to(device), scored.to(device)
-            with autocast:
-                logits = model(input_ids=ids, use_cache=False).logits
-            logits = logits[:, :-1][scored].float()
-            nll_sum += F.cross_entropy(logits, ids[:, 1:][scored], reduction="sum").double()
-            tokens += int(scored.sum())
-    finally:
-        model.train(was_training)
-    nll = nll_sum.item()
-    return {"nll_sum": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens) if tokens else float("nan")}
-
-
-def shared_perplexity(model, sequences, rank: int = 0, world_size: int = 1, **kwargs) -> dict:
-    """perplexity() with the sequences shared between the ranks of a process group (every
-    rank must call it); each rank gets the totals over all sequences."""
-    out = perplexity(model, sequences[rank::world_size], **kwargs)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        device = kwargs.get("device") or next(model.parameters()).device
-        sums = torch.tensor([out["nll_sum"], out["tokens"]], dtype=torch.float64, device=device)
-        dist.all_reduce(sums)
-        nll, tokens = sums[0].item(), int(round(sums[1].item()))
-        out = {"nll_sum": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens) if tokens else float("nan")}
-    return out
-
-
-# ---- models -----------------------------------------------------------------------------
 
 
 def parse_model_arg(value: str) -> tuple[str, str]:
@@ -253,18 +47,6 @@ def parse_model_arg(value: str) -> tuple[str, str]:
     if sep and label and target and not Path(value).exists() and "/" not in label:
         return label, target
     return value, value
-
-
-def load_model(name_or_dir: str, device="cpu"):
-    """A causal LM from a folder (export, dump_path) or a hub name, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvalError(f"cannot load model {name_or_dir!r}: {first}") from err
-    return model.to(device).eval()
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -277,7 +59,7 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True,
                         help="Model folder or hub name, optionally LABEL=...; repeat for a side-by-side table.")
     parser.add_argument("--tokenizer", default=None,
@@ -297,16 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {args.device} but CUDA is not available")
+        raise UsageError(f"--device {args.device} but CUDA is not available")
     if args.stride is None:
         args.stride = args.max_length // 2
     check_window(args.max_length, args.stride)
     if args.batch_size < 1:
-        raise EvalError(f"--batch_size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     models = [parse_model_arg(m) for m in args.model]
     labels = [label for label, _ in models]
     if len(set(labels)) != len(labels):
-        raise EvalError(f"duplicate model labels: {labels}")
+        raise UsageError(f"duplicate model labels: {labels}")
     tokenizer = args.tokenizer
     if tokenizer is None and Path(models[0][1]).is_dir():
         tokenizer = models[0][1]
@@ -316,11 +98,11 @@ def run(args) -> dict:
     amp_dtype = torch.bfloat16 if args.bf16 else None
     rows = {}
     for label, target in models:
-        model = load_model(target, device)
+        model = load_causal_lm(target).to(device).eval()
         vocab = model.get_input_embeddings().num_embeddings
         top = max(int(s.max()) for s in sequences)
         if top >= vocab:
-            raise EvalError(f"the data holds token id {top}, beyond {label}'s vocabulary ({vocab}): wrong tokenizer?")
+            raise UsageError(f"the data holds token id {top}, beyond {label}'s vocabulary ({vocab}): wrong tokenizer?")
         pad_id = getattr(model.config, "pad_token_id", None) or 0
         rows[label] = perplexity(model, sequences, args.max_length, args.stride, args.batch_size, device,
                                  amp_dtype, progress=True, pad_id=pad_id)
@@ -333,29 +115,20 @@ def run(args) -> dict:
               "max_length": args.max_length, "stride": args.stride, "bf16": args.bf16}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        fileio.write_json(args.json, result)
         logger.info("Wrote %s", args.json)
     return result
 
 
-def main(argv=None) -> None:
-    from utils import silence_attention_mask_advice
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+def main(argv=None) -> int:
+    setup_logging()
     silence_attention_mask_advice()
-    code = 0
-    try:
-        run(args)
-    except EvalDataError as err:
-        logger.error("%s", err)
-        code = EXIT_DATA
-    except EvalError as err:
-        logger.error("%s", err)
-        code = EXIT_USAGE
-    if code:
-        sys.exit(code)
+
+    def command(argv):
+        run(build_parser().parse_args(argv))
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

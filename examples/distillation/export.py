@@ -29,17 +29,21 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data_prep
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+
+import models  # noqa: E402
+from checkpoint import STATE_FILE, list_checkpoints  # noqa: E402
+from data_prep.tokenization import DocumentEncoder, load_tokenizer, resolve_spiece  # noqa: E402
+from distil_ja import fileio  # noqa: E402
+from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
 
 logger = logging.getLogger("distillation.export")
 
 PROBE_TEXT = "GPUとPythonで東京のAIモデルをTrainする。ＡＢＣ"
-
-
-class ExportError(Exception):
-    """Unusable checkpoint, tokenizer or output folder; the message says which."""
+FAMILY = "gpt2"  # what a run without a parameters.json was trained as
 
 
 # ---- weights ----------------------------------------------------------------------------
@@ -49,90 +53,59 @@ def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: unreadable JSON ({err})") from err
-
-
-def load_state_file(path: Path) -> dict:
-    """Student weights from a state-dict file or a training checkpoint file."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file can raise almost anything
-        raise ExportError(f"{path}: unreadable weights ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("student"), dict):
-        state = state["student"]  # a training checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExportError(f"{path}: not a state dict nor a training checkpoint")
-    return state
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("checkpoint_step*") if p.name[len("checkpoint_step"):].isdigit()
-                   or (p.suffix == ".pt" and p.stem[len("checkpoint_step"):].isdigit()))
-    return found[-1] if found else None
+        raise UsageError(f"{path}: unreadable JSON ({err})") from err
 
 
 def resolve_checkpoint(checkpoint: str) -> tuple[Path | None, Path | None, Path | None]:
     """(model folder to from_pretrained, or weights file, dump_path for records)."""
     path = Path(checkpoint)
     if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if path.is_dir() and (path / "training_state.pt").is_file():  # checkpoint_stepNNNNNNNN/
-        return None, path / "training_state.pt", path.parent
+        raise UsageError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / STATE_FILE).is_file():  # checkpoint_stepNNNNNNNN/
+        return None, path / STATE_FILE, path.parent
     if path.is_dir() and (path / "config.json").is_file() and any(
             (path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         return path, None, path
     if path.is_dir():
-        ckpt = newest_checkpoint(path)
-        if ckpt is None:
-            raise ExportError(f"{path}: neither a model folder nor a dump_path with checkpoints")
-        logger.info("%s has no final model: exporting its newest checkpoint %s", path, ckpt.name)
-        return None, (ckpt / "training_state.pt" if ckpt.is_dir() else ckpt), path
+        found = list_checkpoints(path)
+        if not found:
+            raise UsageError(f"{path}: neither a model folder nor a dump_path with checkpoints")
+        logger.info("%s has no final model: exporting its newest checkpoint %s", path, found[0].name)
+        return None, found[0] / STATE_FILE, path
     parent = path.parent
-    dump = parent.parent if (parent / "training_state.pt").is_file() else parent
+    dump = parent.parent if (parent / STATE_FILE).is_file() else parent
     return None, path, dump if (dump / "parameters.json").is_file() else None
 
 
-def student_config_for(weights_file: Path, dump_path: Path | None, config: str | None):
-    from transformers import GPT2Config
+def run_params(dump_path: Path | None) -> dict:
+    """The run's parameters.json, or {} (a bare weights file, a model folder from elsewhere)."""
+    if dump_path is not None and (dump_path / "parameters.json").is_file():
+        return read_json(dump_path / "parameters.json")
+    return {}
 
+
+def student_config_for(weights_file: Path, dump_path: Path | None, config: str | None, family: str):
     candidates = [Path(config)] if config else []
     if dump_path is not None:
         candidates.append(dump_path / "config.json")
-        params_file = dump_path / "parameters.json"
-        if params_file.is_file():
-            student_config = read_json(params_file).get("student_config")
-            if student_config:
-                candidates.append(Path(student_config))
+        if run_params(dump_path).get("student_config"):
+            candidates.append(Path(run_params(dump_path)["student_config"]))
     for candidate in candidates:
         if candidate.is_file():
-            try:
-                return GPT2Config.from_json_file(str(candidate))
-            except (OSError, ValueError) as err:
-                raise ExportError(f"{candidate}: unreadable config ({err})") from err
+            return models.load_config(candidate, family, "config")
         if config and candidate == Path(config):
-            raise ExportError(f"--config {config}: no such file")
-    raise ExportError(f"no config for {weights_file}: pass --config STUDENT_CONFIG_JSON")
+            raise UsageError(f"--config {config}: no such file")
+    raise UsageError(f"no config for {weights_file}: pass --config STUDENT_CONFIG_JSON")
 
 
 def load_student(checkpoint: str, config: str | None = None):
-    """(GPT2LMHeadModel, dump_path or None)."""
-    from transformers import GPT2LMHeadModel
-
+    """(the student model, its dump_path or None); a folder of another family is refused."""
     folder, weights_file, dump_path = resolve_checkpoint(checkpoint)
-    if folder is not None and weights_file is None:
-        try:
-            return GPT2LMHeadModel.from_pretrained(folder), dump_path
-        except (OSError, ValueError) as err:
-            raise ExportError(f"cannot load the model in {folder}: {err}") from err
-    model = GPT2LMHeadModel(student_config_for(weights_file, dump_path, config))
-    missing, unexpected = model.load_state_dict(load_state_file(weights_file), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise ExportError(f"{weights_file} does not fit the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    family = run_params(dump_path).get("student_type", FAMILY)
+    if folder is not None:
+        return models.load_pretrained(str(folder), family, "model"), dump_path
+    model = models.model_class(family)(student_config_for(weights_file, dump_path, config, family))
+    models.load_state(model, models.read_state_dict(weights_file), weights_file)
     logger.info("Loaded the student from %s", weights_file)
     return model, dump_path
 
@@ -145,18 +118,16 @@ def export_tokenizer(source: str, output_dir: Path, model_max_length: int):
     from tokenizers import Tokenizer, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from data_prep.tokenization import load_tokenizer
-
     try:
         tok = load_tokenizer(source)  # with data_prep's Unigram unk-id fix, baked into tokenizer.json below
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad folder/name
-        raise ExportError(f"cannot load tokenizer {source!r}: {str(err).strip().splitlines()[0]}") from err
+        raise UsageError(f"cannot load tokenizer {source!r}: {first_line(err)}") from err
     if getattr(tok, "backend_tokenizer", None) is None:
-        raise ExportError(f"tokenizer {source!r} has no fast (tokenizers) backend to export")
+        raise UsageError(f"tokenizer {source!r} has no fast (tokenizers) backend to export")
     specials = {name: getattr(tok, name) for name in
                 ("unk_token", "bos_token", "eos_token", "pad_token", "cls_token", "sep_token", "mask_token")}
     if None in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id):
-        raise ExportError(f"tokenizer {source!r} must define <unk>, <s>, </s> and [PAD]")
+        raise UsageError(f"tokenizer {source!r} must define <unk>, <s>, </s> and [PAD]")
 
     backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
     if "Lowercase" not in json.dumps(json.loads(backend.to_str()).get("normalizer")):
@@ -171,11 +142,8 @@ def export_tokenizer(source: str, output_dir: Path, model_max_length: int):
     config = read_json(config_file)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # loads on transformers 4 and 5 alike
     config.pop("backend", None)
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (output_dir / "special_tokens_map.json").write_text(
-        json.dumps({k: v for k, v in specials.items() if v is not None}, indent=2, ensure_ascii=False) + "\n")
-
-    from data_prep.tokenization import resolve_spiece
+    fileio.write_json(config_file, config)
+    fileio.write_json(output_dir / "special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})
 
     try:
         shutil.copyfile(resolve_spiece(source), output_dir / "spiece.model")
@@ -192,13 +160,11 @@ def check_tokenizer(output_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(output_dir))
     ids = tok(PROBE_TEXT)["input_ids"]
     if ids[-1] == tok.eos_token_id or ids[0] != tok.bos_token_id:
-        raise ExportError(f"exported tokenizer gives {ids[:3]}...{ids[-3:]}: expected <s> first and no </s>")
+        raise UsageError(f"exported tokenizer gives {ids[:3]}...{ids[-3:]}: expected <s> first and no </s>")
     if (output_dir / "spiece.model").is_file():
-        from data_prep.tokenization import DocumentEncoder
-
         expected = DocumentEncoder(str(output_dir)).encode_document([PROBE_TEXT])[0][:-1]
         if ids != expected:
-            raise ExportError(f"exported tokenizer disagrees with binarize.py on {PROBE_TEXT!r}: {ids} != {expected}")
+            raise UsageError(f"exported tokenizer disagrees with binarize.py on {PROBE_TEXT!r}: {ids} != {expected}")
 
 
 # ---- records ----------------------------------------------------------------------------
@@ -240,7 +206,7 @@ def model_card(model, params: dict | None, perplexities: dict[str, float], eval_
         keys = ["teacher_name", "student_config", "student_pretrained_weights", "data_file", "temperature",
                 "alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos", "learning_rate", "batch_size",
                 "gradient_accumulation_steps", "n_epoch", "max_steps", "warmup_prop", "weight_decay",
-                "world_size", "fp16", "bf16", "seed"]
+                "world_size", "precision", "fp16", "bf16", "seed"]
         lines += ["## Training recipe", "", "| parameter | value |", "|---|---|"]
         lines += [f"| {k} | {json.dumps(params[k], ensure_ascii=False)} |" for k in keys if k in params]
         lines += [""]
@@ -262,15 +228,13 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
            force: bool = False, name: str | None = None) -> Path:
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} exists and is not empty; pass --force to overwrite it")
+        raise UsageError(f"{out} exists and is not empty; pass --force to overwrite it")
     model, dump_path = load_student(checkpoint, config)
-    params = None
-    if dump_path is not None and (dump_path / "parameters.json").is_file():
-        params = read_json(dump_path / "parameters.json")
+    params = run_params(dump_path) or None
     if tokenizer is None:
         tokenizer = (params or {}).get("tokenizer_name") or (params or {}).get("teacher_name")
         if tokenizer is None:
-            raise ExportError("name the tokenizer with --tokenizer (no parameters.json says which)")
+            raise UsageError("name the tokenizer with --tokenizer (no parameters.json says which)")
         logger.info("Tokenizer from parameters.json: %s", tokenizer)
 
     if out.exists():
@@ -278,7 +242,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
     out.mkdir(parents=True)
     tok = export_tokenizer(tokenizer, out, model.config.n_positions)
     if len(tok) > model.config.vocab_size:
-        raise ExportError(f"the tokenizer has {len(tok)} tokens, the model's vocabulary {model.config.vocab_size}")
+        raise UsageError(f"the tokenizer has {len(tok)} tokens, the model's vocabulary {model.config.vocab_size}")
     check_tokenizer(out)
 
     from transformers import GenerationConfig
@@ -286,7 +250,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
     for name_, value in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
                          ("pad_token_id", tok.pad_token_id)):
         setattr(model.config, name_, value)
-    model.config.architectures = ["GPT2LMHeadModel"]
+    model.config.architectures = [type(model).__name__]
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         do_sample=True, top_k=50, top_p=0.95, max_new_tokens=64)
@@ -300,7 +264,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="dump_path, checkpoint folder/file, or model folder.")
     parser.add_argument("--tokenizer", default=None,
                         help="The teacher's tokenizer (hub name or folder); default: from parameters.json.")
@@ -315,16 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    try:
+def main(argv=None) -> int:
+    def run(argv):
+        args = build_parser().parse_args(argv)
         export(args.checkpoint, args.tokenizer, args.output_dir, args.config, args.perplexities, args.eval_data,
                args.dtype, args.force, args.name)
-    except ExportError as err:
-        logger.error("%s", err)
-        sys.exit(2)
+
+    setup_logging()
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

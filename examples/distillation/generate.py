@@ -13,30 +13,29 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data_prep
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+
+from data_prep.tokenization import load_tokenizer, normalize_text  # noqa: E402
+from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
+from models import load_causal_lm  # noqa: E402
 
 logger = logging.getLogger("distillation.generate")
 
 
 def load(model_name: str, tokenizer_name: str | None = None):
-    from transformers import AutoModelForCausalLM
-
-    from data_prep.tokenization import load_tokenizer
-
+    model = load_causal_lm(model_name).eval()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name).eval()
         tokenizer = load_tokenizer(tokenizer_name or model_name)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad folder/name
-        raise ValueError(f"cannot load {tokenizer_name or model_name!r}: {str(err).strip().splitlines()[0]}") from err
+        raise UsageError(f"cannot load tokenizer {tokenizer_name or model_name!r}: {first_line(err)}") from err
     return model, tokenizer
 
 
 def generate(model, tokenizer, prompt: str, num_samples: int = 1, max_new_tokens: int = 64, greedy: bool = False,
              temperature: float = 1.0, top_p: float = 0.95, top_k: int = 50, seed: int | None = None) -> list[str]:
-    from data_prep.tokenization import normalize_text
-
     ids = tokenizer(normalize_text(prompt), add_special_tokens=False)["input_ids"]
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else tokenizer.bos_token_id
     if bos is not None:
@@ -52,8 +51,8 @@ def generate(model, tokenizer, prompt: str, num_samples: int = 1, max_new_tokens
     return [prompt + tokenizer.decode(row[len(ids):], skip_special_tokens=True) for row in out]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Model folder or hub name.")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer, if not in the model folder.")
     parser.add_argument("--prompt", required=True)
@@ -64,21 +63,24 @@ def main(argv=None) -> None:
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return parser
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature <= 0:
-        logger.error("--num_samples and --max_new_tokens must be >= 1 and --temperature > 0")
-        sys.exit(2)
-    try:
-        model, tokenizer = load(args.model, args.tokenizer)
-    except ValueError as err:
-        logger.error("%s", err)
-        sys.exit(2)
+        raise UsageError("--num_samples and --max_new_tokens must be >= 1 and --temperature > 0")
+    model, tokenizer = load(args.model, args.tokenizer)
     samples = generate(model, tokenizer, args.prompt, args.num_samples, args.max_new_tokens, args.greedy,
                        args.temperature, args.top_p, args.top_k, args.seed)
     for i, text in enumerate(samples, 1):
         print(f"--- sample {i} ---\n{text}")
 
 
+def main(argv=None) -> int:
+    setup_logging()
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

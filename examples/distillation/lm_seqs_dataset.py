@@ -1,13 +1,11 @@
 """Token sequences for causal-LM distillation.
 
-Input is what data_prep/binarize.py writes (and what the upstream example's
-binarized_data.py wrote): pickles holding a list of 1-D integer numpy arrays,
-each array one `<s> ... </s>` sequence.
+Input is the sequences of binarized shards (distil_ja.shards: what data_prep/binarize.py
+writes, and what the upstream example's binarized_data.py wrote), each one `<s> ... </s>`
+sequence; here they are cut to the model context, filtered and padded into batches.
 """
 
-import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,59 +19,12 @@ MIN_SEQ_LEN = 12  # sequences of 11 tokens or fewer carry too little context to 
 MAX_UNK_FRACTION = 0.5
 
 
-class DataError(Exception):
-    """Unusable training data: the message names the file and the problem."""
-
-
 @dataclass(frozen=True)
 class SpecialIds:
     bos: int = 1
     eos: int = 2
     pad: int = 3
     unk: int = 0
-
-
-def shard_paths(data_files: list[str]) -> tuple[list[Path], dict | None]:
-    """Expand --data_file values: a binarize.py output directory (manifest + shards) or pickle files."""
-    paths, manifest = [], None
-    for name in data_files:
-        path = Path(name)
-        if path.is_dir():
-            manifest_file = path / "manifest.json"
-            if not manifest_file.is_file():
-                raise DataError(f"{path}: directory has no manifest.json (is it a binarize.py output?)")
-            try:
-                manifest = json.loads(manifest_file.read_text())
-                paths += [path / shard["file"] for shard in manifest["shards"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise DataError(f"{manifest_file}: unreadable manifest ({err})") from err
-        else:
-            paths.append(path)
-    if not paths:
-        raise DataError("no data files given")
-    return paths, manifest
-
-
-def load_shard(path: Path) -> list[np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"{path}: shard not found")
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except Exception as err:  # a truncated or foreign file can raise almost anything
-        raise DataError(f"{path}: corrupt or truncated shard ({type(err).__name__}: {err})") from err
-    if not isinstance(data, list) or not all(isinstance(x, np.ndarray) and x.ndim == 1 for x in data):
-        raise DataError(f"{path}: expected a pickled list of 1-D numpy arrays")
-    return data
-
-
-def load_sequences(data_files: list[str]) -> tuple[list[np.ndarray], dict | None]:
-    paths, manifest = shard_paths(data_files)
-    sequences = []
-    for path in paths:
-        sequences += load_shard(path)
-    logger.info("Loaded %d sequences from %d shard(s)", len(sequences), len(paths))
-    return sequences, manifest
 
 
 def split_long(seq: np.ndarray, max_len: int, ids: SpecialIds) -> list[np.ndarray]:

@@ -6,21 +6,18 @@ the corpus sits once in the page cache instead of once per process, and forked w
 nothing on write.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from distil_ja import fileio
 
 TOKENS, OFFSETS = "tokens.npy", "offsets.npy"
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    with open(tmp, "wb") as f:
+    with fileio.atomic_open(path, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_cache(folder: Path, sequences: list[np.ndarray]) -> None:

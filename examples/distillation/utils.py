@@ -1,21 +1,38 @@
 """Process-level helpers: logging, seeding, the distributed setup, run records."""
 
-import json
 import logging
 import os
 import random
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from distil_ja import fileio
+from distil_ja.cli import UsageError
+
 logger = logging.getLogger("distillation")
 
 
-class UsageError(Exception):
-    """Bad arguments or an environment that contradicts them; the message says which."""
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: torchrun's ranks and the device (from init_distributed)."""
+
+    world_size: int = 1
+    global_rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_master(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -52,48 +69,41 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def init_distributed(params) -> None:
+def init_distributed(n_gpu: int) -> Runtime:
     """Read torchrun's environment, check it against --n_gpu, pick the device, join the process group.
 
-    Sets params.world_size, global_rank, local_rank, is_master, is_distributed and device.
     `--n_gpu N` is the number of GPUs (processes) per node; `--n_gpu 0` runs on the CPU,
     with gloo between processes when torchrun starts several.
     """
-    params.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    params.global_rank = int(os.environ.get("RANK", 0))
-    params.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", params.world_size))
-    params.is_master = params.global_rank == 0
-    params.is_distributed = params.world_size > 1
-
-    if params.n_gpu > 0:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if n_gpu > 0:
         if not torch.cuda.is_available():
-            raise UsageError(f"--n_gpu {params.n_gpu} but CUDA is not available; use --n_gpu 0 for the CPU")
-        if params.n_gpu != local_world_size:
+            raise UsageError(f"--n_gpu {n_gpu} but CUDA is not available; use --n_gpu 0 for the CPU")
+        if n_gpu != local_world_size:
             raise UsageError(
-                f"--n_gpu {params.n_gpu} but {local_world_size} process(es) were started on this node; "
-                f"launch with `torchrun --nproc_per_node {params.n_gpu} ...`"
+                f"--n_gpu {n_gpu} but {local_world_size} process(es) were started on this node; "
+                f"launch with `torchrun --nproc_per_node {n_gpu} ...`"
             )
-        if params.n_gpu > torch.cuda.device_count():
-            raise UsageError(f"--n_gpu {params.n_gpu} but only {torch.cuda.device_count()} GPU(s) are visible")
-        torch.cuda.set_device(params.local_rank)
-        params.device = torch.device("cuda", params.local_rank)
-        backend = "nccl"
+        if n_gpu > torch.cuda.device_count():
+            raise UsageError(f"--n_gpu {n_gpu} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
     else:
-        params.device = torch.device("cpu")
-        backend = "gloo"
+        device, backend = torch.device("cpu"), "gloo"
+    runtime = Runtime(world_size, global_rank, local_rank, device)
 
-    if params.is_distributed:
+    if runtime.is_distributed:
         # torchrun keeps one TCP store across worker restarts (--max-restarts): a key prefix per
         # attempt stops restarted workers from reading the dead attempt's addresses and hanging.
         store, rank, world_size = next(torch.distributed.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch.distributed.init_process_group(backend=backend, store=torch.distributed.PrefixStore(
             f"distillation/attempt_{attempt}", store), rank=rank, world_size=world_size)
-        logger.info(
-            "Process group (%s): rank %d of %d on %s", backend, params.global_rank, params.world_size,
-            socket.gethostname(),
-        )
+        logger.info("Process group (%s): rank %d of %d on %s", backend, global_rank, world_size, socket.gethostname())
+    return runtime
 
 
 def git_log(folder: Path) -> None:
@@ -109,13 +119,7 @@ def git_log(folder: Path) -> None:
         info["dirty"] = repo.is_dirty()
     except Exception as err:  # not a checkout, no git binary, empty repo...
         logger.info("No git information recorded (%s)", type(err).__name__)
-    write_json(Path(folder) / "git_log.json", info)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
+    fileio.write_json(Path(folder) / "git_log.json", info)
 
 
 def inject_fault(point: str, step: int) -> None:

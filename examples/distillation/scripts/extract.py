@@ -21,19 +21,23 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # run as a script: the repo root and examples/distillation importable (never on import)
+    sys.path[:0] = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[1])]
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from distil_ja import fileio  # noqa: E402
+from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging  # noqa: E402
 
 logger = logging.getLogger("distillation.extract")
-
-
-class ExtractError(Exception):
-    """Incompatible teacher/student or bad arguments; the message says which."""
+FAMILY = "gpt2"  # the family whose layers this script knows how to copy
 
 
 def default_layers(n_teacher: int, n_student: int) -> list[int]:
     """n_student block indices spread evenly over 0..n_teacher-1, first and last included."""
     if not 1 <= n_student <= n_teacher:
-        raise ExtractError(f"the student has {n_student} layers, the teacher {n_teacher}: need 1 <= student <= teacher")
+        raise UsageError(f"the student has {n_student} layers, the teacher {n_teacher}: need 1 <= student <= teacher")
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
@@ -43,26 +47,26 @@ def parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
-        raise ExtractError(f"--layers must be comma-separated integers, got {text!r}") from err
+        raise UsageError(f"--layers must be comma-separated integers, got {text!r}") from err
 
 
 def check_compatible(teacher_config, student_config, layers: list[int]) -> None:
     for name in ("n_embd", "vocab_size"):
         t, s = getattr(teacher_config, name), getattr(student_config, name)
         if t != s:
-            raise ExtractError(f"{name} differs: teacher {t}, student {s}; layers can only be copied between equal widths")
+            raise UsageError(f"{name} differs: teacher {t}, student {s}; layers can only be copied between equal widths")
     t_inner = teacher_config.n_inner or 4 * teacher_config.n_embd
     s_inner = student_config.n_inner or 4 * student_config.n_embd
     if t_inner != s_inner:
-        raise ExtractError(f"n_inner differs: teacher {t_inner}, student {s_inner}")
+        raise UsageError(f"n_inner differs: teacher {t_inner}, student {s_inner}")
     if student_config.n_positions > teacher_config.n_positions:
-        raise ExtractError(f"the student has more positions ({student_config.n_positions}) "
+        raise UsageError(f"the student has more positions ({student_config.n_positions}) "
                            f"than the teacher ({teacher_config.n_positions})")
     if len(layers) != student_config.n_layer:
-        raise ExtractError(f"{len(layers)} layer(s) chosen for a {student_config.n_layer}-layer student")
+        raise UsageError(f"{len(layers)} layer(s) chosen for a {student_config.n_layer}-layer student")
     bad = [i for i in layers if not 0 <= i < teacher_config.n_layer]
     if bad:
-        raise ExtractError(f"layer(s) {bad} outside the teacher's 0..{teacher_config.n_layer - 1}")
+        raise UsageError(f"layer(s) {bad} outside the teacher's 0..{teacher_config.n_layer - 1}")
     if sorted(layers) != layers or len(set(layers)) != len(layers):
         logger.warning("layers %s are not strictly increasing", layers)
     if teacher_config.n_head != student_config.n_head:
@@ -94,17 +98,19 @@ def extract(teacher, student_config, layers: list[int] | None = None) -> dict[st
 
 
 def save_state(state: dict, path: Path) -> None:
+    """Atomically, so a crash never leaves a torn file where train.py will look for weights."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, str(path))
+        fileio.write_bytes(path, save(state))
     else:
-        torch.save(state, path)
+        with fileio.atomic_open(path, "wb") as f:
+            torch.save(state, f)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="Teacher GPT-2: hub name or folder.")
     parser.add_argument("--student_config", required=True, help="GPT-2 config JSON of the student.")
     parser.add_argument("--layers", default=None, help="Teacher block per student block, e.g. 0,8,16,23.")
@@ -112,29 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
+def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    try:
-        try:
-            student_config = GPT2Config.from_json_file(args.student_config)
-        except (OSError, ValueError) as err:
-            raise ExtractError(f"{args.student_config}: unreadable student config ({err})") from err
-        try:
-            teacher = GPT2LMHeadModel.from_pretrained(args.teacher)
-        except (OSError, ValueError) as err:
-            raise ExtractError(f"cannot load teacher {args.teacher!r}: {str(err).strip().splitlines()[0]}") from err
-        layers = parse_layers(args.layers) if args.layers else None
-        state = extract(teacher, student_config, layers)
-        save_state(state, Path(args.dump_checkpoint))
-    except ExtractError as err:
-        logger.error("%s", err)
-        sys.exit(2)
+    student_config = models.load_config(args.student_config, FAMILY)
+    teacher = models.load_pretrained(args.teacher, FAMILY, "teacher")
+    layers = parse_layers(args.layers) if args.layers else None
+    state = extract(teacher, student_config, layers)
+    save_state(state, Path(args.dump_checkpoint))
     n_params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
     logger.info("Wrote %s (%.1fM parameters)", args.dump_checkpoint, n_params / 1e6)
 
 
+def main(argv=None) -> int:
+    setup_logging()
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

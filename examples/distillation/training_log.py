@@ -1,0 +1,125 @@
+"""What a run records besides its weights: tensorboard scalars, metrics.jsonl, log lines, eval_results.json.
+
+The Distiller hands each optimizer step's loss sums and position counts to a TrainingLog; every
+`log_interval` steps the window is reduced over the ranks, divided by its position counts (the
+same normalisation as the loss), written, and reset. The window is part of a checkpoint
+(state_dict), so a resumed run logs exactly what an uninterrupted one does.
+"""
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distil_ja import fileio
+
+logger = logging.getLogger("distillation")
+
+LOSS_TERMS = ("ce", "clm", "mse", "cos")  # the order of the sums in a step's tensor; "ce" is the KD term
+METRICS = "metrics.jsonl"
+EVAL_RESULTS = "eval_results.json"
+
+
+class TrainingLog:
+    def __init__(self, dump_path, runtime, alphas: dict[str, float]):
+        self.dump_path = Path(dump_path)
+        self.runtime = runtime
+        self.alphas = alphas
+        self.writer = None
+        if runtime.is_master:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=str(self.dump_path / "log"))
+        self.reset()
+
+    def reset(self) -> None:
+        device = self.runtime.device
+        self.sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # this rank's, unreduced
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (real, predicted), global
+        self.tokens = 0  # real tokens of every rank
+        self.slots = self.real = 0  # this rank's positions with and without padding
+        self.start = time.perf_counter()
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_tokens": self.tokens,
+                "log_slots": self.slots, "log_real": self.real}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["log_sums"].to(self.runtime.device)
+        self.counts = state["log_counts"].to(self.runtime.device)
+        self.tokens = state["log_tokens"]
+        self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop the lines a crashed run wrote after its last checkpoint (master only)."""
+        path = self.dump_path / METRICS
+        if self.runtime.is_master and path.exists():
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            fileio.write_text(path, "".join(line + "\n" for line in lines))
+
+    # ---- accumulation -------------------------------------------------------------------
+
+    def add_batch(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """A micro-batch as it left the DataLoader (host tensors): for the padding fraction."""
+        self.slots += token_ids.numel()
+        self.real += int(lengths.sum())
+
+    def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums += step_sums
+        self.counts += counts
+        self.tokens += int(counts[0])
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor, skipped: int) -> None:
+        """Reduce, write and reset the window (collective: every rank calls it)."""
+        sums = self.sums.clone()
+        if self.runtime.is_distributed:
+            dist.all_reduce(sums)  # counts are already global
+        n_real, n_pred = self.counts.clamp(min=1).tolist()
+        terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real)
+                 for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
+        terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
+        tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        if self.writer is not None:
+            scalars = {**{f"losses/{k}": v for k, v in terms.items()}, "global/lr": lr,
+                       "global/grad_norm": float(grad_norm), "global/tokens_per_s": tokens_per_s,
+                       "global/skipped_steps": skipped, "global/memory_gib": self.memory_gib(),
+                       "global/padding_fraction": self.padding_fraction()}
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        if self.runtime.is_master:
+            with open(self.dump_path / METRICS, "a") as f:
+                f.write(json.dumps({"step": step, **terms, "skipped_steps": skipped}) + "\n")
+            logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
+                        " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, tokens_per_s)
+        self.reset()
+
+    def write_eval(self, record: dict, history: list[dict]) -> None:
+        logger.info("step %d | eval perplexity %.3f over %d tokens", record["step"], record["perplexity"],
+                    record["tokens"])
+        if self.writer is not None:
+            self.writer.add_scalar("eval/perplexity", record["perplexity"], record["step"])
+            self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
+        if self.runtime.is_master:
+            fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "history": history})
+
+    def padding_fraction(self) -> float:
+        """Share of padding in this rank's micro-batches since the last log line."""
+        return 1.0 - self.real / self.slots if self.slots else 0.0
+
+    def memory_gib(self) -> float:
+        device = self.runtime.device
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
