@@ -4,10 +4,13 @@
 #   bash run_distill.sh [TRAIN_PY_ARGS...]     the full recipe on one 4-GPU node (torchrun)
 #   bash run_distill.sh --demo [OUT_DIR]       offline end-to-end demo on the shipped sample, CPU, < 5 min
 #
-# Full recipe: every setting below can be overridden from the environment, e.g.
-#   N_GPU=8 DATA=data/binarized DUMP_PATH=checkpoints/run1 bash run_distill.sh --bf16
+# Full recipe: the hyperparameters are train.py's defaults (examples/distillation/config.py, RECIPE;
+# `python examples/distillation/train.py --help` lists them). This script passes only the inputs
+# (DATA, TEACHER, STUDENT_CONFIG), the topology, and the settings set in the environment, e.g.
+#   N_GPU=8 DATA=data/binarized DUMP_PATH=checkpoints/run1 PRECISION=fp16 bash run_distill.sh
+#   ALPHA_CE=3 LEARNING_RATE=3e-4 bash run_distill.sh
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_distill.sh      (then NODE_RANK=1 on the other node)
-# Extra arguments go to train.py unchanged (they win over the defaults here).
+# Extra arguments go to train.py last, unchanged (they win over everything here).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -18,11 +21,11 @@ run_demo() {
     local train_txt=data_prep/sample/ja_train.txt dev_txt=data_prep/sample/ja_dev.txt
     # Demo settings (overridable): small models, a few hundred optimizer steps in all.
     # DEMO_SEED seeds the two students; the teacher keeps its own seed: a fixed artifact, as a real
-    # pretrained teacher is (teacher seed 0 -> ~105 perplexity; some seeds give a much weaker teacher).
+    # pretrained teacher is (teacher seed 0 -> ~101 perplexity; some seeds give a much weaker teacher).
     local vocab=${DEMO_VOCAB:-1000} seed=${DEMO_SEED:-0} teacher_seed=${DEMO_TEACHER_SEED:-0}
     # The teacher (4 x 128) stops near its best held-out perplexity; the students (2 x 64) train for a
     # short budget, where the teacher's full next-token distributions (T=1) teach far more per step
-    # than the one-hot targets: KD wins by a wide margin (about 140 vs 168 perplexity).
+    # than the one-hot targets: KD wins by a wide margin (about 129 vs 167 perplexity).
     local teacher_steps=${DEMO_TEACHER_STEPS:-200} student_steps=${DEMO_STUDENT_STEPS:-80}
     local teacher_lr=${DEMO_TEACHER_LR:-3e-3} student_lr=${DEMO_STUDENT_LR:-3e-3}
     local temperature=${DEMO_TEMPERATURE:-1.0} alpha_ce=${DEMO_ALPHA_CE:-0.9} alpha_clm=${DEMO_ALPHA_CLM:-0.1}
@@ -34,9 +37,14 @@ run_demo() {
     echo "== demo: output in $out"
     rm -rf "$out"
     mkdir -p "$out"
+    # The demo states its own settings instead of taking train.py's defaults (the full-size recipe):
+    # no cosine term in any run (the teacher and the no-KD student have no teacher; KD here is on the logits).
     local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
-                  --log_interval 50 --checkpoint_interval 0 --data_file "$out/data/train"
+                  --alpha_cos 0 --log_interval 50 --checkpoint_interval 0 --data_file "$out/data/train"
                   --eval_data "$out/data/dev")
+    # Both students: the same model, budget and seed, no weight decay.
+    local student=(--student_config "$cfg/demo-student.json" --max_steps "$student_steps"
+                   --learning_rate "$student_lr" --weight_decay 0 --seed "$seed")
 
     echo "== 1/7 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
     $PYTHON data_prep/make_tokenizer.py --input "$train_txt" --vocab_size "$vocab" --output_dir "$out/tokenizer"
@@ -51,14 +59,12 @@ run_demo() {
         --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1 \
         --seed "$teacher_seed"
     echo "== 4/7 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
-    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_kd" \
-        --student_config "$cfg/demo-student.json" --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
-        --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm" \
-        --max_steps "$student_steps" --learning_rate "$student_lr" --seed "$seed"
+    $PYTHON examples/distillation/train.py "${common[@]}" "${student[@]}" --dump_path "$out/student_kd" \
+        --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
+        --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm"
     echo "== 5/7 the same student without the teacher ($student_steps steps)"
-    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/student_no_kd" \
-        --student_config "$cfg/demo-student.json" --tokenizer_name "$out/tokenizer" \
-        --alpha_clm 1 --alpha_ce 0 --max_steps "$student_steps" --learning_rate "$student_lr" --seed "$seed"
+    $PYTHON examples/distillation/train.py "${common[@]}" "${student[@]}" --dump_path "$out/student_no_kd" \
+        --tokenizer_name "$out/tokenizer" --alpha_clm 1 --alpha_ce 0
     echo "== 6/7 held-out perplexity ($dev_txt)"
     $PYTHON examples/distillation/evaluate.py --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
         --model "teacher=$out/teacher" --model "student_kd=$out/student_kd" --model "student_no_kd=$out/student_no_kd" \
@@ -94,50 +100,55 @@ if [[ "${1:-}" == "--demo" ]]; then
 fi
 
 # ---- full recipe: rinna/japanese-gpt2-medium (24 x 1024) -> 6 x 1024 on one 4-GPU node ----------
-N_GPU=${N_GPU:-4}
+# Topology (torchrun)
+N_GPU=${N_GPU:-4}                           # GPUs (processes) per node
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}             # torchrun restarts crashed workers; they resume from the newest checkpoint
+# Inputs of this recipe
 DATA=${DATA:-data/binarized}
-EVAL_DATA=${EVAL_DATA:-}
-DUMP_PATH=${DUMP_PATH:-checkpoints/distilgpt2-ja}
 TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
 STUDENT_CONFIG=${STUDENT_CONFIG:-examples/distillation/training_configs/distilgpt2-ja.json}
-STUDENT_INIT=${STUDENT_INIT:-}              # e.g. the output of scripts/extract.py
-TEMPERATURE=${TEMPERATURE:-1.0}                # T=1 beat T=2 in bench/quality.py (README: Recommended recipe)
-ALPHA_CE=${ALPHA_CE:-5.0}
-ALPHA_CLM=${ALPHA_CLM:-2.0}
-ALPHA_COS=${ALPHA_COS:-1.0}
-BATCH_SIZE=${BATCH_SIZE:-8}                 # sequences per GPU per micro-batch
-GRAD_ACCUM=${GRAD_ACCUM:-16}                # global batch = N_GPU * NNODES * BATCH_SIZE * GRAD_ACCUM
-LEARNING_RATE=${LEARNING_RATE:-5e-4}
-WARMUP_PROP=${WARMUP_PROP:-0.05}
-WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
-N_EPOCH=${N_EPOCH:-3}
-MAX_STEPS=${MAX_STEPS:-0}                   # > 0 overrides N_EPOCH
-PRECISION=${PRECISION:---bf16}              # --bf16, --fp16 or empty for fp32
-LOG_INTERVAL=${LOG_INTERVAL:-100}
-CHECKPOINT_INTERVAL=${CHECKPOINT_INTERVAL:-2000}
-EVAL_INTERVAL=${EVAL_INTERVAL:-2000}
-SEED=${SEED:-56}
+# Passed only when set and non-empty (else train.py's default):
+#   DUMP_PATH  STUDENT_INIT (e.g. the output of scripts/extract.py)  EVAL_DATA
+#   TEMPERATURE ALPHA_CE ALPHA_CLM ALPHA_MSE ALPHA_COS
+#   BATCH_SIZE (sequences per GPU per micro-batch)  GRAD_ACCUM (global batch = N_GPU x NNODES x BATCH_SIZE x GRAD_ACCUM)
+#   LEARNING_RATE WARMUP_PROP WEIGHT_DECAY N_EPOCH MAX_STEPS (> 0 overrides N_EPOCH)
+#   PRECISION (auto|bf16|fp16|fp32; auto: bf16 on a GPU that has it)  SEED
+#   LOG_INTERVAL CHECKPOINT_INTERVAL EVAL_INTERVAL (needs EVAL_DATA)
+args=()
+pass_if_set() {  # pass_if_set VAR --flag: add "--flag $VAR" when VAR is set and non-empty
+    if [[ -n "${!1:-}" ]]; then args+=("$2" "${!1}"); fi
+}
+PRECISION=${PRECISION:-}
+PRECISION=${PRECISION#--}                   # the older form PRECISION=--bf16 means bf16
+pass_if_set DUMP_PATH --dump_path
+pass_if_set STUDENT_INIT --student_pretrained_weights
+pass_if_set EVAL_DATA --eval_data
+pass_if_set TEMPERATURE --temperature
+pass_if_set ALPHA_CE --alpha_ce
+pass_if_set ALPHA_CLM --alpha_clm
+pass_if_set ALPHA_MSE --alpha_mse
+pass_if_set ALPHA_COS --alpha_cos
+pass_if_set BATCH_SIZE --batch_size
+pass_if_set GRAD_ACCUM --gradient_accumulation_steps
+pass_if_set LEARNING_RATE --learning_rate
+pass_if_set WARMUP_PROP --warmup_prop
+pass_if_set WEIGHT_DECAY --weight_decay
+pass_if_set N_EPOCH --n_epoch
+pass_if_set MAX_STEPS --max_steps
+pass_if_set PRECISION --precision
+pass_if_set SEED --seed
+pass_if_set LOG_INTERVAL --log_interval
+pass_if_set CHECKPOINT_INTERVAL --checkpoint_interval
+pass_if_set EVAL_INTERVAL --eval_interval
 
-extra=()
-[[ -n "$STUDENT_INIT" ]] && extra+=(--student_pretrained_weights "$STUDENT_INIT")
-[[ -n "$EVAL_DATA" ]] && extra+=(--eval_data "$EVAL_DATA" --eval_interval "$EVAL_INTERVAL")
-[[ -n "$PRECISION" ]] && extra+=("$PRECISION")
-
-echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x $N_GPU GPU(s) -> $DUMP_PATH"
+echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x $N_GPU GPU(s)" \
+     "-> ${DUMP_PATH:-the default --dump_path of train.py}"
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$N_GPU" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
-    examples/distillation/train.py --n_gpu "$N_GPU" \
-    --dump_path "$DUMP_PATH" --data_file "$DATA" \
-    --student_type gpt2 --student_config "$STUDENT_CONFIG" \
-    --teacher_type gpt2 --teacher_name "$TEACHER" \
-    --temperature "$TEMPERATURE" --alpha_ce "$ALPHA_CE" --alpha_clm "$ALPHA_CLM" --alpha_cos "$ALPHA_COS" \
-    --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --learning_rate "$LEARNING_RATE" --warmup_prop "$WARMUP_PROP" --weight_decay "$WEIGHT_DECAY" \
-    --n_epoch "$N_EPOCH" --max_steps "$MAX_STEPS" --seed "$SEED" \
-    --log_interval "$LOG_INTERVAL" --checkpoint_interval "$CHECKPOINT_INTERVAL" \
-    "${extra[@]}" "$@"
+    examples/distillation/train.py --n_gpu "$N_GPU" --data_file "$DATA" \
+    --student_config "$STUDENT_CONFIG" --teacher_name "$TEACHER" \
+    "${args[@]}" "$@"

@@ -13,7 +13,10 @@ and `--steps` steps are timed.
   over the full logits, KLDivLoss(batchmean) on softmax(teacher / T), CrossEntropyLoss with
   ignore_index, CosineEmbeddingLoss, a per-parameter AdamW loop. Written here, on purpose.
 - project: examples/distillation/distiller.py's Distiller.optimize_step, the real training
-  code path, with train.py's own argument parser and defaults.
+  code path, with train.py's own settings (config.parse_config) and defaults.
+
+Both sides use the project's recipe (config.RECIPE): its temperature, loss weights and learning
+rate, so the loss terms they compare are the same ones; the JSON records it.
 
 MFU = tokens/s x FLOPs per token / peak, FLOPs per token = F(teacher) + 3 F(student) (forward,
 and backward at twice the forward), F(model) = 2 x (12 L d^2 + d V + 2 L S d) multiply-adds x 2:
@@ -26,7 +29,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import resource
 import sys
 import tempfile
@@ -34,19 +36,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "distillation"))
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+if __name__ == "__main__":  # run as a script: the repo root and examples/distillation importable (never on import)
+    sys.path[:0] = [str(REPO), str(REPO / "examples" / "distillation")]
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from config import RECIPE, parse_config  # noqa: E402
+
 STUDENT_CONFIG = REPO / "examples" / "distillation" / "training_configs" / "distilgpt2-ja.json"
-ALPHAS = {"ce": 5.0, "clm": 2.0, "cos": 1.0}
-TEMPERATURE = 2.0
-LEARNING_RATE = 5e-4
-TERMS = ("ce", "clm", "cos")
+# The loss terms of the 2019 GPT-2 step that the recipe weighs (its MSE term is not part of that step).
+TERMS = tuple(k for k in ("ce", "clm", "cos") if RECIPE[f"alpha_{k}"] > 0)
 
 
 def model_flops_per_token(n_layer: int, d: int, vocab: int, seq: int) -> float:
@@ -98,8 +100,9 @@ def make_batch(batch_size, seq_len, vocab, ragged, seed=0):
 class UpstreamStep:
     """The 2019 huggingface distiller's step for GPT-2 (alpha_mlm 0), fp32 and eager."""
 
-    def __init__(self, student, teacher, lr, max_grad_norm=5.0):
+    def __init__(self, student, teacher, lr, temperature, alphas, max_grad_norm=5.0):
         self.student, self.teacher = student, teacher
+        self.temperature, self.alphas = temperature, alphas
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=lr, eps=1e-6, betas=(0.9, 0.98),
                                            foreach=False)  # transformers.AdamW looped over parameters
@@ -118,13 +121,14 @@ class UpstreamStep:
         mask = attn_mask.unsqueeze(-1).expand_as(s_logits)
         s_logits_slct = torch.masked_select(s_logits, mask).view(-1, s_logits.size(-1))
         t_logits_slct = torch.masked_select(t_logits, mask).view(-1, s_logits.size(-1))
-        loss_ce = self.ce_loss_fct(F.log_softmax(s_logits_slct / TEMPERATURE, dim=-1),
-                                   F.softmax(t_logits_slct / TEMPERATURE, dim=-1)) * TEMPERATURE**2
-        loss = ALPHAS["ce"] * loss_ce
+        T = self.temperature
+        loss_ce = self.ce_loss_fct(F.log_softmax(s_logits_slct / T, dim=-1),
+                                   F.softmax(t_logits_slct / T, dim=-1)) * T**2
+        loss = self.alphas["ce"] * loss_ce
         shift_logits = s_logits[..., :-1, :].contiguous()
         shift_labels = lm_labels[..., 1:].contiguous()
         loss_clm = self.lm_loss_fct(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
-        loss = loss + ALPHAS["clm"] * loss_clm
+        loss = loss + self.alphas["clm"] * loss_clm
         s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
         mask = attn_mask.unsqueeze(-1).expand_as(s_hidden)
         dim = s_hidden.size(-1)
@@ -132,7 +136,7 @@ class UpstreamStep:
         t_hidden_slct = torch.masked_select(t_hidden, mask).view(-1, dim)
         target = s_hidden_slct.new(s_hidden_slct.size(0)).fill_(1)
         loss_cos = self.cosine_loss_fct(s_hidden_slct, t_hidden_slct, target)
-        loss = loss + ALPHAS["cos"] * loss_cos
+        loss = loss + self.alphas["cos"] * loss_cos
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -140,42 +144,35 @@ class UpstreamStep:
         return {"ce": loss_ce.item(), "clm": loss_clm.item(), "cos": loss_cos.item()}  # upstream logged .item()
 
 
-def project_params(args, device, dump_path):
-    """train.py's parser and defaults, then what init_distributed would set for one process."""
-    import train
-
-    argv = ["--data_file", "unused", "--teacher_name", "random-init", "--student_config", str(STUDENT_CONFIG), "--dump_path", str(dump_path),
-            "--alpha_ce", str(ALPHAS["ce"]), "--alpha_clm", str(ALPHAS["clm"]), "--alpha_cos", str(ALPHAS["cos"]),
-            "--temperature", str(TEMPERATURE), "--learning_rate", str(LEARNING_RATE), "--warmup_prop", "0",
-            "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1", "--max_steps", "1000000",
-            "--log_interval", "1000000000", "--checkpoint_interval", "0", "--num_workers", "0",
-            "--n_gpu", "1" if device.type == "cuda" else "0"]
-    argv += ["--bf16"] if args.bf16 else []
+def project_config(args, device, dump_path):
+    """train.py's settings (config.parse_config): the recipe's defaults, one step per batch, no records."""
+    argv = ["--data_file", "unused", "--teacher_name", "random-init", "--student_config", str(STUDENT_CONFIG),
+            "--dump_path", str(dump_path), "--warmup_prop", "0", "--batch_size", str(args.batch_size),
+            "--gradient_accumulation_steps", "1", "--max_steps", "1000000", "--log_interval", "1000000000",
+            "--checkpoint_interval", "0", "--num_workers", "0", "--n_gpu", "1" if device.type == "cuda" else "0",
+            "--precision", "bf16" if args.bf16 else "fp32"]
     argv += [] if args.compile is None else (["--compile"] if args.compile else ["--no-compile"])
     argv += [] if args.fused_loss else ["--no-fused_loss"]
-    params = train.build_parser().parse_args(argv)
-    train.check_arguments(params)
-    params.world_size, params.global_rank, params.local_rank = 1, 0, 0
-    params.is_master, params.is_distributed, params.device = False, False, device  # not master: no log files
-    return params
+    return parse_config(argv)
 
 
 def project_side(args, device, teacher_cfg, student_cfg, states, batch):
     from distiller import Distiller
     from lm_seqs_dataset import LmSeqsDataset, SpecialIds
+    from utils import Runtime
 
-    with tempfile.TemporaryDirectory() as dump_path:
-        params = project_params(args, device, dump_path)
-        teacher = build(teacher_cfg, "sdpa", states["teacher"])
-        teacher.requires_grad_(False)
-        teacher.eval()
-        if params.bf16:
-            teacher.to(torch.bfloat16)  # as train.load_teacher does
-        student = build(student_cfg, "sdpa", states["student"])
-        seqs = [row[: n].numpy() for row, n in zip(*batch)]  # the sampler needs a dataset; the batch is given
-        dataset = LmSeqsDataset(seqs, student_cfg.n_positions, SpecialIds())
-        distiller = Distiller(params, dataset, student, teacher)
-        return distiller, lambda: distiller.optimize_step([batch]), distiller.raw_student()
+    work = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)  # the run's dump_path, while the side lives
+    params = project_config(args, device, work.name)
+    teacher = build(teacher_cfg, "sdpa", states["teacher"])
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if params.precision == "bf16":
+        teacher.to(torch.bfloat16)  # as train.py loads it
+    student = build(student_cfg, "sdpa", states["student"])
+    seqs = [row[: n].numpy() for row, n in zip(*batch)]  # the sampler needs a dataset; the batch is given
+    dataset = LmSeqsDataset(seqs, student_cfg.n_positions, SpecialIds())
+    distiller = Distiller(params, Runtime(device=device), dataset, student, teacher)
+    return (distiller, work), lambda: distiller.optimize_step([batch]), distiller.raw_student()
 
 
 def reference_side(args, device, teacher_cfg, student_cfg, states, batch):
@@ -183,7 +180,8 @@ def reference_side(args, device, teacher_cfg, student_cfg, states, batch):
     teacher.requires_grad_(False)
     teacher.eval()
     student = build(student_cfg, "eager", states["student"]).to(device)
-    upstream = UpstreamStep(student, teacher, LEARNING_RATE)
+    alphas = {k: RECIPE[f"alpha_{k}"] for k in ("ce", "clm", "cos")}
+    upstream = UpstreamStep(student, teacher, RECIPE["learning_rate"], RECIPE["temperature"], alphas)
     token_ids, lengths = batch[0].to(device), batch[1].to(device)
     return upstream, lambda: upstream.step(token_ids, lengths), student
 
@@ -336,7 +334,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({
             "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "argv": sys.argv[1:] if argv is None else argv, "flops_per_token": flops, "peak_tflops": args.peak_tflops,
-            "batch": [args.batch_size, seq], "real_tokens": int(batch[1].sum()), "match": match,
+            "batch": [args.batch_size, seq], "real_tokens": int(batch[1].sum()), "recipe": RECIPE, "match": match,
             "results": [{k: v for k, v in r.items() if k != "profile"} for r in results], "table": lines,
         }, indent=2))
     return 0 if match in (None, True) else 1

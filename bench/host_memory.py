@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
+    sys.path.insert(0, str(REPO))
 
 
 def write_corpus(path: Path, n_sequences: int, vocab: int) -> int:
@@ -84,7 +86,7 @@ def measure(n_sequences: int, nproc: int, folder: Path, tokenizer: Path, config:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            str(REPO / "examples/distillation/train.py"), "--n_gpu", "0", "--dump_path", str(dump),
            "--data_file", str(shard), "--student_config", str(config), "--tokenizer_name", str(tokenizer),
-           "--alpha_ce", "0", "--alpha_clm", "1", "--max_steps", "30", "--batch_size", "8",
+           "--alpha_ce", "0", "--alpha_clm", "1", "--alpha_cos", "0", "--max_steps", "30", "--batch_size", "8",
            "--gradient_accumulation_steps", "1", "--log_interval", "10", "--checkpoint_interval", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'examples/distillation'}"}
     peaks, training, stop = {}, {}, threading.Event()

@@ -14,8 +14,8 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
  4. train.py (no teacher)       pretrain the teacher
  5. scripts/extract.py          student init from evenly spread teacher layers
  6. train.py x 3, one student architecture, the same steps/batch/seed/data (= the same tokens):
-      no_kd      random init, no teacher (--alpha_ce 0 --alpha_clm 1)
-      kd         random init, distilled with the recipe (--recipe, default: run_distill.sh's)
+      no_kd      random init, no teacher (--alpha_ce 0 --alpha_clm 1 --alpha_cos 0)
+      kd         random init, distilled with the recipe (--recipe, default: train.py's, config.RECIPE)
       kd_init    distilled with the same recipe, initialised from teacher layers
  7. evaluate.py --json          perplexity of the four models on the held-out dev paragraphs
 
@@ -52,27 +52,16 @@ REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "examples" / "distillation"
 SAMPLE = REPO / "data_prep" / "sample"
 
+if __name__ == "__main__":  # run as a script: the repo root and examples/distillation importable (never on import)
+    sys.path[:0] = [str(REPO), str(DIST)]
 
+import config  # noqa: E402  (train.py's flags; its defaults are the project's recipe)
 
-def project_recipe() -> dict:
-    """The project's default distillation recipe: run_distill.sh's loss settings (read from it, so the
-    benchmark follows the script), else the values it had when this file was written."""
-    import re
-
-    recipe = {"T": 1.0, "ce": 5.0, "clm": 2.0, "cos": 1.0}
-    names = {"T": "TEMPERATURE", "ce": "ALPHA_CE", "clm": "ALPHA_CLM", "cos": "ALPHA_COS"}
-    try:
-        script = (REPO / "run_distill.sh").read_text()
-    except OSError:
-        return recipe
-    for key, var in names.items():
-        found = re.search(rf"^{var}=\$\{{{var}:-([0-9.eE+-]+)\}}", script, re.M)
-        if found:
-            recipe[key] = float(found.group(1))
-    return recipe
-
-
-DEFAULT_RECIPE = project_recipe()
+# The KD students' default loss settings: the project's recipe, as train.py's defaults hold it.
+DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
+                  "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"]}
+# Runs without a teacher: the data's next-token loss only (no KD, no cosine term).
+CLM_ONLY = ["--alpha_ce", 0, "--alpha_clm", 1, "--alpha_cos", 0]
 
 
 @dataclass(frozen=True)
@@ -124,8 +113,8 @@ SIZES = {
     "gpu": Size(vocab=8000, tokenizer_lines=60000, n_positions=256, teacher=Model(12, 512, 8, 0.1),
                 student=Model(3, 512, 8), teacher_steps=3000, student_steps=1200, batch_size=32, grad_accum=1,
                 teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,
-                precision=["--bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0, eval_batch=32,
-                log_interval=100),
+                precision=["--precision", "bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0,
+                eval_batch=32, log_interval=100),
 }
 
 
@@ -270,7 +259,7 @@ def student_runs(recipe: dict) -> dict:
     kd = ["--temperature", recipe["T"], "--alpha_ce", recipe["ce"], "--alpha_clm", recipe["clm"],
           "--alpha_cos", recipe["cos"]]
     return {
-        "no_kd": {"init": "random", "teacher": False, "args": ["--alpha_ce", 0, "--alpha_clm", 1]},
+        "no_kd": {"init": "random", "teacher": False, "args": CLM_ONLY},
         "kd": {"init": "random", "teacher": True, "args": kd},
         "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
     }
@@ -305,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default=None, help="Work and output folder (default: checkpoints/quality/SIZE).")
     parser.add_argument("--recipe", type=parse_recipe, default=parse_recipe(""),
                         help="KD students' loss settings, e.g. 'T=1,ce=0.9,clm=0.1,cos=0' "
-                             f"(default {DEFAULT_RECIPE}: run_distill.sh's).")
+                             f"(default {DEFAULT_RECIPE}: train.py's, config.RECIPE).")
     parser.add_argument("--student_lr", type=float, default=None, help="Learning rate of the students (default: per size).")
     parser.add_argument("--kd_lr", type=float, default=None,
                         help="Learning rate of the two distilled students only (default: --student_lr).")
@@ -445,7 +434,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         futures = {name: submit(pool, name, dump, cmd, data_key)
                    for name, dump, cmd, needs_teacher in jobs_list if not needs_teacher}
         steps["teacher"] = runner.run("teacher", train + common + [
-            "--dump_path", teacher, "--student_config", teacher_cfg, "--alpha_ce", 0, "--alpha_clm", 1,
+            "--dump_path", teacher, "--student_config", teacher_cfg, *CLM_ONLY,
             "--max_steps", size.teacher_steps, "--learning_rate", size.teacher_lr, "--seed", 0],
             teacher / "model.safetensors", key_extra=data_key)
         teacher_key = [data_key, steps["teacher"].get("date")]
@@ -462,7 +451,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     ppl_json = out / f"perplexity-{args.tag}.json"
     eval_cmd = [py, DIST / "evaluate.py", "--tokenizer", tok, "--data", dev, "--batch_size", size.eval_batch,
                 "--json", ppl_json, "--device", "cuda" if size.n_gpu else "cpu",
-                *(["--bf16"] if "--bf16" in size.precision else [])]
+                *(["--bf16"] if "bf16" in size.precision else [])]
     for label, path in models:
         eval_cmd += ["--model", f"{label}={path}"]
     # the model folders' weights decide the numbers: key on the training stamps' dates

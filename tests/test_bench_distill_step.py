@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from config import RECIPE
 from conftest import REPO
 
 
@@ -25,6 +26,7 @@ def test_tiny_benchmark_prints_the_table_and_matching_losses(tmp_path):
     ref, proj = (next(r for r in result["results"] if r["name"] == n) for n in ("reference", "project"))
     for term in ("ce", "clm", "cos"):
         assert proj["terms"][term] == pytest.approx(ref["terms"][term], rel=1e-4, abs=1e-6)
+    assert result["recipe"] == RECIPE  # both sides ran train.py's recipe (config.RECIPE)
     assert result["real_tokens"] < 4 * 64  # --tiny pads: the masks of both sides are exercised
     # MFU is tokens/s x FLOPs per token / peak, with issue 5's FLOP count
     t = 2 * (12 * 4 * 64**2 + 64 * 512 + 2 * 4 * 64 * 64)

@@ -48,7 +48,7 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path):
     # the students' train.py settings really differ only in the losses and the init
     params = {n: json.loads((path_of(runs[n]["path"]) / "parameters.json").read_text()) for n in ("no_kd", "kd", "kd_init")}
     assert params["no_kd"]["alpha_ce"] == 0 and params["no_kd"]["teacher_name"] is None
-    recipe = result["recipe"]  # run_distill.sh's loss settings, the project's default
+    recipe = result["recipe"]  # train.py's loss settings (config.RECIPE), the project's default
     for name in ("kd", "kd_init"):
         assert [params[name][k] for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")] == \
             [recipe[k] for k in ("T", "ce", "clm", "cos")]
@@ -75,7 +75,9 @@ def test_dry_run_gpu_size_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "train.py" in line]
     assert len(lines) == 4  # teacher and three students
-    assert all("--n_gpu 1" in line and "--bf16" in line for line in lines)
+    assert all("--n_gpu 1" in line and "--precision bf16" in line for line in lines)
+    no_teacher = [line for line in lines if "--teacher_name" not in line]  # the teacher and no_kd
+    assert len(no_teacher) == 2 and all("--alpha_ce 0 --alpha_clm 1 --alpha_cos 0" in line for line in no_teacher)
     kd = [line for line in lines if "--teacher_name" in line]
     assert len(kd) == 2 and all("--temperature 1.0 --alpha_ce 0.9 --alpha_clm 0.1 --alpha_cos 0.0" in line for line in kd)
     assert sum("--student_pretrained_weights" in line for line in lines) == 1

@@ -1,0 +1,157 @@
+"""One source of truth for the recipe: train.py's defaults (config.RECIPE), and what follows them.
+
+run_distill.sh passes a recipe flag only when its user sets one, the benchmarks take their
+recipe from config.RECIPE, and --precision resolves as documented.
+"""
+
+import importlib.util
+import os
+import subprocess
+
+import pytest
+import torch
+
+import config
+from conftest import REPO
+from distil_ja.cli import UsageError
+
+# The recommended recipe as written here, independently of config.py: changing it is a decision
+# (README "Recommended recipe", bench/RESULTS.md), so this test has to change with it.
+RECOMMENDED = {
+    "temperature": 1.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_mse": 0.0, "alpha_cos": 1.0,
+    "learning_rate": 5e-4, "warmup_prop": 0.05, "weight_decay": 0.01,
+    "batch_size": 8, "gradient_accumulation_steps": 16,
+}
+REQUIRED = ["--data_file", "data", "--student_config", "student.json", "--teacher_name", "teacher"]
+RECIPE_FLAGS = ("--temperature", "--alpha_ce", "--alpha_clm", "--alpha_mse", "--alpha_cos", "--batch_size",
+                "--gradient_accumulation_steps", "--learning_rate", "--warmup_prop", "--weight_decay", "--precision")
+
+
+@pytest.fixture(autouse=True)
+def first_attempt(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)  # not a restarted torchrun worker
+
+
+def test_recipe_is_the_recommended_one():
+    assert config.RECIPE == RECOMMENDED
+
+
+def test_required_flags_alone_give_the_recipe_on_the_cpu():
+    params = config.parse_config(REQUIRED + ["--n_gpu", "0"])
+    assert {k: getattr(params, k) for k in RECOMMENDED} == RECOMMENDED
+    assert params.precision == "fp32"
+    assert params.compile is False and params.num_workers == 0
+    assert not hasattr(params, "bf16") and not hasattr(params, "fp16")
+    assert params.student_type == params.teacher_type == "gpt2"
+
+
+def fake_cuda(monkeypatch, bf16: bool):
+    """One visible GPU of compute capability 9.0 (Hopper: native bf16) or 7.0 (Volta: none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if bf16 else (7, 0))
+
+
+@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_on_a_gpu_that_has_it(monkeypatch, bf16_supported, expected):
+    fake_cuda(monkeypatch, bf16_supported)
+    assert config.parse_config(REQUIRED + ["--n_gpu", "1", "--precision", "auto"]).precision == expected
+    assert config.parse_config(REQUIRED + ["--n_gpu", "1"]).precision == expected  # auto is the default
+    assert config.parse_config(REQUIRED + ["--n_gpu", "0"]).precision == "fp32"  # a CPU run, GPU or not
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--bf16"], "bf16"), (["--fp16"], "fp16"), (["--precision", "fp16"], "fp16"),
+    (["--precision", "fp32"], "fp32"), (["--bf16", "--precision", "bf16"], "bf16"),
+])
+def test_explicit_precision_and_its_aliases(monkeypatch, flags, expected):
+    fake_cuda(monkeypatch, True)
+    assert config.parse_config(REQUIRED + ["--n_gpu", "1", *flags]).precision == expected
+
+
+@pytest.mark.parametrize("flags", [["--fp16", "--bf16"], ["--bf16", "--precision", "fp32"],
+                                   ["--fp16", "--precision", "bf16"]])
+def test_contradicting_precision_flags_are_refused(flags):
+    with pytest.raises(UsageError):
+        config.parse_config(REQUIRED + ["--n_gpu", "0", *flags])
+
+
+def test_amp_dtype_of_each_precision():
+    assert config.amp_dtype("bf16") is torch.bfloat16
+    assert config.amp_dtype("fp16") is torch.float16
+    assert config.amp_dtype("fp32") is None
+
+
+# ---- run_distill.sh: only what its user sets ------------------------------------------------
+
+def run_full_recipe(tmp_path, env_vars: dict, *extra) -> list[str]:
+    """run_distill.sh's torchrun argv, with a stub torchrun first on PATH, in an environment holding only env_vars."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir(exist_ok=True)
+    argv_file = tmp_path / "torchrun_argv.txt"
+    stub = stub_dir / "torchrun"
+    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > '{argv_file}'\n")
+    stub.chmod(0o755)
+    env = {"PATH": f"{stub_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), **env_vars}
+    proc = subprocess.run(["bash", str(REPO / "run_distill.sh"), *extra], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return argv_file.read_text().splitlines()
+
+
+def train_args(argv: list[str]) -> list[str]:
+    """What torchrun hands to train.py: everything after the script."""
+    return argv[argv.index("examples/distillation/train.py") + 1:]
+
+
+def test_run_distill_passes_no_recipe_flag_unless_set(tmp_path):
+    argv = run_full_recipe(tmp_path, {})
+    assert argv[argv.index("--nproc_per_node") + 1] == "4"
+    args = train_args(argv)
+    assert not [a for a in args if a in RECIPE_FLAGS + ("--bf16", "--fp16")]
+    assert not [a for a in args if a in ("--student_type", "--teacher_type", "--dump_path")]  # train.py's defaults
+    params = config.build_parser().parse_args(args)
+    assert params.n_gpu == 4 and params.data_file == ["data/binarized"]
+    assert params.teacher_name == "rinna/japanese-gpt2-medium"
+    assert params.student_config == "examples/distillation/training_configs/distilgpt2-ja.json"
+    assert {k: getattr(params, k) for k in RECOMMENDED} == RECOMMENDED
+    assert params.precision is None  # resolved by train.py: auto
+
+
+def test_run_distill_passes_what_is_set_and_extra_arguments_last(tmp_path):
+    argv = run_full_recipe(tmp_path, {"ALPHA_CE": "3", "PRECISION": "fp16", "ALPHA_CLM": "", "DUMP_PATH": "out/run1",
+                                      "N_GPU": "2"}, "--max_steps", "7")
+    args = train_args(argv)
+    pairs = list(zip(args, args[1:]))
+    assert ("--alpha_ce", "3") in pairs and ("--precision", "fp16") in pairs and ("--dump_path", "out/run1") in pairs
+    assert "--alpha_clm" not in args  # set but empty: train.py's default
+    assert args[-2:] == ["--max_steps", "7"]
+    params = config.build_parser().parse_args(args)
+    assert (params.alpha_ce, params.precision, params.n_gpu, params.max_steps) == (3.0, "fp16", 2, 7)
+    assert params.alpha_clm == RECOMMENDED["alpha_clm"]
+
+
+# ---- the benchmarks take their recipe from config.RECIPE -------------------------------------
+
+def load_bench(name: str):
+    """bench/NAME.py as a module, without running it as a script (so it edits no sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_default_recipe_is_the_recipe():
+    quality = load_bench("quality")
+    expected = {"T": RECOMMENDED["temperature"], "ce": RECOMMENDED["alpha_ce"], "clm": RECOMMENDED["alpha_clm"],
+                "cos": RECOMMENDED["alpha_cos"]}
+    assert quality.DEFAULT_RECIPE == expected
+    assert quality.build_parser().parse_args([]).recipe == expected
+    # the students' loss flags are valid train.py settings: with a teacher, and without one
+    runs = quality.student_runs(quality.DEFAULT_RECIPE)
+    kd = config.parse_config(REQUIRED + ["--n_gpu", "0", *map(str, runs["kd"]["args"])])
+    assert {k: getattr(kd, k) for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")} == \
+        {k: RECOMMENDED[k] for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")}
+    alone = ["--data_file", "data", "--student_config", "s.json", "--tokenizer_name", "tok", "--n_gpu", "0"]
+    no_kd = config.parse_config(alone + [str(a) for a in runs["no_kd"]["args"]])
+    assert (no_kd.alpha_ce, no_kd.alpha_clm, no_kd.alpha_mse, no_kd.alpha_cos) == (0, 1, 0, 0)
