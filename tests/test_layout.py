@@ -1,0 +1,65 @@
+"""Project conventions: no import side effects, every command runs from any folder, one layering."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+LIBRARY_DIRS = ("distil_ja", "data_prep", "examples/distillation", "examples/distillation/scripts", "bench")
+COMMANDS = [
+    "data_prep/build_corpus.py", "data_prep/make_tokenizer.py", "data_prep/binarize.py",
+    "examples/distillation/train.py", "examples/distillation/evaluate.py", "examples/distillation/export.py",
+    "examples/distillation/generate.py", "examples/distillation/scripts/extract.py",
+    "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
+]
+
+
+def python_files():
+    for folder in LIBRARY_DIRS:
+        yield from sorted((REPO / folder).glob("*.py"))
+
+
+def test_importing_any_module_leaves_sys_path_alone():
+    """Each file is imported under its own name (not __main__), as a test or another module would."""
+    code = (
+        "import importlib.util, sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'examples' / 'distillation')!r}]\n"
+        "before = list(sys.path)\n"
+        "for path in sys.argv[1:]:\n"
+        "    name = 'probe_' + path.replace('/', '_').removesuffix('.py')\n"
+        "    spec = importlib.util.spec_from_file_location(name, path)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "    assert sys.path == before, (path, set(sys.path) ^ set(before))\n"
+    )
+    files = [str(p) for p in python_files() if p.name != "__init__.py"]
+    proc = subprocess.run([sys.executable, "-c", code, *files], cwd="/", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_runs_from_another_folder(command, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / command), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def imported_roots(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_the_shared_base_imports_nothing_above_it():
+    """distil_ja/ is the bottom layer: data_prep/ and examples/distillation/ import it, never the reverse."""
+    above = {"data_prep", "examples"} | {p.stem for p in (REPO / "examples" / "distillation").glob("*.py")}
+    for path in (REPO / "distil_ja").glob("*.py"):
+        assert not above & set(imported_roots(path)), path
+    for path in (REPO / "data_prep").glob("*.py"):
+        assert not (above - {"data_prep"}) & set(imported_roots(path)), path
