@@ -14,7 +14,7 @@ from tqdm import tqdm
 import checkpoint
 import losses
 from config import amp_dtype
-from distil_ja.cli import TrainingError
+from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
 from losses import clm_loss_sum, cos_loss_sum, kd_clm_loss_sums, kd_loss_sum, mse_loss_sum
@@ -275,7 +275,7 @@ class Distiller:
             return False
         path, training_state, rank_state = found
         if training_state["world_size"] != self.runtime.world_size:
-            raise TrainingError(f"{path} was written by {training_state['world_size']} process(es), "
+            raise UsageError(f"{path} was written by {training_state['world_size']} process(es), "
                                 f"this run has {self.runtime.world_size}; resume with the same number")
         self.raw_student().load_state_dict(training_state["student"])
         self.optimizer.load_state_dict(training_state["optimizer"])
