@@ -2,7 +2,7 @@
 
 Sentence splitting: rinna split Wikipedia with MeCab; fugashi + unidic-lite would do that
 here but runs at a few hundred KB/s.  ``split_sentences`` is a rule-based splitter instead
-(tested in tests/test_data_prep_text.py): it splits after 。 (and ！？!? when they end
+(tested in tests/data_prep/test_text_clean.py): it splits after 。 (and ！？!? when they end
 Japanese text or are followed by a space), keeps closing brackets/quotes with their sentence,
 and never splits inside a *matched* bracket or quote pair (「…。」 『…』 (…) 【…】 …), so
 ``「行くよ。」と彼は言った。`` stays one sentence.  Unmatched brackets are ignored, so a

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 LIBRARY_DIRS = ("distil_ja", "data_prep", "examples/distillation", "examples/distillation/scripts", "bench")
 COMMANDS = [

@@ -10,7 +10,7 @@ import torch
 import export
 import models
 import train
-from conftest import REPO, TINY_VOCAB, gpt2_config, train_args
+from helpers import REPO, TINY_VOCAB, gpt2_config, train_args
 from distil_ja.cli import EXIT_USAGE, UsageError
 
 spec = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")

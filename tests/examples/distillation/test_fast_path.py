@@ -5,9 +5,9 @@ import torch
 
 import losses
 import train
-from conftest import train_args
+from helpers import train_args
 from losses import clm_loss_sum, kd_clm_loss_sums, kd_loss_sum
-from test_train import read_scalars, weights
+from helpers import read_scalars, weights
 
 torch.set_num_threads(1)
 
@@ -114,7 +114,7 @@ def test_dataloader_workers_give_identical_weights(tiny_setup, default_run, tmp_
 def test_padding_fraction_is_logged(tiny_setup, default_run):
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    from conftest import random_sequences
+    from helpers import random_sequences
 
     sequences = random_sequences(64)  # the tiny_setup shard; all kept (12..40 tokens, no <unk>)
     sampler = DistributedSampler(range(len(sequences)), num_replicas=1, rank=0, shuffle=True, seed=56)

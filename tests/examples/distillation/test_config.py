@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import config
-from conftest import REPO
+from helpers import REPO
 from distil_ja.cli import UsageError
 
 # The recommended recipe as written here, independently of config.py: changing it is a decision

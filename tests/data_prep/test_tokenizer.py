@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, T5Tokenizer
 
 from data_prep import make_tokenizer
 from data_prep.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
-from fixtures_data_prep import sentence, tiny_tokenizer_dir, training_text
+from data_prep_fixtures import sentence, tiny_tokenizer_dir, training_text
 
 LAYOUT = ["<unk>", "<s>", "</s>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 

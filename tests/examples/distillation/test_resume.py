@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import train
 from distil_ja.cli import EXIT_DATA, EXIT_TRAINING, EXIT_USAGE
-from conftest import REPO, TRAIN_PY, gpt2_config, random_sequences, train_args, write_shard
+from helpers import REPO, TRAIN_PY, gpt2_config, random_sequences, train_args, write_shard
 
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
 

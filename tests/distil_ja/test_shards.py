@@ -1,5 +1,5 @@
-"""The shared base layer (distil_ja/), checked against independent references: files are read
-back with plain open/pickle/json and hashed with hashlib, not with the module under test."""
+"""distil_ja/shards.py: the token-shard format, read back with plain pickle/json and hashed with hashlib."""
+
 import hashlib
 import json
 import os
@@ -8,116 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from distil_ja import cli, fileio, shards
-from distil_ja.cli import DataError, TrainingError, UsageError
-
-# ---- cli ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("message, expected", [
-    ("first\nsecond\nthird", "first"),
-    ("\n\n  indented first  \nsecond", "indented first"),
-    ("", "ValueError"),
-    ("  \n\t\n ", "ValueError"),
-])
-def test_first_line(message, expected):
-    assert cli.first_line(ValueError(message)) == expected
-
-
-def raiser(err):
-    def run(argv):
-        raise err
-    return run
-
-
-@pytest.mark.parametrize("err, status, line", [
-    (DataError("data.pickle: truncated\nmore detail"), 1, "error: data.pickle: truncated"),
-    (UsageError("--batch_size must be positive"), 2, "error: --batch_size must be positive"),
-    (TrainingError("loss is nan"), 3, "error: loss is nan"),
-    (KeyboardInterrupt(), 130, "error: interrupted"),
-    (KeyboardInterrupt("out/ is incomplete (no manifest.json)"), 130,
-     "error: interrupted: out/ is incomplete (no manifest.json)"),
-    (DataError(""), 1, "error: DataError"),
-])
-def test_run_command_prints_one_line_and_returns_the_table_status(capsys, err, status, line):
-    assert cli.run_command(raiser(err), ["--x"]) == status
-    captured = capsys.readouterr()
-    assert captured.err == line + "\n" and captured.out == ""
-
-
-@pytest.mark.parametrize("returned, status", [(None, 0), (0, 0), (4, 4)])
-def test_run_command_passes_argv_and_returns_main_status(capsys, returned, status):
-    seen = []
-
-    def run(argv):
-        seen.append(argv)
-        return returned
-
-    assert cli.run_command(run, ["a", "b"]) == status
-    assert seen == [["a", "b"]] and capsys.readouterr().err == ""
-
-
-def test_run_command_lets_unknown_exceptions_propagate(capsys):
-    with pytest.raises(ZeroDivisionError):
-        cli.run_command(raiser(ZeroDivisionError("a bug")))
-    assert capsys.readouterr().err == ""  # the traceback is Python's to print, not an error: line
-
-
-def test_argument_parser_errors_are_usage_errors(capsys):
-    def run(argv):
-        parser = cli.ArgumentParser(prog="cmd.py")
-        parser.add_argument("--n", type=int, required=True)
-        return parser.parse_args(argv).n - 7
-
-    assert cli.run_command(run, ["--n", "7"]) == 0
-    assert cli.run_command(run, ["--n", "seven"]) == 2
-    assert cli.run_command(run, []) == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: ") and "cmd.py --help" in line for line in lines)
-    assert "--n" in lines[1] and "usage:" not in "".join(lines)
-    with pytest.raises(SystemExit) as info:  # --help is no error
-        run(["--help"])
-    assert info.value.code == 0 and "usage: cmd.py" in capsys.readouterr().out
-
-
-def test_exit_table_values():
-    assert (cli.EXIT_OK, cli.EXIT_DATA, cli.EXIT_USAGE, cli.EXIT_TRAINING, cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 130)
-
-
-# ---- fileio -------------------------------------------------------------------------------
-
-
-def test_atomic_writes_replace_the_content(tmp_path):
-    path = tmp_path / "f.bin"
-    path.write_bytes(b"old content, longer than the new one")
-    fileio.write_bytes(path, b"new")
-    assert open(path, "rb").read() == b"new"
-    fileio.write_text(path, "テキスト\n")
-    assert open(path, encoding="utf-8").read() == "テキスト\n"
-    assert os.listdir(tmp_path) == ["f.bin"]
-
-
-def test_exception_inside_atomic_open_keeps_the_old_file(tmp_path):
-    path = tmp_path / "keep.txt"
-    path.write_text("old", encoding="utf-8")
-    with pytest.raises(RuntimeError, match="disk full"):
-        with fileio.atomic_open(path, "w", encoding="utf-8") as f:
-            f.write("half of the new")
-            raise RuntimeError("disk full")
-    assert open(path, encoding="utf-8").read() == "old"
-    assert os.listdir(tmp_path) == ["keep.txt"]  # no keep.txt.tmp left behind
-
-
-def test_write_json_round_trips_non_ascii(tmp_path):
-    obj = {"名前": "東京", "emoji": "☃", "nested": [1, 2.5, None, {"ｶﾅ": True}]}
-    path = tmp_path / "x.json"
-    fileio.write_json(path, obj)
-    raw = open(path, "rb").read().decode("utf-8")
-    assert json.loads(raw) == obj
-    assert "東京" in raw and "\\u" not in raw and raw.endswith("\n")  # readable, not escaped
-
-
-# ---- shards -------------------------------------------------------------------------------
+from distil_ja import shards
+from distil_ja.cli import DataError
 
 
 def seqs(n, seed=0, dtype=np.uint16, offset=0):

@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 import perplexity
-from conftest import REPO, gpt2_config, random_sequences, write_shard
+from helpers import REPO, gpt2_config, random_sequences, write_shard
 
 EVALUATE_PY = REPO / "examples" / "distillation" / "evaluate.py"
 DEV_TEXT = REPO / "data_prep" / "sample" / "ja_dev.txt"
@@ -150,7 +150,7 @@ def test_cli_bad_input_gives_one_clear_line(tiny_setup, tmp_path, capsys, extra,
 
 def test_training_scores_the_student_on_held_out_data(tiny_setup, tmp_path):
     import train
-    from conftest import train_args
+    from helpers import train_args
 
     dev = write_shard(tmp_path / "dev.pickle", random_sequences(5, seed=9))
     dump = tmp_path / "run"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from config import RECIPE
-from conftest import REPO
+from helpers import REPO
 
 
 def run_bench(tmp_path, *extra):

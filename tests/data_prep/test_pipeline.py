@@ -15,10 +15,11 @@ from data_prep.binarize import binarize
 from data_prep.tokenization import iter_documents
 from distil_ja.cli import DataError
 from distil_ja.shards import dtype_for_vocab, load_manifest, read_shard
-from fixtures_data_prep import (plain_text_bytes, tiny_tokenizer_dir, write_cc100_xz, write_cirrus_dump,
+from helpers import REPO as REPO_PATH
+from data_prep_fixtures import (plain_text_bytes, tiny_tokenizer_dir, write_cc100_xz, write_cirrus_dump,
                                 write_truncated_xz)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_PATH)
 
 
 def read_all(out_dir):

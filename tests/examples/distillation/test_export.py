@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import export
-from conftest import gpt2_config
+from helpers import gpt2_config
 from distil_ja.cli import EXIT_USAGE, UsageError
 
 UPPERCASE_TEXT = "GPUとPythonで東京のAIモデルをTrainする。ＡＢＣの本"

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
-from conftest import TRAIN_PY, REPO, train_args
+from helpers import REPO, TRAIN_PY, assert_same_weights, read_scalars, train_args, weights
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE
 
 
@@ -18,16 +17,6 @@ def run_train(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}"}
     return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True, env=env,
                           timeout=300, **kwargs)
-
-
-def weights(dump_path):
-    return load_file(str(dump_path / "model.safetensors"))
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
@@ -55,7 +44,7 @@ def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
 def test_training_lowers_the_loss(tiny_setup, tmp_path):
     import numpy as np
 
-    from conftest import TINY_VOCAB, write_shard
+    from helpers import TINY_VOCAB, write_shard
 
     rng = np.random.default_rng(0)  # counting sequences: each token is the previous plus one
     counting = [np.array([1, *((start + np.arange(30)) % (TINY_VOCAB - 7) + 7), 2], dtype=np.uint16)
@@ -66,21 +55,6 @@ def test_training_lowers_the_loss(tiny_setup, tmp_path):
     train.run(args)
     losses = read_scalars(tmp_path / "run" / "log", "losses/clm")
     assert len(losses) == 2 and losses[1] < losses[0] - 0.5
-
-
-def read_scalars(log_dir, tag):
-    from tensorboardX.proto import event_pb2
-
-    values = []
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
-            length = int.from_bytes(data[pos : pos + 8], "little")
-            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 16 + length
-            values += [v.simple_value for v in event.summary.value if v.tag == tag]
-    return values
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
@@ -168,7 +142,7 @@ def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path):
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
-    from conftest import random_sequences, write_shard
+    from helpers import random_sequences, write_shard
 
     bad = random_sequences(8, vocab_size=1000, seed=5)
     shard = write_shard(tmp_path / "big_ids.pickle", bad)

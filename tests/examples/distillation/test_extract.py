@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_VOCAB, gpt2_config
+from helpers import REPO, TINY_VOCAB, gpt2_config
 from distil_ja.cli import EXIT_USAGE, UsageError
 
 EXTRACT = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")

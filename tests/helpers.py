@@ -1,0 +1,80 @@
+"""Plain helpers shared by the tests (fixtures live in conftest.py): tiny configs, random shards,
+train.py argument lists, and readers of what a run wrote."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "examples" / "distillation" / "train.py"
+TINY_VOCAB = 192
+
+
+def gpt2_config(n_layer=2, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positions=64):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs are comparable bit for bit
+    )
+
+
+def random_sequences(n, min_len=12, max_len=40, vocab_size=TINY_VOCAB, seed=0):
+    """`<s> ... </s>` sequences of random ordinary tokens (ids 7..vocab-1)."""
+    rng = np.random.default_rng(seed)
+    return [
+        np.concatenate(([1], rng.integers(7, vocab_size, rng.integers(min_len, max_len + 1) - 2), [2])).astype(np.uint16)
+        for _ in range(n)
+    ]
+
+
+def write_shard(path: Path, sequences) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump(sequences, f)
+    return path
+
+
+def train_args(setup, dump_path, *extra):
+    """A complete train.py argument list for the tiny setup, CPU, fp32."""
+    return [
+        "--dump_path", str(dump_path), "--data_file", str(setup["data"]),
+        "--student_config", str(setup["student_config"]), "--teacher_name", str(setup["teacher"]),
+        "--tokenizer_name", str(setup["tokenizer"]), "--n_gpu", "0",
+        "--batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps", "6",
+        "--learning_rate", "1e-3", "--warmup_prop", "0.0", "--log_interval", "2", "--checkpoint_interval", "3",
+        "--alpha_ce", "0.5", "--alpha_clm", "0.5", "--alpha_cos", "0.1", "--no-group_by_size",
+        *extra,
+    ]
+
+
+def weights(dump_path):
+    """The final student's tensors (model.safetensors) of a run."""
+    from safetensors.torch import load_file
+
+    return load_file(str(dump_path / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def read_scalars(log_dir, tag):
+    """A tensorboard scalar's values, read from the event files with tensorboardX's protobufs."""
+    from tensorboardX.proto import event_pb2
+
+    values = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
