@@ -155,3 +155,25 @@ def test_quality_default_recipe_is_the_recipe():
     alone = ["--data_file", "data", "--student_config", "s.json", "--tokenizer_name", "tok", "--n_gpu", "0"]
     no_kd = config.parse_config(alone + [str(a) for a in runs["no_kd"]["args"]])
     assert (no_kd.alpha_ce, no_kd.alpha_clm, no_kd.alpha_mse, no_kd.alpha_cos) == (0, 1, 0, 0)
+
+
+def test_readme_by_hand_command_is_the_design_card_command_with_the_recipe():
+    """The README's 'same by hand' torchrun line passes inputs only: its parsed settings are the recipe."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4")
+    lines = []
+    for line in text[start:].splitlines():
+        lines.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    words = " ".join(lines).split()
+    argv = words[argv_start(words):]
+    assert not set(argv) & set(RECIPE_FLAGS), argv
+    argv[argv.index("--n_gpu") + 1] = "0"  # parsed here, on the CPU
+    params = config.parse_config(argv)
+    assert {k: getattr(params, k) for k in RECOMMENDED} == RECOMMENDED
+
+
+def argv_start(words: list[str]) -> int:
+    """Index of the first train.py argument in a `torchrun ... train.py ARGS` command."""
+    return next(i for i, w in enumerate(words) if w.endswith("train.py")) + 1
