@@ -1,0 +1,242 @@
+"""The Distiller's step against the textbook: loss terms and their normalisation, the world-size factor,
+DDP gradient sync under accumulation, the non-finite streak counter, and the log window across a resume.
+
+Runs stay in this process (fast): whole runs through train.run / train.main on the tiny setup, single
+steps through Distiller.optimize_step on a hand-made window of micro-batches.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from transformers import GPT2LMHeadModel
+
+import checkpoint
+import distiller
+import models
+import train
+from config import parse_config
+from distil_ja.cli import EXIT_OK, EXIT_TRAINING
+from distiller import Distiller
+from helpers import assert_same_weights, random_sequences, train_args, weights
+from lm_seqs_dataset import LmSeqsDataset
+from utils import Runtime
+
+TEMPERATURE = 2.0  # not 1, so that a missing T or T^2 shows
+
+
+def metrics(dump):
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- non-finite steps: --max_nonfinite counts a streak, not a total ------------------------------
+
+def nan_on_steps(monkeypatch, steps):
+    """Every loss term (hence every gradient) is NaN on these optimizer steps (1-based)."""
+    real = Distiller.loss_sums
+
+    def patched(self, token_ids, lengths):
+        sums = real(self, token_ids, lengths)
+        return {k: v * float("nan") for k, v in sums.items()} if self.n_steps + 1 in steps else sums
+
+    monkeypatch.setattr(Distiller, "loss_sums", patched)
+
+
+def test_nonfinite_streaks_shorter_than_the_limit_do_not_stop_the_run(tiny_setup, tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, {2, 3, 5, 6})  # 4 bad steps in all, never 3 in a row
+    dump = tmp_path / "run"
+    code = train.main(train_args(tiny_setup, dump, "--max_steps", "8", "--max_nonfinite", "3",
+                                 "--log_interval", "1", "--checkpoint_interval", "0"))
+    assert code == EXIT_OK
+    logged = metrics(dump)
+    assert [m["step"] for m in logged] == [1, 4, 7, 8]
+    assert [m["skipped_steps"] for m in logged] == [0, 2, 4, 4]
+    assert (dump / "model.safetensors").is_file()
+
+
+def test_a_streak_of_max_nonfinite_steps_stops_the_run_and_keeps_the_last_checkpoint(
+        tiny_setup, tmp_path, monkeypatch, capsys):
+    nan_on_steps(monkeypatch, {2, 3, 5, 6, 9, 10, 11})  # two short streaks, then a full one ending at step 11
+    dump = tmp_path / "run"
+    code = train.main(train_args(tiny_setup, dump, "--max_steps", "20", "--max_nonfinite", "3",
+                                 "--log_interval", "1", "--checkpoint_interval", "4"))
+    assert code == EXIT_TRAINING
+    assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
+    assert [m["step"] for m in metrics(dump)] == [1, 4, 7, 8]
+    assert checkpoint.list_checkpoints(dump) == [dump / "checkpoint_step00000008", dump / "checkpoint_step00000004"]
+    state = torch.load(dump / "checkpoint_step00000008" / "training_state.pt", weights_only=True)
+    assert state["loop_state"]["n_steps"] == 8 and state["loop_state"]["n_skipped"] == 4
+    assert not (dump / "model.safetensors").exists()
+
+
+# ---- resume: the log window of a checkpoint ------------------------------------------------------
+
+class Crash(Exception):
+    """Stands in for the SIGKILL of utils.inject_fault, so that the run stops inside this process."""
+
+
+def crash_after_step_5(point, step):
+    if (point, step) == ("after_step", 5):
+        raise Crash
+
+
+def test_resume_restores_the_log_window(tiny_setup, tmp_path, monkeypatch):
+    """Logging every 4 steps and checkpointing every 3: the checkpoint of step 3 holds steps 1-3 of the
+    window that the line of step 4 reports, so a resumed run writes it only if it restores the window."""
+    def args(dump, *extra):
+        return train_args(tiny_setup, dump, "--max_steps", "8", "--log_interval", "4", "--checkpoint_interval", "3",
+                          *extra)
+
+    reference, dump = tmp_path / "reference", tmp_path / "run"
+    train.run(args(reference))
+    with monkeypatch.context() as patch:
+        patch.setattr(distiller, "inject_fault", crash_after_step_5)
+        with pytest.raises(Crash):
+            train.run(args(dump))
+    assert [m["step"] for m in metrics(dump)] == [4]  # written before the crash, after the checkpoint of step 3
+    assert [p.name for p in checkpoint.list_checkpoints(dump)] == ["checkpoint_step00000003"]
+    train.run(args(dump, "--resume"))
+    assert [m["step"] for m in metrics(reference)] == [4, 8]
+    assert (dump / "metrics.jsonl").read_text().splitlines() == (reference / "metrics.jsonl").read_text().splitlines()
+    assert_same_weights(weights(reference), weights(dump), atol=0)
+
+
+# ---- one optimizer step against plain torch ------------------------------------------------------
+
+@pytest.fixture
+def make_distiller(tiny_setup, tmp_path):
+    """make(world_size, *flags): a Distiller on the tiny teacher and a fresh student, all four loss terms on,
+    no gradient clipping (so the gradient the optimizer sees is the loss's)."""
+    built = []
+
+    def make(world_size, *extra):
+        params = parse_config(train_args(tiny_setup, tmp_path / "run", "--alpha_mse", "0.3", "--temperature",
+                                         str(TEMPERATURE), "--max_grad_norm", "1e9", *extra))
+        teacher = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"]).requires_grad_(False).eval()
+        torch.manual_seed(0)
+        student = models.build_student(models.load_config(params.student_config, "gpt2"), "gpt2")
+        dataset = LmSeqsDataset(random_sequences(16, seed=1), 64)
+        built.append(Distiller(params, Runtime(world_size=world_size), dataset, student, teacher))
+        return built[-1]
+
+    yield make
+    for made in built:
+        made.log.close()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group: enough for the Distiller to wrap its student in DDP inside this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def micro_batches(made, sizes, start=0):
+    """Consecutive sequences of the dataset in micro-batches of `sizes`, padded as the DataLoader pads them."""
+    window = []
+    for size in sizes:
+        window.append(made.dataset.batch_sequences(made.dataset.sequences[start : start + size]))
+        start += size
+    assert all(len(set(lengths.tolist())) > 1 for _, lengths in window)  # padding in every micro-batch
+    return window
+
+
+def textbook_terms(student, teacher, window, alphas):
+    """Each weighted loss term of the window as a mean, in plain torch, sequence by sequence without padding:
+    KD (T^2 KL(teacher_T || student_T)), MSE of the logits and 1 - cos of the last hidden states over the
+    real positions; next-token cross-entropy over the predicted ones (a sequence of n tokens predicts n - 1)."""
+    sums = dict.fromkeys(("ce", "clm", "mse", "cos"), 0.0)
+    n_real = n_pred = 0
+    for token_ids, lengths in window:
+        for row, n in zip(token_ids, lengths.tolist()):
+            s = student(input_ids=row[None, :n], output_hidden_states=True)
+            with torch.no_grad():
+                t = teacher(input_ids=row[None, :n], output_hidden_states=True)
+            s_logits, t_logits = s.logits[0], t.logits[0]
+            log_p_s = torch.log_softmax(s_logits / TEMPERATURE, dim=-1)
+            log_p_t = torch.log_softmax(t_logits / TEMPERATURE, dim=-1)
+            sums["ce"] = sums["ce"] + TEMPERATURE**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+            sums["clm"] = sums["clm"] + F.cross_entropy(s_logits[:-1], row[1:n], reduction="sum")
+            sums["mse"] = sums["mse"] + ((s_logits - t_logits) ** 2).sum()
+            cos = F.cosine_similarity(s.hidden_states[-1][0], t.hidden_states[-1][0], dim=-1)
+            sums["cos"] = sums["cos"] + (1 - cos).sum()
+            n_real, n_pred = n_real + n, n_pred + n - 1
+    return {k: v / (n_pred if k == "clm" else n_real) for k, v in sums.items() if alphas[k] > 0}
+
+
+def step_and_copy(made, window):
+    """One optimize_step on `window`: (the terms it returned, the gradients the optimizer got, a copy of the
+    student as it was before the step)."""
+    student = made.raw_student()
+    before = GPT2LMHeadModel(student.config)
+    before.load_state_dict(student.state_dict())
+    grads = {}
+
+    def capture(optimizer, args, kwargs):
+        grads.update({name: p.grad.clone() for name, p in student.named_parameters()})
+
+    hook = made.optimizer.register_step_pre_hook(capture)
+    terms = made.optimize_step(window)
+    hook.remove()
+    return terms, grads, before
+
+
+@pytest.mark.parametrize("fused", ["--fused_loss", "--no-fused_loss"])
+def test_step_terms_are_the_textbook_means(make_distiller, fused):
+    """CLM is divided by the predicted positions, the other terms by the real ones, over the whole step."""
+    made = make_distiller(1, fused, "--gradient_accumulation_steps", "2")
+    window = micro_batches(made, [3, 2])
+    terms, _, before = step_and_copy(made, window)
+    expected = textbook_terms(before, made.teacher, window, made.alphas)
+    assert terms.keys() == expected.keys() == {"ce", "clm", "mse", "cos"}
+    for k, value in expected.items():
+        assert terms[k].item() == pytest.approx(value.item(), rel=1e-5), k
+
+
+def test_step_gradient_is_the_global_batch_mean_with_two_ranks(make_distiller, process_group, monkeypatch):
+    """The world-size factor, in one process: world_size 2 over a one-process gloo group stands for two ranks
+    that hold the same micro-batches. Their all-reduce of position counts is a sum of equal tensors (patched in
+    as x2); DDP's average of two equal gradients is the gradient itself (a one-process DDP averages over one).
+    The step's gradient must then be that of the textbook mean over the global batch (both ranks' copies),
+    which equals the mean over this rank's window; without the factor it would be half of it."""
+    made = make_distiller(2, "--gradient_accumulation_steps", "2")
+    assert isinstance(made.student, DistributedDataParallel)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: tensor.mul_(2))
+    window = micro_batches(made, [3, 2])
+    _, grads, before = step_and_copy(made, window)
+    expected = textbook_terms(before, made.teacher, window, made.alphas)
+    sum(made.alphas[k] * v for k, v in expected.items()).backward()
+    assert grads.keys() == dict(before.named_parameters()).keys()
+    for name, p in before.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_ddp_syncs_gradients_only_on_the_last_micro_batch(make_distiller, process_group):
+    """With 4 micro-batches a step, the first 3 run forward and backward under DDP's no_sync() and the
+    gradient all-reduce (seen through a DDP communication hook) fires during the 4th's backward only."""
+    made = make_distiller(2, "--gradient_accumulation_steps", "4")
+    ddp = made.student
+    assert isinstance(ddp, DistributedDataParallel)
+    under_no_sync, reduced_on = [], []
+    real_loss_sums = made.loss_sums
+
+    def recording_loss_sums(token_ids, lengths):
+        under_no_sync.append(not ddp.require_backward_grad_sync)  # what no_sync() sets for the forward
+        return real_loss_sums(token_ids, lengths)
+
+    def recording_allreduce(state, bucket):  # a one-process all-reduce: the bucket as it is
+        reduced_on.append(len(under_no_sync) - 1)
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    made.loss_sums = recording_loss_sums
+    ddp.register_comm_hook(None, recording_allreduce)
+    for step in range(2):
+        made.optimize_step(micro_batches(made, [2, 2, 2, 2], start=8 * step))
+    assert under_no_sync == [True, True, True, False] * 2
+    assert reduced_on and sorted(set(reduced_on)) == [3, 7]
