@@ -24,19 +24,35 @@ Output directory (the format is distil_ja/shards.py's, which every reader uses):
         dtype           "uint16" | "int32"
         shard_size      target tokens per shard
         inputs          the input text files, in order
+        input_counts    [{"file", "lines", "undecodable_lines", "documents", "tokens", "unk_tokens"}],
+                        one per input in the order of "inputs" (undecodable_lines: lines that
+                        were not valid UTF-8, their bad bytes read as U+FFFD, i.e. <unk>)
+        bad_text        {"allowed", "max_undecodable_line_fraction", "max_unk_token_fraction",
+                         "unk_check_min_tokens"}: the limits below and whether --allow_bad_text
         shards          [{"file", "documents", "sequences", "tokens", "unk_tokens", "bytes", "sha256"}]
-        totals          {"shards", "documents", "sequences", "tokens", "unk_tokens"}
+        totals          {"shards", "documents", "sequences", "tokens", "unk_tokens", "lines",
+                         "undecodable_lines"}
     Shards are byte-identical for the same input whatever --num_workers (chunks are processed
     in parallel but assembled in input order); nothing is shuffled.
+
+Bad text (e.g. a cp932/Shift-JIS file, or a script the vocabulary lacks) is refused, not
+binarized into <unk>: an input with more than 1% of its lines not valid UTF-8 is refused as soon
+as that file has been read (before the next file is opened, so a large corpus fails within one
+file of the bad one), and an overall <unk> rate over 5% of tokens (checked on at least 1,000
+tokens) when all input is encoded, before manifest.json is written.  Either is one line
+`error: ...` (exit 1) naming the file(s) and the numbers; --allow_bad_text binarizes such
+input anyway (with a warning).  The counts are logged and kept in manifest.json either way.
 
 Memory stays flat whatever the corpus size: documents are streamed, at most 2 chunks per
 worker are in flight, and only the current shard is held.
 
-Exit status (distil_ja/cli.py): 0 done; 1 an input is missing, unreadable, truncated or holds no
-document; 2 bad flags, a tokenizer that does not load, an output folder in the way (not empty,
-no --overwrite) or not writable; 130 interrupted (the output has no manifest.json: incomplete).
+Exit status (distil_ja/cli.py): 0 done; 1 an input is missing, unreadable, truncated, holds no
+document, or is bad text (see above; no manifest.json is written); 2 bad flags, a tokenizer that
+does not load, an output folder in the way (not empty, no --overwrite) or not writable; 130
+interrupted (the output has no manifest.json: incomplete).
 """
 import collections
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -59,6 +75,12 @@ from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run
 logger = logging.getLogger("binarize")
 
 UNITS = ("doc", "line")
+
+# Bad text (see the module docstring): refused unless allow_bad_text.
+MAX_UNDECODABLE_LINE_FRACTION = 0.01  # of one input file's lines
+MAX_UNK_TOKEN_FRACTION = 0.05  # of all tokens written
+UNK_CHECK_MIN_TOKENS = 1000  # a rate over fewer tokens says nothing about the corpus
+ALLOW_HINT = "or pass --allow_bad_text to binarize it anyway"
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,15 +161,88 @@ def _encode_in_worker(args):
 
 
 def iter_chunks(documents, lines_per_chunk):
-    chunk, n = [], 0
-    for doc in documents:
+    """Lists of documents of about lines_per_chunk lines; documents are (input index, lines)
+    pairs, and each chunk is (documents' lines, their input indices)."""
+    chunk, inputs, n = [], [], 0
+    for index, doc in documents:
         chunk.append(doc)
+        inputs.append(index)
         n += len(doc)
         if n >= lines_per_chunk:
-            yield chunk
-            chunk, n = [], 0
+            yield chunk, inputs
+            chunk, inputs, n = [], [], 0
     if chunk:
-        yield chunk
+        yield chunk, inputs
+
+
+def _percent(part, whole):
+    return f"{100.0 * part / max(whole, 1):.2f}%"
+
+
+class InputCounts:
+    """Per-input counts (lines, undecodable lines, documents, tokens, <unk>) and the bad-text
+    checks: a file is checked as soon as it has been read, the <unk> rate once all is encoded."""
+
+    def __init__(self, files, allow_bad_text=False):
+        self.files = list(files)
+        self.allow_bad_text = allow_bad_text
+        n = len(self.files)
+        self.lines = np.zeros(n, dtype=np.int64)
+        self.undecodable = np.zeros(n, dtype=np.int64)
+        self.documents = np.zeros(n, dtype=np.int64)
+        self.tokens = np.zeros(n, dtype=np.int64)
+        self.unk = np.zeros(n, dtype=np.int64)
+
+    def file_read(self, index, path, lines, undecodable):
+        """iter_documents' on_file: record, and refuse a file over the undecodable-line limit."""
+        self.lines[index], self.undecodable[index] = lines, undecodable
+        if not undecodable:
+            return
+        over = undecodable > MAX_UNDECODABLE_LINE_FRACTION * lines
+        message = f"{path}: {undecodable:,} of {lines:,} lines ({_percent(undecodable, lines)}) are not valid UTF-8"
+        if over and not self.allow_bad_text:
+            raise DataError(f"{message} (limit {MAX_UNDECODABLE_LINE_FRACTION:.0%}): convert it to UTF-8 "
+                            f"(e.g. iconv -f cp932 -t utf-8 IN > OUT) {ALLOW_HINT} (undecodable bytes become <unk>)")
+        logger.warning("%s; their undecodable bytes become <unk>%s", message,
+                       " (over the limit: --allow_bad_text)" if over else "")
+
+    def add_encoded(self, result, inputs):
+        """Token and <unk> counts of an encoded chunk (encode_chunk's result), by input."""
+        _, lengths, unk, doc_counts = result
+        inputs = np.asarray(inputs, dtype=np.int64)  # non-decreasing: documents come in input order
+        ids, n_docs = np.unique(inputs, return_counts=True)
+        self.documents[ids] += n_docs
+        seq_input = np.repeat(inputs, np.frombuffer(doc_counts, dtype=np.int64))
+        if len(seq_input):
+            ids, first = np.unique(seq_input, return_index=True)
+            self.tokens[ids] += np.add.reduceat(np.frombuffer(lengths, dtype=np.int64), first)
+            self.unk[ids] += np.add.reduceat(np.frombuffer(unk, dtype=np.int64), first)
+
+    def check_unk(self):
+        """Refuse (or, allowed, warn about) an overall <unk> rate over the limit."""
+        tokens, unk = int(self.tokens.sum()), int(self.unk.sum())
+        if tokens < UNK_CHECK_MIN_TOKENS or unk <= MAX_UNK_TOKEN_FRACTION * tokens:
+            return
+        rate = self.unk / np.maximum(self.tokens, 1)
+        worst = [i for i in np.argsort(-rate, kind="stable")[:3].tolist() if self.unk[i]]
+        most = ", ".join(f"{self.files[i]} {_percent(self.unk[i], self.tokens[i])} of {self.tokens[i]:,}"
+                         for i in worst)
+        message = (f"{unk:,} of {tokens:,} tokens ({_percent(unk, tokens)}) are <unk> (limit "
+                   f"{MAX_UNK_TOKEN_FRACTION:.0%}); highest rates: {most}")
+        if not self.allow_bad_text:
+            raise DataError(f"{message}: text in another encoding or a script the tokenizer lacks? Convert it to "
+                            f"UTF-8 (e.g. iconv -f cp932 -t utf-8 IN > OUT) or use a tokenizer that covers it, "
+                            f"{ALLOW_HINT}")
+        logger.warning("%s (--allow_bad_text)", message)
+
+    def manifest_entries(self):
+        return [{"file": f, "lines": int(self.lines[i]), "undecodable_lines": int(self.undecodable[i]),
+                 "documents": int(self.documents[i]), "tokens": int(self.tokens[i]), "unk_tokens": int(self.unk[i])}
+                for i, f in enumerate(self.files)]
+
+    def settings(self):
+        return {"allowed": self.allow_bad_text, "max_undecodable_line_fraction": MAX_UNDECODABLE_LINE_FRACTION,
+                "max_unk_token_fraction": MAX_UNK_TOKEN_FRACTION, "unk_check_min_tokens": UNK_CHECK_MIN_TOKENS}
 
 
 def _ordered_bounded_map(pool, fn, items, max_pending):
@@ -244,16 +339,29 @@ def load_encoder(tokenizer, lowercase):
         raise UsageError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {first_line(e)}") from e
 
 
-def read_documents(files):
-    """iter_documents, its reading errors (unreadable, truncated, corrupt input) as DataError."""
+def read_documents(files, counts=None):
+    """(input index, document) of every file, its reading errors (unreadable, truncated, corrupt
+    input) as DataError; counts (InputCounts) checks each file as soon as it has been read."""
     with reading_inputs():
-        yield from iter_documents(files)
+        for index, path in enumerate(files):
+            on_file = None if counts is None else functools.partial(counts.file_read, index)
+            for doc in iter_documents(path, on_file):
+                yield index, doc
 
 
-def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, progress):
+def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, progress, counts=None):
     """Encode every document of files (in num_workers processes when more than 1) into writer's
-    shards, in input order; DataError when there is no document at all."""
-    chunks = ((chunk, unit) for chunk in iter_chunks(read_documents(files), lines_per_chunk))
+    shards, in input order; DataError when there is no document at all.  The parent reads the
+    text (and counts it in counts, an InputCounts); workers only encode."""
+    counts = counts if counts is not None else InputCounts(files, allow_bad_text=True)
+    chunk_inputs = collections.deque()  # input indices of the chunks read and not yet written
+
+    def read_chunks():
+        for docs, inputs in iter_chunks(read_documents(files, counts), lines_per_chunk):
+            chunk_inputs.append(inputs)
+            yield docs, unit
+
+    chunks = read_chunks()
     pool = bar = None
     try:
         if num_workers <= 1:
@@ -264,6 +372,7 @@ def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, pro
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
         bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
         for result in results:
+            counts.add_encoded(result, chunk_inputs.popleft())
             bar.update(writer.add_chunk(result))
         writer.flush()
     finally:
@@ -284,11 +393,12 @@ def totals_of(shard_entries):
 
 
 def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,
-             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True):
+             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True, allow_bad_text=False):
     """Binarize rinna-layout text; returns the manifest dict (also written to output_dir).
 
-    Raises DataError for unusable inputs and UsageError for bad options, tokenizers and output
-    folders (see the module docstring); an interrupt is re-raised saying the output is incomplete.
+    Raises DataError for unusable inputs (bad text too, unless allow_bad_text) and UsageError for
+    bad options, tokenizers and output folders (see the module docstring); an interrupt is
+    re-raised saying the output is incomplete.
     """
     check_options(unit, shard_size, lines_per_chunk, num_workers)
     files = find_inputs(inputs)
@@ -297,10 +407,16 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
     try:
         prepare_output_dir(output_dir, overwrite)
         writer = ShardWriter(output_dir, shard_size, shards.dtype_for_vocab(encoder.vocab_size))
-        write_shards(writer, files, encoder, unit, num_workers or os.cpu_count() or 1, lines_per_chunk, progress)
+        counts = InputCounts(files, allow_bad_text)
+        write_shards(writer, files, encoder, unit, num_workers or os.cpu_count() or 1, lines_per_chunk, progress,
+                     counts)
+        counts.check_unk()  # refused: the shards stay, without a manifest (incomplete)
+        totals = totals_of(writer.shards)
+        totals.update(lines=int(counts.lines.sum()), undecodable_lines=int(counts.undecodable.sum()))
         manifest = shards.write_manifest(output_dir, {
             "tokenizer": encoder.identity(), "unit": unit, "dtype": writer.dtype.name, "shard_size": shard_size,
-            "inputs": files, "shards": writer.shards, "totals": totals_of(writer.shards)})
+            "inputs": files, "input_counts": counts.manifest_entries(), "bad_text": counts.settings(),
+            "shards": writer.shards, "totals": totals})
     except OSError as e:  # reading errors are DataError by now: this is the output folder
         raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
     except KeyboardInterrupt:
@@ -311,10 +427,11 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
 
 def log_summary(totals, elapsed):
     logger.info(
-        "%d documents, %d sequences, %d tokens (%d <unk>, %.4f%%) in %d shards; %.1fs, %.0f tokens/s",
+        "%d documents, %d sequences, %d tokens (%d <unk>, %.4f%%) in %d shards; %d lines (%d not valid UTF-8); "
+        "%.1fs, %.0f tokens/s",
         totals["documents"], totals["sequences"], totals["tokens"], totals["unk_tokens"],
-        100.0 * totals["unk_tokens"] / max(totals["tokens"], 1), totals["shards"], elapsed,
-        totals["tokens"] / max(elapsed, 1e-9),
+        100.0 * totals["unk_tokens"] / max(totals["tokens"], 1), totals["shards"], totals.get("lines", 0),
+        totals.get("undecodable_lines", 0), elapsed, totals["tokens"] / max(elapsed, 1e-9),
     )
 
 
@@ -331,6 +448,9 @@ def build_parser():
     parser.add_argument("--lines_per_chunk", type=int, default=2048, help="lines per worker task")
     parser.add_argument("--no_lowercase", action="store_true", help="do not lowercase (not for rinna)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--allow_bad_text", action="store_true",
+                        help="binarize anyway an input with over 1%% of its lines not UTF-8, or over 5%% <unk> "
+                             "tokens overall (refused by default; the counts are in manifest.json either way)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -339,7 +459,7 @@ def run(argv):
     args = build_parser().parse_args(argv)
     binarize(args.input, args.tokenizer, args.output_dir, num_workers=args.num_workers, unit=args.unit,
              shard_size=args.shard_size, lines_per_chunk=args.lines_per_chunk, overwrite=args.overwrite,
-             lowercase=not args.no_lowercase, progress=not args.quiet)
+             lowercase=not args.no_lowercase, progress=not args.quiet, allow_bad_text=args.allow_bad_text)
 
 
 def main(argv=None) -> int:

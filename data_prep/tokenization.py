@@ -20,6 +20,7 @@ import re
 import unicodedata
 import zlib
 
+from distil_ja import hub
 from distil_ja.cli import DataError, first_line
 
 SPIECE = "spiece.model"
@@ -100,23 +101,38 @@ def reading_inputs():
         raise DataError(first_line(e)) from e
 
 
-def iter_text_lines(path_or_paths):
-    """Lines (without newline) of text files/directories; undecodable bytes become U+FFFD."""
+def iter_text_lines(path_or_paths, on_file=None):
+    """Lines (without newline) of text files/directories; undecodable bytes become U+FFFD.
+
+    on_file(path, lines, undecodable_lines), when given, is called as each file ends, before
+    the next one is opened: its number of lines and how many of them were not valid UTF-8
+    (text that already holds U+FFFD is valid UTF-8 and not counted).  It may raise to stop.
+    Counting costs nothing on valid lines: the strict decode is tried first, as before.
+    """
     for path in expand_paths(path_or_paths):
+        lines = undecodable = 0
         try:
             with open_binary(path) as f:
-                for raw in f:
-                    yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                for lines, raw in enumerate(f, 1):
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = raw.decode("utf-8", errors="replace")
+                        undecodable += 1
+                    yield text.rstrip("\r\n")
         except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
             raise ValueError(f"{path} is truncated or corrupt: {e}") from e
+        if on_file is not None:
+            on_file(path, lines, undecodable)
 
 
-def iter_documents(path_or_paths):
+def iter_documents(path_or_paths, on_file=None):
     """Documents of rinna-layout text (one sentence/paragraph per line, a blank line after
-    each document): yields each document as a list of lines.  Documents never span files."""
+    each document): yields each document as a list of lines.  Documents never span files.
+    on_file: as iter_text_lines (called before the file's last document is yielded)."""
     for path in expand_paths(path_or_paths):
         doc = []
-        for line in iter_text_lines(path):
+        for line in iter_text_lines(path, on_file):
             if line.strip():
                 doc.append(line)
             elif doc:
@@ -138,9 +154,12 @@ def load_tokenizer(name_or_dir):
     """
     from transformers import AutoTokenizer, T5Tokenizer
 
+    hub.check_fetchable(name_or_dir, "tokenizer", "tokenizer_config.json")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
     except Exception as first:  # noqa: BLE001 - any failure: try the rinna-style loader
+        if not os.path.isfile(os.path.join(name_or_dir, SPIECE)):
+            raise  # elsewhere the fallback "succeeds" with a tokenizer of 4 tokens
         try:
             tok = T5Tokenizer.from_pretrained(name_or_dir, extra_ids=0)
         except Exception:
@@ -178,9 +197,9 @@ def resolve_spiece(name_or_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name_or_dir} has no {SPIECE}")
         return path
-    looks_local = name_or_dir.startswith((os.sep, ".", "~")) or name_or_dir.count("/") > 1
-    if looks_local:
+    if hub.looks_local(name_or_dir):
         raise FileNotFoundError(f"no such tokenizer directory: {name_or_dir}")
+    hub.check_fetchable(name_or_dir, "tokenizer", SPIECE)
     from huggingface_hub import hf_hub_download  # hub name, e.g. rinna/japanese-gpt2-medium
 
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from distil_ja import hub
 from distil_ja.cli import UsageError, first_line
 
 logger = logging.getLogger("distillation")
@@ -56,6 +57,7 @@ def pretrained_config(name_or_dir: str, what: str):
     """The config of a hub name or model folder (any family), or one line saying why not."""
     from transformers import AutoConfig
 
+    hub.check_fetchable(name_or_dir, what)
     try:
         return AutoConfig.from_pretrained(name_or_dir)
     except (OSError, ValueError, KeyError) as err:  # transformers 4.x: HFValidationError (a ValueError)
