@@ -4,6 +4,7 @@
 | ------ | -------------------------------------------------------------- | ---------------- |
 | 0      | done                                                           |                  |
 | 1      | bad data (missing, corrupt or unusable input files)            | DataError        |
+| 1      | no space left for the output (disk full, quota)                | OSError ENOSPC   |
 | 2      | bad arguments or models (flags, configs, tokenizers, weights)  | UsageError       |
 | 3      | training stopped (e.g. repeated non-finite losses)             | TrainingError    |
 | 130    | interrupted (Ctrl-C)                                           | KeyboardInterrupt|
@@ -14,8 +15,11 @@ exits the process.
 """
 
 import argparse
+import errno
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -33,6 +37,8 @@ class UsageError(Exception):
 class TrainingError(Exception):
     """Training cannot go on; the last checkpoint is kept (exit 3)."""
 
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSErrors that mean "the output does not fit": exit 1
 
 EXIT_CODES = ((DataError, EXIT_DATA), (UsageError, EXIT_USAGE), (TrainingError, EXIT_TRAINING))
 
@@ -83,10 +89,38 @@ def run_command(main, argv=None) -> int:
     """
     try:
         status = main(argv)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"error: {disk_full_message(err)}", file=sys.stderr, flush=True)
+        return EXIT_DATA
     except (DataError, UsageError, TrainingError, KeyboardInterrupt) as err:
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return exit_code(err)
     return status or EXIT_OK
+
+
+def disk_full_message(err: OSError) -> str:
+    """A full disk or quota, wherever it struck: the file and the room left where it was written.
+
+    Exit 1 like bad data: nothing is wrong with the arguments, the output does not fit. Writes are
+    atomic (fileio), so what was complete before is still complete.
+    """
+    where = Path(err.filename) if err.filename else None
+    free = ""
+    if where is not None:
+        folder = next((p for p in (where, *where.parents) if p.exists()), None)
+        if folder is not None:
+            free = f" ({format_bytes(shutil.disk_usage(folder).free)} free there)"
+    return f"no space left to write {where or 'an output file'}{free}: {err.strerror or err}; free some space and rerun"
+
+
+def format_bytes(n: int) -> str:
+    """Sizes in the messages: 512 KiB, 3.2 MiB, 1.5 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1024:,.0f} KiB"
 
 
 def error_message(err: BaseException) -> str:

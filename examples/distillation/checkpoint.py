@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from distil_ja import fileio
+from distil_ja.cli import DataError, format_bytes
+from utils import first_error
 
 logger = logging.getLogger("distillation")
 
@@ -66,16 +68,35 @@ def set_rng_state(state: dict) -> None:
 
 def save(dump_path: Path, step: int, training_state: dict | None, rank_state: dict, rank: int, keep: int,
          fault=None) -> Path:
-    """Collective: every rank calls it; rank 0 passes training_state, the others None."""
+    """Collective: every rank calls it; rank 0 passes training_state, the others None.
+
+    A write that fails on any rank (a full disk, say) removes the half-written folder and raises the
+    same DataError on every rank, naming the folder and the space it needs; the newest complete
+    checkpoint stays the newest.
+    """
     final = checkpoint_dir(dump_path, step)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
-        tmp.mkdir(parents=True)
-    _barrier()
-    _fsynced_save(rank_state, tmp / f"rank{rank}.pt")
-    _barrier()
-    if rank == 0:
+
+    def stage(action):  # action on this rank, then every rank learns of any rank's failure
+        error = None
+        try:
+            action()
+        except OSError as err:
+            error = DataError(_write_failure(final, err, training_state, rank_state))
+        error = first_error(error)  # a collective: it is also the barrier between the stages
+        if error is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error
+
+    def start():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+            tmp.mkdir(parents=True)
+
+    def finish():
+        if rank != 0:
+            return
         if fault is not None:
             fault("checkpoint_write", step)
         _fsynced_save(training_state, tmp / STATE_FILE)
@@ -84,11 +105,34 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
             shutil.rmtree(final)
         tmp.rename(final)
         fileio.fsync_dir(final.parent)
+
+    stage(start)
+    stage(lambda: _fsynced_save(rank_state, tmp / f"rank{rank}.pt"))
+    stage(finish)
+    if rank == 0:
         for old in list_checkpoints(dump_path)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("Saved checkpoint %s", final)
     _barrier()
     return final
+
+
+def _write_failure(final: Path, err: OSError, training_state: dict | None, rank_state: dict) -> str:
+    """One line: what could not be written, why, and how much room a checkpoint takes."""
+    need = _tensor_bytes(training_state) + _tensor_bytes(rank_state)
+    free = shutil.disk_usage(final.parent).free
+    return (f"cannot write checkpoint {final} ({err.strerror or err}: {err.filename or final}): it needs about "
+            f"{format_bytes(need)}, {format_bytes(free)} are free there; the newest complete checkpoint is kept")
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _try_load(path: Path, rank: int):

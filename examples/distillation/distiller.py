@@ -74,6 +74,7 @@ class Distiller:
         self.n_skipped = 0
         self.tokens_seen = 0
         self.last_checkpoint_step = None
+        self.last_grad_norm = None  # of the last finite step, for a log line written at the end
         self.log = TrainingLog(self.dump_path, runtime, self.alphas)
 
     def _build_data(self, params, runtime, dataset):
@@ -227,6 +228,7 @@ class Distiller:
                 raise TrainingError(f"{self.n_nonfinite} consecutive steps with non-finite loss or gradients; stopping")
             return
         self.n_nonfinite = 0
+        self.last_grad_norm = grad_norm
         self.log.add_step(step_sums, counts)
         if self.n_steps % self.params.log_interval == 0:
             self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], grad_norm, self.n_skipped)
@@ -299,27 +301,30 @@ class Distiller:
         self.student.train()
         accumulate = self.params.gradient_accumulation_steps
         progress = tqdm(total=self.total_steps, initial=self.n_steps, desc="Steps", disable=not self.runtime.is_master)
-        while self.n_steps < self.total_steps:
-            self.sampler.set_epoch(self.epoch)
-            self.batch_sampler.skip = self.batches_done
-            window = []
-            for batch in self.dataloader:
-                self.batches_done += 1
-                window.append(batch)
-                if len(window) == accumulate or self.batches_done == self.batches_per_epoch:
-                    self.optimize_step(window)
-                    progress.update(1)
-                    window = []
-                    if self.n_steps >= self.total_steps:
-                        break
-            if self.batches_done == self.batches_per_epoch:
-                self.epoch += 1
-                self.batches_done = 0
-                logger.info("Epoch %d done (%d steps)", self.epoch, self.n_steps)
-        progress.close()
+        with progress:  # closed on an error too, so the error line does not share the bar's line
+            while self.n_steps < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.batch_sampler.skip = self.batches_done
+                window = []
+                for batch in self.dataloader:
+                    self.batches_done += 1
+                    window.append(batch)
+                    if len(window) == accumulate or self.batches_done == self.batches_per_epoch:
+                        self.optimize_step(window)
+                        progress.update(1)
+                        window = []
+                        if self.n_steps >= self.total_steps:
+                            break
+                if self.batches_done == self.batches_per_epoch:
+                    self.epoch += 1
+                    self.batches_done = 0
+                    logger.info("Epoch %d done (%d steps)", self.epoch, self.n_steps)
         self.end_training()
 
     def end_training(self):
+        if not self.log.empty:  # the last steps, when the run does not end on a log interval
+            self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
+                           self.n_skipped)
         if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:

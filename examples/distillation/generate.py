@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from data_prep.tokenization import load_tokenizer, normalize_text  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
 from models import load_causal_lm  # noqa: E402
+from utils import silence_attention_mask_advice  # noqa: E402
 
 logger = logging.getLogger("distillation.generate")
 
@@ -79,6 +80,7 @@ def run(argv=None) -> None:
 
 def main(argv=None) -> int:
     setup_logging()
+    silence_attention_mask_advice()  # generate() passes the mask: the advice to pass one does not apply
     return run_command(run, argv)
 
 

@@ -29,14 +29,16 @@ from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from perplexity import load_eval_sequences  # noqa: E402
 from token_cache import write_cache  # noqa: E402
-from utils import Runtime, git_log, init_distributed, logger, set_seed, setup_logging  # noqa: E402
+from utils import DumpPathLock, Runtime, git_log, init_distributed, logger, raise_first_error, set_seed, setup_logging  # noqa: E402
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
 
 
-def check_dump_path(params, settings: dict) -> None:
-    """Refuse to overwrite a run, or to resume one with settings it cannot continue under. Changes nothing."""
+def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
+    """Refuse a dump path that a live run holds, an overwrite, or a resume with settings the run
+    cannot continue under. Changes nothing (collective: every rank checks its own lock)."""
     dump_path = Path(params.dump_path)
+    raise_first_error(attempt(DumpPathLock(dump_path, runtime.global_rank).check))
     if params.resume:
         if not (dump_path / "parameters.json").is_file():
             raise UsageError(f"--resume: {dump_path} holds no parameters.json, so there is no run to resume")
@@ -54,17 +56,43 @@ def check_dump_path(params, settings: dict) -> None:
         raise UsageError(f"{dump_path} exists and is not empty; pass --resume to continue it or --force to overwrite it")
 
 
-def prepare_dump_path(params, runtime: Runtime) -> None:
+def prepare_dump_path(params, runtime: Runtime) -> DumpPathLock:
+    """Lock --dump_path for this run, then empty it (--force) or clear a killed run's leftovers.
+
+    Every rank has checked everything before anything changes; a dump path that another live run
+    holds is refused before --force could delete it. Returns the lock (held while it is referenced).
+    """
     dump_path = Path(params.dump_path)
-    if runtime.is_distributed:
-        torch.distributed.barrier()  # every rank has checked everything before the master touches anything
-    if runtime.is_master:
+    lock = DumpPathLock(dump_path, runtime.global_rank)
+    raise_first_error(attempt(lock.check))  # again, after the loading; collective: also the barrier before
+    if runtime.is_master:                   # rank 0 changes anything
         if params.force and dump_path.exists():
             logger.info("--force: deleting %s", dump_path)
             shutil.rmtree(dump_path)
         dump_path.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(dump_path)
     if runtime.is_distributed:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # the folder exists (and --force emptied it) before any rank locks it
+    raise_first_error(attempt(lock.acquire))
+    return lock
+
+
+def attempt(action) -> UsageError | None:
+    try:
+        action()
+    except UsageError as err:
+        return err
+    return None
+
+
+def remove_leftovers(dump_path: Path) -> None:
+    """What a killed run left half-written: `checkpoint_stepN.tmp/` folders and `NAME.tmp` files."""
+    for path in sorted(dump_path.rglob(f"*{fileio.TMP_SUFFIX}")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        logger.info("Removed %s, left half-written by an earlier run", path)
 
 
 def load_student(params):
@@ -171,17 +199,6 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
         return err
 
 
-def share_errors(runtime: Runtime, loaded) -> None:
-    """Raise rank 0's data error on every rank, so that none waits for the others forever."""
-    error = loaded if isinstance(loaded, Exception) else None
-    if runtime.is_distributed:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error is not None:
-        raise error
-
-
 def run(argv=None) -> None:
     """Train as argv says; raises DataError, UsageError or TrainingError (see main)."""
     setup_logging(int(os.environ.get("RANK", 0)))
@@ -199,7 +216,7 @@ def train(params) -> None:
     runtime = init_distributed(params.n_gpu)
     setup_logging(runtime.global_rank)
     settings = {**vars(params), "world_size": runtime.world_size}
-    check_dump_path(params, settings)
+    check_dump_path(params, settings, runtime)
     set_seed(params.seed)
     logger.info("Precision %s, compile %s, %d DataLoader worker(s) per process", params.precision,
                 "on" if params.compile else "off", params.num_workers)
@@ -215,10 +232,10 @@ def train(params) -> None:
     dataset = None
     if runtime.is_master:
         dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
-    share_errors(runtime, dataset)
+    raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
 
-    prepare_dump_path(params, runtime)  # everything above is checked before anything on disk changes
+    lock = prepare_dump_path(params, runtime)  # everything above is checked before anything on disk changes
     cache = Path(params.dump_path) / TOKEN_CACHE
     if runtime.is_master:
         fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
@@ -232,8 +249,11 @@ def train(params) -> None:
                 "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
     distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
     if params.resume and not distiller.resume():
-        logger.info("--resume: no checkpoint in %s yet, starting from the first step", params.dump_path)
+        logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
+                       "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)
+        distiller.log.clear()
     distiller.train()
+    del lock  # held until here: the run is done writing
 
 
 def main(argv=None) -> int:

@@ -63,6 +63,17 @@ class TrainingLog:
             lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             fileio.write_text(path, "".join(line + "\n" for line in lines))
 
+    def clear(self) -> None:
+        """Forget the records of an earlier attempt that wrote no checkpoint (--resume from step 1)."""
+        if self.runtime.is_master:
+            for name in (METRICS, EVAL_RESULTS):
+                (self.dump_path / name).unlink(missing_ok=True)
+
+    @property
+    def empty(self) -> bool:
+        """No optimizer step since the last log line (skipped steps do not count)."""
+        return self.tokens == 0 and not self.counts.any()
+
     # ---- accumulation -------------------------------------------------------------------
 
     def add_batch(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -77,7 +88,7 @@ class TrainingLog:
 
     # ---- writing ------------------------------------------------------------------------
 
-    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor, skipped: int) -> None:
+    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int) -> None:
         """Reduce, write and reset the window (collective: every rank calls it)."""
         sums = self.sums.clone()
         if self.runtime.is_distributed:
@@ -89,9 +100,10 @@ class TrainingLog:
         tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         if self.writer is not None:
             scalars = {**{f"losses/{k}": v for k, v in terms.items()}, "global/lr": lr,
-                       "global/grad_norm": float(grad_norm), "global/tokens_per_s": tokens_per_s,
-                       "global/skipped_steps": skipped, "global/memory_gib": self.memory_gib(),
-                       "global/padding_fraction": self.padding_fraction()}
+                       "global/tokens_per_s": tokens_per_s, "global/skipped_steps": skipped,
+                       "global/memory_gib": self.memory_gib(), "global/padding_fraction": self.padding_fraction()}
+            if grad_norm is not None:  # None: the window was restored from a checkpoint and no step ran since
+                scalars["global/grad_norm"] = float(grad_norm)
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:

@@ -1,5 +1,6 @@
 """Process-level helpers: logging, seeding, the distributed setup, run records."""
 
+import fcntl
 import logging
 import os
 import random
@@ -52,11 +53,13 @@ def silence_attention_mask_advice() -> None:
     """Drop transformers' advice to pass an attention mask.
 
     Padding is on the right and attention causal, so the models run without a mask on purpose
-    (see Distiller.loss_sums and evaluate.perplexity): the advice does not apply.
+    (see Distiller.loss_sums and perplexity.perplexity), and generate.py passes one: the advice,
+    which transformers gives from its modeling and its generation code, does not apply.
     """
-    modeling_logger = logging.getLogger("transformers.modeling_utils")
-    if _no_attention_mask_advice not in modeling_logger.filters:
-        modeling_logger.addFilter(_no_attention_mask_advice)
+    for name in ("transformers.modeling_utils", "transformers.generation.utils"):
+        advising = logging.getLogger(name)
+        if _no_attention_mask_advice not in advising.filters:
+            advising.addFilter(_no_attention_mask_advice)
 
 
 def _no_attention_mask_advice(record: logging.LogRecord) -> bool:
@@ -107,19 +110,82 @@ def init_distributed(n_gpu: int) -> Runtime:
 
 
 def git_log(folder: Path) -> None:
-    """Write git_log.json: the code's commit, or nulls when it does not run from a git checkout."""
-    info = {"repo_id": None, "repo_sha": None, "repo_branch": None, "dirty": None}
+    """Write git_log.json: which code trained the run (its checkout, origin, commit, branch, and
+    whether it had uncommitted changes), or nulls when it does not run from a git checkout."""
+    info = {"repo_path": None, "repo_remote": None, "repo_sha": None, "repo_branch": None, "dirty": None}
     try:
         import git
 
         repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
-        info["repo_id"] = str(repo)
+        info["repo_path"] = repo.working_tree_dir
+        info["repo_remote"] = next((r.url for r in repo.remotes if r.name == "origin"), None)
         info["repo_sha"] = repo.head.object.hexsha
         info["repo_branch"] = None if repo.head.is_detached else repo.active_branch.name
         info["dirty"] = repo.is_dirty()
     except Exception as err:  # not a checkout, no git binary, empty repo...
         logger.info("No git information recorded (%s)", type(err).__name__)
     fileio.write_json(Path(folder) / "git_log.json", info)
+
+
+def first_error(error: Exception | None) -> Exception | None:
+    """The first error of any rank, on every rank (collective inside a process group).
+
+    A rank that raises alone leaves the others waiting in their next collective call; exchanging
+    the errors first lets every rank stop with the same one-line message.
+    """
+    if not torch.distributed.is_initialized():
+        return error
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def raise_first_error(error: Exception | None) -> None:
+    error = first_error(error)
+    if error is not None:
+        raise error
+
+
+class DumpPathLock:
+    """An exclusive lock on a dump path, one lock file per rank (`.lock-rankR`), held while the run lives.
+
+    flock locks belong to the open file: the kernel drops them when the process dies, however it
+    dies, so a crashed run never leaves a stale lock. The holder's pid and host are written into
+    the file, for the line that refuses a second run.
+    """
+
+    def __init__(self, dump_path, rank: int):
+        self.path = Path(dump_path) / f".lock-rank{rank}"
+        self.file = None
+
+    def check(self) -> None:
+        """UsageError if another process holds the lock (taken and dropped to find out)."""
+        if self.path.exists():
+            with open(self.path, "a+") as f:
+                self._lock(f)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def acquire(self) -> None:
+        """Take the lock for the life of this process, or UsageError naming its holder."""
+        self.file = open(self.path, "a+")
+        try:
+            self._lock(self.file)
+        except UsageError:
+            self.file.close()
+            raise
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        self.file.flush()
+
+    def _lock(self, f) -> None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UsageError(f"{self.path.parent} is in use by {holder}: another run writes there "
+                             "(wait for it or stop it, or choose another --dump_path)") from None
 
 
 def inject_fault(point: str, step: int) -> None:

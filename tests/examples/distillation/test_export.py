@@ -73,6 +73,22 @@ def test_export_loads_with_auto_classes_in_a_fresh_process(exported, tiny_setup,
     assert got["sample"].startswith("今日は")
 
 
+def test_exported_tokenizer_lowercases_by_itself(exported):
+    """Direct check (not export.check_tokenizer): uppercase Latin text gets the ids of its lowercase,
+    which the vocabulary has, so no <unk>; the reference ids come from sentencepiece, not transformers."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    upper, lower = "GPU Python PYTHON", "gpu python python"
+    sp = spm.SentencePieceProcessor(model_file=str(exported / "spiece.model"))
+    expected = [sp.bos_id(), *sp.encode(lower)]
+    assert sp.unk_id() not in expected  # the test's premise: the vocabulary has these letters in lowercase
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert tok(lower)["input_ids"] == expected
+    assert tok(upper)["input_ids"] == expected
+    assert tok.unk_token_id not in tok(upper)["input_ids"]
+
+
 def test_exported_weights_equal_the_checkpoint(exported, tiny_setup):
     from transformers import AutoModelForCausalLM
 
@@ -116,6 +132,27 @@ def test_generate_prints_samples(exported, capsys):
                    "--seed", "0"])
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "今日は" in out
+
+
+def test_generate_silences_the_attention_mask_advice(exported):
+    """generate() passes the mask, so transformers' advice to pass one is noise; other warnings still show."""
+    import logging
+
+    import generate
+
+    generate.main(["--model", str(exported), "--prompt", "今日は", "--num_samples", "1", "--max_new_tokens", "2"])
+    seen = []
+    collect = logging.Handler()
+    collect.emit = lambda record: seen.append(record.getMessage())
+    for name in ("transformers.generation.utils", "transformers.modeling_utils"):
+        advising = logging.getLogger(name)
+        advising.addHandler(collect)
+        try:
+            advising.warning("Please pass your input's `attention_mask` to obtain reliable results.")
+            advising.warning("an unrelated warning")
+        finally:
+            advising.removeHandler(collect)
+    assert seen == ["an unrelated warning"] * 2
 
 
 @pytest.mark.parametrize("make_args, message", [

@@ -27,7 +27,9 @@ def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
             "metrics.jsonl", "checkpoint_step00000003", "checkpoint_step00000006"} <= names
     params = json.loads((dump / "parameters.json").read_text())
     assert params["max_steps"] == 6 and params["alpha_cos"] == 0.1
-    assert set(json.loads((dump / "git_log.json").read_text())) == {"repo_id", "repo_sha", "repo_branch", "dirty"}
+    git_log = json.loads((dump / "git_log.json").read_text())
+    assert set(git_log) == {"repo_path", "repo_remote", "repo_sha", "repo_branch", "dirty"}
+    assert git_log["repo_path"] == str(REPO) and len(git_log["repo_sha"]) == 40  # this checkout, not a repr
     assert list((dump / "log").glob("events.out.tfevents.*"))
 
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
