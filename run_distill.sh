@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Distil rinna/japanese-gpt2-medium into a 6-layer student.
 #
-#   bash run_distill.sh [TRAIN_PY_ARGS...]     the full recipe on one 4-GPU node (torchrun)
-#   bash run_distill.sh --demo [OUT_DIR]       offline end-to-end demo on the shipped sample, CPU, < 5 min
+#   bash run_distill.sh [TRAIN_PY_ARGS...]            the full recipe on one 4-GPU node (torchrun)
+#   bash run_distill.sh --demo [--force] [OUT_DIR]    offline end-to-end demo on the shipped sample, CPU, < 5 min
 #
 # Full recipe: the hyperparameters are train.py's defaults (examples/distillation/config.py, RECIPE;
 # `python examples/distillation/train.py --help` lists them). This script passes only the inputs
@@ -10,15 +10,64 @@
 #   N_GPU=8 DATA=data/binarized DUMP_PATH=checkpoints/run1 PRECISION=fp16 bash run_distill.sh
 #   ALPHA_CE=3 LEARNING_RATE=3e-4 bash run_distill.sh
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_distill.sh      (then NODE_RANK=1 on the other node)
+#   N_GPU=0 [NPROC=2] bash run_distill.sh                               (the CPU: NPROC processes, default 1)
 # Extra arguments go to train.py last, unchanged (they win over everything here).
+#
+# Paths: the script runs from any folder and never changes folder. Every relative path is relative to the
+# folder you run it from: those in the environment (DATA, EVAL_DATA, DUMP_PATH, STUDENT_CONFIG, STUDENT_INIT,
+# a local TEACHER), the demo's OUT_DIR, those among the extra arguments, and the defaults data/binarized,
+# checkpoints/demo and train.py's --dump_path (checkpoints/distilgpt2-ja). Only shipped files (the scripts,
+# the default STUDENT_CONFIG, the demo's sample and configs) are taken from this repository.
+#
+# Before launching, the inputs are checked; a refusal is one line `error: ...` on stderr and exit 1 (missing
+# DATA) or 2 (anything else). When a worker fails anyway, its own last `error: ...` line is printed again
+# after torchrun's report, and the exit status is torchrun's.
 set -euo pipefail
-cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python}    # runs the demo's commands and counts the GPUs (the tests point it at a stub)
 
-run_demo() {
-    local out=${1:-checkpoints/demo}
-    local cfg=examples/distillation/training_configs
-    local train_txt=data_prep/sample/ja_train.txt dev_txt=data_prep/sample/ja_dev.txt
+die() {  # die STATUS MESSAGE...: the one error line (the words joined by spaces), then exit
+    local status=$1
+    shift
+    echo "error: $*" >&2
+    exit "$status"
+}
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    exit 0
+fi
+
+# ---- demo ------------------------------------------------------------------------------------------
+# What the demo writes in OUT_DIR: the marker first, then these entries. A rerun replaces them, nothing else.
+DEMO_MARKER=.distil-ja-demo
+DEMO_ENTRIES=(tokenizer data teacher student_kd student_no_kd perplexity.json results.json export)
+
+# The demo writes into a new or empty folder, a previous demo output (it holds $DEMO_MARKER), or, with
+# --force, any other folder. Everything is checked here, before anything is deleted or run.
+check_demo_dir() {  # check_demo_dir OUT FORCE
+    local out=$1 force=$2 abs home
+    if [[ -e "$out" && ! -d "$out" ]]; then
+        die 2 "demo output $out exists and is not a folder"
+    fi
+    [[ -d "$out" ]] || return 0
+    abs=$(cd "$out" && pwd)
+    home=$(cd ~ 2>/dev/null && pwd || true)
+    # never this repository (the demo reads its sample there) or a folder above it, nor the home folder
+    if [[ "$REPO/" == "$abs/"* || "$abs" == "$home" ]]; then
+        die 2 "demo output $out is $abs: give the demo a folder of its own (e.g. checkpoints/demo)"
+    fi
+    if [[ $force == 0 && ! -e "$out/$DEMO_MARKER" && -n "$(ls -A "$out")" ]]; then
+        die 2 "demo output $out is not empty and is not a previous demo output (it has no $DEMO_MARKER);" \
+              "nothing was deleted: choose a new or empty folder, or add --force to write the demo into it" \
+              "(replacing only its own ${DEMO_ENTRIES[*]})"
+    fi
+}
+
+run_demo() {  # run_demo OUT
+    local out=$1
+    local scripts=$REPO/examples/distillation cfg=$REPO/examples/distillation/training_configs
+    local train_txt=$REPO/data_prep/sample/ja_train.txt dev_txt=$REPO/data_prep/sample/ja_dev.txt
     # Demo settings (overridable): small models, a few hundred optimizer steps in all.
     # DEMO_SEED seeds the two students; the teacher keeps its own seed: a fixed artifact, as a real
     # pretrained teacher is (teacher seed 0 -> ~101 perplexity; some seeds give a much weaker teacher).
@@ -33,10 +82,14 @@ run_demo() {
     # Tiny models run fastest on one thread per process, and a busy machine does not stall them.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 
-    local start=$SECONDS
+    local start=$SECONDS entry
     echo "== demo: output in $out"
-    rm -rf "$out"
     mkdir -p "$out"
+    echo "written by run_distill.sh --demo; a rerun replaces ${DEMO_ENTRIES[*]} here, nothing else" \
+        > "$out/$DEMO_MARKER"
+    for entry in "${DEMO_ENTRIES[@]}"; do
+        rm -rf "${out:?}/$entry"
+    done
     # The demo states its own settings instead of taking train.py's defaults (the full-size recipe):
     # no cosine term in any run (the teacher and the no-KD student have no teacher; KD here is on the logits).
     local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
@@ -47,26 +100,27 @@ run_demo() {
                    --learning_rate "$student_lr" --weight_decay 0 --seed "$seed")
 
     echo "== 1/7 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
-    $PYTHON data_prep/make_tokenizer.py --input "$train_txt" --vocab_size "$vocab" --output_dir "$out/tokenizer"
+    $PYTHON "$REPO/data_prep/make_tokenizer.py" --input "$train_txt" --vocab_size "$vocab" \
+        --output_dir "$out/tokenizer"
     echo "== 2/7 binarize train and dev"
-    $PYTHON data_prep/binarize.py --input "$train_txt" --tokenizer "$out/tokenizer" --output_dir "$out/data/train" \
-        --num_workers 1 --quiet
-    $PYTHON data_prep/binarize.py --input "$dev_txt" --tokenizer "$out/tokenizer" --output_dir "$out/data/dev" \
-        --num_workers 1 --quiet
+    $PYTHON "$REPO/data_prep/binarize.py" --input "$train_txt" --tokenizer "$out/tokenizer" \
+        --output_dir "$out/data/train" --num_workers 1 --quiet
+    $PYTHON "$REPO/data_prep/binarize.py" --input "$dev_txt" --tokenizer "$out/tokenizer" \
+        --output_dir "$out/data/dev" --num_workers 1 --quiet
     echo "== 3/7 pretrain the teacher ($teacher_steps steps, no teacher: --alpha_clm 1 --alpha_ce 0)"
-    $PYTHON examples/distillation/train.py "${common[@]}" --dump_path "$out/teacher" \
+    $PYTHON "$scripts/train.py" "${common[@]}" --dump_path "$out/teacher" \
         --student_config "$cfg/demo-teacher.json" --tokenizer_name "$out/tokenizer" \
         --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1 \
         --seed "$teacher_seed"
     echo "== 4/7 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
-    $PYTHON examples/distillation/train.py "${common[@]}" "${student[@]}" --dump_path "$out/student_kd" \
+    $PYTHON "$scripts/train.py" "${common[@]}" "${student[@]}" --dump_path "$out/student_kd" \
         --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
         --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm"
     echo "== 5/7 the same student without the teacher ($student_steps steps)"
-    $PYTHON examples/distillation/train.py "${common[@]}" "${student[@]}" --dump_path "$out/student_no_kd" \
+    $PYTHON "$scripts/train.py" "${common[@]}" "${student[@]}" --dump_path "$out/student_no_kd" \
         --tokenizer_name "$out/tokenizer" --alpha_clm 1 --alpha_ce 0
-    echo "== 6/7 held-out perplexity ($dev_txt)"
-    $PYTHON examples/distillation/evaluate.py --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
+    echo "== 6/7 held-out perplexity (data_prep/sample/ja_dev.txt)"
+    $PYTHON "$scripts/evaluate.py" --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
         --model "teacher=$out/teacher" --model "student_kd=$out/student_kd" --model "student_no_kd=$out/student_no_kd" \
         --json "$out/perplexity.json"
     $PYTHON - "$out/perplexity.json" "$out/results.json" <<'EOF'
@@ -82,35 +136,51 @@ verdict = "beats" if results["student_kd"] < results["student_no_kd"] else "does
 print(f"distilled student ({results['student_kd']:.2f}) {verdict} the student trained alone ({results['student_no_kd']:.2f})")
 EOF
     echo "== 7/7 export the distilled student"
-    $PYTHON examples/distillation/export.py --checkpoint "$out/student_kd" --tokenizer "$out/tokenizer" \
+    $PYTHON "$scripts/export.py" --checkpoint "$out/student_kd" --tokenizer "$out/tokenizer" \
         --output_dir "$out/export" --perplexities "$out/results.json" --eval_data "$dev_txt" --name distilgpt2-ja-demo
+    local generate=examples/distillation/generate.py
+    [[ "$PWD" == "$REPO" ]] || generate=$REPO/$generate
     echo "== demo done in $((SECONDS - start)) s"
     echo "results: $out/results.json"
-    echo "export:  $out/export  (try: $PYTHON examples/distillation/generate.py --model $out/export --prompt 春になると)"
+    echo "export:  $out/export  (try: $PYTHON $generate --model $out/export --prompt 春になると)"
 }
 
 if [[ "${1:-}" == "--demo" ]]; then
     shift
-    if [[ $# -gt 1 ]]; then
-        echo "usage: bash run_distill.sh --demo [OUT_DIR]" >&2
-        exit 2
+    demo_usage="usage: bash run_distill.sh --demo [--force] [OUT_DIR]"
+    force=0
+    demo_out=()
+    for arg in "$@"; do
+        case $arg in
+            --force) force=1 ;;
+            -h|--help) echo "$demo_usage"; exit 0 ;;
+            -*) die 2 "unknown demo option $arg ($demo_usage)" ;;
+            *) demo_out+=("$arg") ;;
+        esac
+    done
+    if [[ ${#demo_out[@]} -gt 1 ]]; then
+        die 2 "one OUT_DIR at most, got ${demo_out[*]} ($demo_usage)"
     fi
-    run_demo "$@"
+    out=${demo_out[0]:-checkpoints/demo}
+    [[ -n "$out" ]] || die 2 "empty OUT_DIR ($demo_usage)"
+    check_demo_dir "$out" "$force"
+    run_demo "$out"
     exit 0
 fi
 
 # ---- full recipe: rinna/japanese-gpt2-medium (24 x 1024) -> 6 x 1024 on one 4-GPU node ----------
 # Topology (torchrun)
-N_GPU=${N_GPU:-4}                           # GPUs (processes) per node
+N_GPU=${N_GPU:-4}                           # GPUs (processes) per node; 0: a CPU run (gloo)
+NPROC=${NPROC:-}                            # processes per node of a CPU run (N_GPU=0); default 1
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}             # torchrun restarts crashed workers; they resume from the newest checkpoint
-# Inputs of this recipe
+# Inputs of this recipe (relative paths: relative to the folder the script is run from)
 DATA=${DATA:-data/binarized}
 TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
-STUDENT_CONFIG=${STUDENT_CONFIG:-examples/distillation/training_configs/distilgpt2-ja.json}
+STUDENT_CONFIG=${STUDENT_CONFIG:-$REPO/examples/distillation/training_configs/distilgpt2-ja.json}
 # Passed only when set and non-empty (else train.py's default):
 #   DUMP_PATH  STUDENT_INIT (e.g. the output of scripts/extract.py)  EVAL_DATA
 #   TEMPERATURE ALPHA_CE ALPHA_CLM ALPHA_MSE ALPHA_COS
@@ -145,10 +215,96 @@ pass_if_set LOG_INTERVAL --log_interval
 pass_if_set CHECKPOINT_INTERVAL --checkpoint_interval
 pass_if_set EVAL_INTERVAL --eval_interval
 
-echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x $N_GPU GPU(s)" \
+# ---- checks: one line and exit 1 (data) or 2 (anything else) before anything is launched -----------
+given() {  # given FLAG ARGS...: FLAG is among the extra arguments, which then decide (train.py checks them)
+    local flag=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" == "$flag" || "$arg" == "$flag="* ]]; then return 0; fi
+    done
+    return 1
+}
+where() {  # where PATH: how a relative PATH was read, for the error lines
+    if [[ "$1" == /* ]]; then echo "$1"; else echo "$1 (relative to $PWD)"; fi
+}
+is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+if ! given --data_file "$@" && [[ ! -e "$DATA" ]]; then
+    die 1 "DATA $(where "$DATA") does not exist: binarize a corpus first (README, Data preparation) or set DATA"
+fi
+if ! given --student_config "$@" && [[ ! -f "$STUDENT_CONFIG" ]]; then
+    die 2 "STUDENT_CONFIG $(where "$STUDENT_CONFIG") is not a file"
+fi
+if [[ -n "${STUDENT_INIT:-}" ]] && ! given --student_pretrained_weights "$@" && [[ ! -e "$STUDENT_INIT" ]]; then
+    die 2 "STUDENT_INIT $(where "$STUDENT_INIT") does not exist (make it with scripts/extract.py)"
+fi
+if [[ -n "${EVAL_DATA:-}" ]] && ! given --eval_data "$@" && [[ ! -e "$EVAL_DATA" ]]; then
+    die 2 "EVAL_DATA $(where "$EVAL_DATA") does not exist"
+fi
+# A teacher is a local model folder or a hub name org/name (a relative folder that does not exist is refused
+# when it does not look like org/name; one that does is taken for a hub name, as transformers does).
+if ! given --teacher_name "$@" && [[ ! -d "$TEACHER" ]] \
+        && ! [[ "$TEACHER" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
+    die 2 "TEACHER $(where "$TEACHER") is neither a folder nor a hub name (org/name)"
+fi
+is_count "$N_GPU" || die 2 "N_GPU=$N_GPU is not a number of GPUs per node (N_GPU=0: the CPU)"
+if [[ $N_GPU == 0 ]]; then
+    nproc=${NPROC:-1}
+    if ! is_count "$nproc" || [[ $nproc == 0 ]]; then
+        die 2 "NPROC=$nproc is not a number of processes (> 0)"
+    fi
+else
+    if [[ -n "$NPROC" && "$NPROC" != "$N_GPU" ]]; then
+        die 2 "NPROC=$NPROC is for CPU runs (N_GPU=0); on GPUs the processes per node are N_GPU=$N_GPU"
+    fi
+    nproc=$N_GPU
+    if ! given --n_gpu "$@"; then
+        gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) \
+            || die 2 "could not count the GPUs with $PYTHON (is torch installed? N_GPU=0 runs on the CPU)"
+        gpus=${gpus##*$'\n'}
+        is_count "$gpus" || die 2 "could not count the GPUs with $PYTHON (it printed '$gpus')"
+        if (( gpus == 0 )); then
+            die 2 "N_GPU=$N_GPU but no GPU is visible here (torch.cuda.device_count() is 0); N_GPU=0 trains on the CPU"
+        elif (( gpus < N_GPU )); then
+            die 2 "N_GPU=$N_GPU but only $gpus GPU(s) are visible here; set N_GPU=$gpus or less (N_GPU=0: the CPU)"
+        fi
+    fi
+fi
+command -v torchrun > /dev/null || die 2 "torchrun is not on PATH (it comes with torch: pip install -r requirements.txt)"
+
+# ---- launch ---------------------------------------------------------------------------------------
+echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x" \
+     "$([[ $N_GPU == 0 ]] && echo "$nproc CPU process(es)" || echo "$N_GPU GPU(s)")" \
      "-> ${DUMP_PATH:-the default --dump_path of train.py}"
-exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$N_GPU" \
+# torchrun's stdout goes straight to ours; its stderr (the workers' too) goes through tee to ours, live,
+# and a copy through a FIFO to grep, which keeps only the error lines (not the whole log of a long run).
+# Neither tee nor grep dies on Ctrl-C, so torchrun's shutdown messages still come through.
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/run_distill.XXXXXX")
+grep_pid=
+cleanup() {
+    if [[ -n "$grep_pid" ]]; then kill "$grep_pid" 2> /dev/null || true; fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+mkfifo "$tmp/stderr"
+# a background job: deaf to Ctrl-C already. An error line may follow a progress bar's \r on one line.
+LC_ALL=C grep -a -o -E $'(^|\r)(\\[[^]]*\\]:? ?)?error: [^\r]*' < "$tmp/stderr" > "$tmp/errors" &
+grep_pid=$!
+exec 3>&1
+set +e
+torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$nproc" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
-    examples/distillation/train.py --n_gpu "$N_GPU" --data_file "$DATA" \
+    "$REPO/examples/distillation/train.py" --n_gpu "$N_GPU" --data_file "$DATA" \
     --student_config "$STUDENT_CONFIG" --teacher_name "$TEACHER" \
-    "${args[@]}" "$@"
+    "${args[@]}" "$@" 2>&1 1>&3 3>&- | (trap '' INT; exec tee "$tmp/stderr") >&2 3>&-
+status=${PIPESTATUS[0]}
+set -e
+exec 3>&-
+wait "$grep_pid" || true
+grep_pid=
+if [[ $status != 0 ]]; then
+    # the worker's own one-line reason, last, after torchrun's traceback (ChildFailedError)
+    last=$(tail -n 1 "$tmp/errors" | tr -d '\r' | sed -E 's/^\[[^]]*\]:? ?//')
+    if [[ -n "$last" ]]; then echo "$last" >&2; fi
+fi
+exit "$status"

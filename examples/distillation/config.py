@@ -2,7 +2,8 @@
 
 The defaults ARE the recommended recipe (README, "Recommended recipe"): `RECIPE` below is the one
 place it is written. run_distill.sh passes only what its user sets, and the benchmarks import
-`RECIPE` instead of restating it; tests/examples/distillation/test_config.py fails if any of them drift apart.
+`RECIPE` instead of restating it; tests/examples/distillation/test_config.py and tests/test_run_distill.py
+fail if any of them drift apart.
 
 `parse_config(argv)` parses, checks every flag that can be checked without loading anything,
 and resolves the automatic ones (precision, compile, DataLoader workers, a torchrun restart

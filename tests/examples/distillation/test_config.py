@@ -1,12 +1,10 @@
 """One source of truth for the recipe: train.py's defaults (config.RECIPE), and what follows them.
 
-run_distill.sh passes a recipe flag only when its user sets one, the benchmarks take their
-recipe from config.RECIPE, and --precision resolves as documented.
+The benchmarks take their recipe from config.RECIPE, and --precision resolves as documented;
+run_distill.sh passes a recipe flag only when its user sets one (tests/test_run_distill.py).
 """
 
 import importlib.util
-import os
-import subprocess
 
 import pytest
 import torch
@@ -82,55 +80,6 @@ def test_amp_dtype_of_each_precision():
     assert config.amp_dtype("fp32") is None
 
 
-# ---- run_distill.sh: only what its user sets ------------------------------------------------
-
-def run_full_recipe(tmp_path, env_vars: dict, *extra) -> list[str]:
-    """run_distill.sh's torchrun argv, with a stub torchrun first on PATH, in an environment holding only env_vars."""
-    stub_dir = tmp_path / "bin"
-    stub_dir.mkdir(exist_ok=True)
-    argv_file = tmp_path / "torchrun_argv.txt"
-    stub = stub_dir / "torchrun"
-    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > '{argv_file}'\n")
-    stub.chmod(0o755)
-    env = {"PATH": f"{stub_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), **env_vars}
-    proc = subprocess.run(["bash", str(REPO / "run_distill.sh"), *extra], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return argv_file.read_text().splitlines()
-
-
-def train_args(argv: list[str]) -> list[str]:
-    """What torchrun hands to train.py: everything after the script."""
-    return argv[argv.index("examples/distillation/train.py") + 1:]
-
-
-def test_run_distill_passes_no_recipe_flag_unless_set(tmp_path):
-    argv = run_full_recipe(tmp_path, {})
-    assert argv[argv.index("--nproc_per_node") + 1] == "4"
-    args = train_args(argv)
-    assert not [a for a in args if a in RECIPE_FLAGS + ("--bf16", "--fp16")]
-    assert not [a for a in args if a in ("--student_type", "--teacher_type", "--dump_path")]  # train.py's defaults
-    params = config.build_parser().parse_args(args)
-    assert params.n_gpu == 4 and params.data_file == ["data/binarized"]
-    assert params.teacher_name == "rinna/japanese-gpt2-medium"
-    assert params.student_config == "examples/distillation/training_configs/distilgpt2-ja.json"
-    assert {k: getattr(params, k) for k in RECOMMENDED} == RECOMMENDED
-    assert params.precision is None  # resolved by train.py: auto
-
-
-def test_run_distill_passes_what_is_set_and_extra_arguments_last(tmp_path):
-    argv = run_full_recipe(tmp_path, {"ALPHA_CE": "3", "PRECISION": "fp16", "ALPHA_CLM": "", "DUMP_PATH": "out/run1",
-                                      "N_GPU": "2"}, "--max_steps", "7")
-    args = train_args(argv)
-    pairs = list(zip(args, args[1:]))
-    assert ("--alpha_ce", "3") in pairs and ("--precision", "fp16") in pairs and ("--dump_path", "out/run1") in pairs
-    assert "--alpha_clm" not in args  # set but empty: train.py's default
-    assert args[-2:] == ["--max_steps", "7"]
-    params = config.build_parser().parse_args(args)
-    assert (params.alpha_ce, params.precision, params.n_gpu, params.max_steps) == (3.0, "fp16", 2, 7)
-    assert params.alpha_clm == RECOMMENDED["alpha_clm"]
-
-
 # ---- the benchmarks take their recipe from config.RECIPE -------------------------------------
 
 def load_bench(name: str):
@@ -177,3 +126,11 @@ def test_readme_by_hand_command_is_the_design_card_command_with_the_recipe():
 def argv_start(words: list[str]) -> int:
     """Index of the first train.py argument in a `torchrun ... train.py ARGS` command."""
     return next(i for i, w in enumerate(words) if w.endswith("train.py")) + 1
+
+
+def test_readme_lists_every_setting_a_resume_may_change():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    bullet = text[text.index("- **`--resume`**"):]
+    bullet = bullet[:bullet.index("\n- **")]
+    for name in sorted(config.RESUMABLE_CHANGES - {"resume", "force"}):
+        assert f"`--{name}`" in bullet, name
