@@ -60,7 +60,8 @@ def prepare_dump_path(params, runtime: Runtime) -> DumpPathLock:
     """Lock --dump_path for this run, then empty it (--force) or clear a killed run's leftovers.
 
     Every rank has checked everything before anything changes; a dump path that another live run
-    holds is refused before --force could delete it. Returns the lock (held while it is referenced).
+    holds is refused before --force could delete it. Returns the lock: `with` it, and it is held for the
+    block (released at its end even when an error keeps this frame alive in a traceback).
     """
     dump_path = Path(params.dump_path)
     lock = DumpPathLock(dump_path, runtime.global_rank)
@@ -235,25 +236,24 @@ def train(params) -> None:
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
 
-    lock = prepare_dump_path(params, runtime)  # everything above is checked before anything on disk changes
-    cache = Path(params.dump_path) / TOKEN_CACHE
-    if runtime.is_master:
-        fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
-        git_log(params.dump_path)
-        save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
-        write_cache(cache, dataset.sequences)
-    if runtime.is_distributed:
-        torch.distributed.barrier()
-    dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank maps the same file: one copy in memory
-    logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
-                "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
-    distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
-    if params.resume and not distiller.resume():
-        logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
-                       "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)
-        distiller.log.clear()
-    distiller.train()
-    del lock  # held until here: the run is done writing
+    with prepare_dump_path(params, runtime):  # checked above before anything on disk changes; locked from here
+        cache = Path(params.dump_path) / TOKEN_CACHE
+        if runtime.is_master:
+            fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
+            git_log(params.dump_path)
+            save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
+            write_cache(cache, dataset.sequences)
+        if runtime.is_distributed:
+            torch.distributed.barrier()
+        dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank maps the same file: one copy in memory
+        logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
+                    "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
+        distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
+        if params.resume and not distiller.resume():
+            logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
+                           "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)
+            distiller.log.clear()
+        distiller.train()
 
 
 def main(argv=None) -> int:

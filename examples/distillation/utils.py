@@ -178,6 +178,18 @@ class DumpPathLock:
         self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
         self.file.flush()
 
+    def release(self) -> None:
+        """Drop the lock now (an error leaves its frame, hence this object, alive in the traceback)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
     def _lock(self, f) -> None:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
