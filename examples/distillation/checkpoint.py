@@ -99,8 +99,7 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
             return
         if fault is not None:
             fault("checkpoint_write", step)
-        _fsynced_save(training_state, tmp / STATE_FILE)
-        fileio.fsync_dir(tmp)
+        _fsynced_save(training_state, tmp / STATE_FILE)  # fsyncs the file and tmp/ itself
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -84,12 +84,12 @@ def run_params(dump_path: Path | None) -> dict:
     return {}
 
 
-def student_config_for(weights_file: Path, dump_path: Path | None, config: str | None, family: str):
+def student_config_for(weights_file: Path, dump_path: Path | None, config: str | None, params: dict, family: str):
     candidates = [Path(config)] if config else []
     if dump_path is not None:
         candidates.append(dump_path / "config.json")
-        if run_params(dump_path).get("student_config"):
-            candidates.append(Path(run_params(dump_path)["student_config"]))
+        if params.get("student_config"):
+            candidates.append(Path(params["student_config"]))
     for candidate in candidates:
         if candidate.is_file():
             return models.load_config(candidate, family, "config")
@@ -99,15 +99,17 @@ def student_config_for(weights_file: Path, dump_path: Path | None, config: str |
 
 
 def load_student(checkpoint: str, config: str | None = None):
-    """(the student model, its dump_path or None); a folder of another family is refused."""
+    """(the student model, its dump_path or None, its parameters.json or {}); a folder of another
+    family is refused."""
     folder, weights_file, dump_path = resolve_checkpoint(checkpoint)
-    family = run_params(dump_path).get("student_type", FAMILY)
+    params = run_params(dump_path)
+    family = params.get("student_type", FAMILY)
     if folder is not None:
-        return models.load_pretrained(str(folder), family, "model"), dump_path
-    model = models.model_class(family)(student_config_for(weights_file, dump_path, config, family))
+        return models.load_pretrained(str(folder), family, "model"), dump_path, params
+    model = models.model_class(family)(student_config_for(weights_file, dump_path, config, params, family))
     models.load_state(model, models.read_state_dict(weights_file), weights_file)
     logger.info("Loaded the student from %s", weights_file)
-    return model, dump_path
+    return model, dump_path, params
 
 
 # ---- tokenizer --------------------------------------------------------------------------
@@ -229,10 +231,9 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; pass --force to overwrite it")
-    model, dump_path = load_student(checkpoint, config)
-    params = run_params(dump_path) or None
+    model, dump_path, params = load_student(checkpoint, config)
     if tokenizer is None:
-        tokenizer = (params or {}).get("tokenizer_name") or (params or {}).get("teacher_name")
+        tokenizer = params.get("tokenizer_name") or params.get("teacher_name")
         if tokenizer is None:
             raise UsageError("name the tokenizer with --tokenizer (no parameters.json says which)")
         logger.info("Tokenizer from parameters.json: %s", tokenizer)

@@ -81,9 +81,9 @@ def load_causal_lm(name_or_dir: str, what: str = "model"):
     """Any causal LM, its class chosen by its own config (evaluation and sampling): nothing to mismatch."""
     from transformers import AutoModelForCausalLM
 
-    pretrained_config(name_or_dir, what)
+    config = pretrained_config(name_or_dir, what)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_dir)
+        return AutoModelForCausalLM.from_pretrained(name_or_dir, config=config)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UsageError(f"cannot load {what} {name_or_dir!r}: {first_line(err)}") from err
 

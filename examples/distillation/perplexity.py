@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_prep.tokenization import DocumentEncoder, fix_unigram_unk_id, iter_documents, load_tokenizer, normalize_text
+from data_prep.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from distil_ja import shards
 from distil_ja.cli import DataError, UsageError, first_line
 
@@ -36,7 +36,7 @@ class _TransformersEncoder:
     which gives the same ids as DocumentEncoder."""
 
     def __init__(self, name_or_dir):
-        self.tok = fix_unigram_unk_id(load_tokenizer(name_or_dir))
+        self.tok = load_tokenizer(name_or_dir)  # with data_prep's unk-id fix
         self.normalize = normalize_text
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         if self.bos_id is None or self.eos_id is None:

@@ -72,7 +72,7 @@ class TrainingLog:
     @property
     def empty(self) -> bool:
         """No optimizer step since the last log line (skipped steps do not count)."""
-        return self.tokens == 0 and not self.counts.any()
+        return self.tokens == 0
 
     # ---- accumulation -------------------------------------------------------------------
 

@@ -166,7 +166,7 @@ class DumpPathLock:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def acquire(self) -> None:
-        """Take the lock for the life of this process, or UsageError naming its holder."""
+        """Take the lock until release() (or this process ends), or UsageError naming its holder."""
         self.file = open(self.path, "a+")
         try:
             self._lock(self.file)
