@@ -10,6 +10,7 @@
 #   N_GPU=8 DATA=data/binarized DUMP_PATH=checkpoints/run1 PRECISION=fp16 bash run_distill.sh
 #   ALPHA_CE=3 LEARNING_RATE=3e-4 bash run_distill.sh
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_distill.sh      (then NODE_RANK=1 on the other node)
+#   SHARD_TEACHER=1 bash run_distill.sh                                 (a teacher too large for one GPU)
 #   N_GPU=0 [NPROC=2] bash run_distill.sh                               (the CPU: NPROC processes, default 1)
 # Extra arguments go to train.py last, unchanged (they win over everything here).
 #
@@ -177,6 +178,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}             # torchrun restarts crashed workers; they resume from the newest checkpoint
+SHARD_TEACHER=${SHARD_TEACHER:-0}           # 1: split the teacher between each node's processes (--shard_teacher)
 # Inputs of this recipe (relative paths: relative to the folder the script is run from)
 DATA=${DATA:-data/binarized}
 TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
@@ -214,6 +216,7 @@ pass_if_set SEED --seed
 pass_if_set LOG_INTERVAL --log_interval
 pass_if_set CHECKPOINT_INTERVAL --checkpoint_interval
 pass_if_set EVAL_INTERVAL --eval_interval
+if [[ "$SHARD_TEACHER" == 1 ]]; then args+=(--shard_teacher); fi
 
 # ---- checks: one line and exit 1 (data) or 2 (anything else) before anything is launched -----------
 given() {  # given FLAG ARGS...: FLAG is among the extra arguments, which then decide (train.py checks them)
@@ -248,6 +251,13 @@ if ! given --teacher_name "$@" && [[ ! -d "$TEACHER" ]] \
     die 2 "TEACHER $(where "$TEACHER") is neither a folder nor a hub name (org/name)"
 fi
 is_count "$N_GPU" || die 2 "N_GPU=$N_GPU is not a number of GPUs per node (N_GPU=0: the CPU)"
+if ! is_count "$NNODES" || [[ $NNODES == 0 ]]; then
+    die 2 "NNODES=$NNODES is not a number of nodes (> 0)"
+fi
+if ! is_count "$NODE_RANK" || (( 10#$NODE_RANK >= 10#$NNODES )); then
+    die 2 "NODE_RANK=$NODE_RANK is not a node of NNODES=$NNODES (0 to $((NNODES - 1)))"
+fi
+[[ "$SHARD_TEACHER" == [01] ]] || die 2 "SHARD_TEACHER=$SHARD_TEACHER is neither 0 nor 1"
 if [[ $N_GPU == 0 ]]; then
     nproc=${NPROC:-1}
     if ! is_count "$nproc" || [[ $nproc == 0 ]]; then

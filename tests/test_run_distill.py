@@ -252,6 +252,9 @@ def test_missing_data_is_named_before_anything_is_launched(tmp_path):
     ({"N_GPU": "four"}, ["N_GPU=four"]),
     ({"N_GPU": "0", "NPROC": "0"}, ["NPROC=0"]),
     ({"N_GPU": "2", "NPROC": "3"}, ["NPROC=3"]),
+    ({"NNODES": "0"}, ["NNODES=0"]),
+    ({"NNODES": "2", "NODE_RANK": "2"}, ["NODE_RANK=2", "NNODES=2"]),
+    ({"SHARD_TEACHER": "yes"}, ["SHARD_TEACHER=yes"]),
 ])
 def test_bad_inputs_are_refused_in_one_line_before_the_launch(tmp_path, caller, env, words):
     refused(Run(tmp_path, env=env, cwd=caller), 2, *words)
@@ -269,6 +272,16 @@ def test_n_gpu_0_is_a_cpu_run(tmp_path, caller, env, nproc):
     assert run.returncode == 0, run.stderr
     assert run.argv[run.argv.index("--nproc_per_node") + 1] == nproc
     assert run.value("--n_gpu") == "0"
+
+
+def test_the_topology_of_several_nodes_goes_to_torchrun_and_shard_teacher_to_train_py(tmp_path, caller):
+    run = Run(tmp_path, cwd=caller, env={"STUB_GPUS": "8", "N_GPU": "8", "NNODES": "2", "NODE_RANK": "1",
+                                         "MASTER_ADDR": "node0", "MAX_RESTARTS": "3", "SHARD_TEACHER": "1"})
+    assert run.returncode == 0, run.stderr
+    launch = dict(zip(run.argv, run.argv[1:]))
+    assert {k: launch[k] for k in ("--nnodes", "--node_rank", "--nproc_per_node", "--master_addr", "--max-restarts")} \
+        == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "8", "--master_addr": "node0", "--max-restarts": "3"}
+    assert config.build_parser().parse_args(run.train_args()).shard_teacher
 
 
 def test_extra_arguments_decide_what_they_set(tmp_path):

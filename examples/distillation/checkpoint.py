@@ -1,8 +1,9 @@
 """Crash-safe training checkpoints.
 
 A checkpoint is a directory `checkpoint_stepNNNNNNNN/` holding `training_state.pt` (weights,
-optimizer, scheduler, scaler, counters; written by rank 0) and `rank{R}.pt` (each rank's RNG
-states and unreduced log sums). Every file is written into `checkpoint_stepNNNNNNNN.tmp/`,
+optimizer, scheduler, scaler, counters; written by rank 0, and by the first process of a node
+whose dump path is its own: node_local.py) and `rank{R}.pt` (each rank's RNG states and
+unreduced log sums). Every file is written into `checkpoint_stepNNNNNNNN.tmp/`,
 fsynced, and the directory is renamed only when complete, so a crash mid-write leaves the
 previous checkpoint as the newest complete one.
 """
@@ -68,7 +69,9 @@ def set_rng_state(state: dict) -> None:
 
 def save(dump_path: Path, step: int, training_state: dict | None, rank_state: dict, rank: int, keep: int,
          fault=None) -> Path:
-    """Collective: every rank calls it; rank 0 passes training_state, the others None.
+    """Collective: every rank calls it; the writer of each folder passes training_state (rank 0, and
+    the first process of a node with a folder of its own), the others None. The writer creates, fills,
+    renames and prunes the checkpoint folders of its dump path.
 
     A write that fails on any rank (a full disk, say) removes the half-written folder and raises the
     same DataError on every rank, naming the folder and the space it needs; the newest complete
@@ -76,6 +79,7 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
     """
     final = checkpoint_dir(dump_path, step)
     tmp = final.with_name(final.name + ".tmp")
+    writer = training_state is not None
 
     def stage(action):  # action on this rank, then every rank learns of any rank's failure
         error = None
@@ -85,17 +89,17 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
             error = DataError(_write_failure(final, err, training_state, rank_state))
         error = first_error(error)  # a collective: it is also the barrier between the stages
         if error is not None:
-            if rank == 0:
+            if writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise error
 
     def start():
-        if rank == 0:
+        if writer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
             tmp.mkdir(parents=True)
 
     def finish():
-        if rank != 0:
+        if not writer:
             return
         if fault is not None:
             fault("checkpoint_write", step)
@@ -108,7 +112,7 @@ def save(dump_path: Path, step: int, training_state: dict | None, rank_state: di
     stage(start)
     stage(lambda: _fsynced_save(rank_state, tmp / f"rank{rank}.pt"))
     stage(finish)
-    if rank == 0:
+    if writer:
         for old in list_checkpoints(dump_path)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("Saved checkpoint %s", final)
@@ -145,9 +149,23 @@ def _try_load(path: Path, rank: int):
 
 
 def load_latest(dump_path: Path, rank: int, device: torch.device):
-    """(path, training_state, rank_state) of the newest checkpoint every rank can read, or None."""
-    for path in list_checkpoints(dump_path):
-        loaded = _try_load(path, rank)
+    """(path, training_state, rank_state) of the newest checkpoint every rank can read, or None.
+
+    Collective. The ranks try the same steps in the same order, newest first: with a folder per node
+    (node_local.py), a crash can leave a step complete on one node and not on another.
+    """
+    steps = {int(CHECKPOINT_RE.match(p.name).group(1)) for p in list_checkpoints(dump_path)}
+    if dist.is_initialized():
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, steps)
+        steps = set().union(*every_rank)
+    for step in sorted(steps, reverse=True):
+        path = checkpoint_dir(dump_path, step)
+        loaded = None
+        if path.is_dir():
+            loaded = _try_load(path, rank)
+        else:
+            logger.warning("Checkpoint %s is not in this node's folder; trying the previous one", path)
         ok = torch.tensor([1 if loaded is not None else 0], device=device)
         if dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)

@@ -38,7 +38,8 @@ LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile"}
+                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
+                     "shard_teacher"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--num_workers", type=int, default=None,
                     help="DataLoader worker processes (default: 2 with CUDA, 0 on the CPU); batches are the same.")
     hw.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 trains on the CPU.")
+    hw.add_argument("--shard_teacher", action="store_true",
+                    help="Split the frozen teacher's decoder blocks between the processes of each node (FSDP2), "
+                         "for a teacher too large for one GPU; the student stays DDP (README, Scaling).")
     hw.add_argument("--seed", type=int, default=56)
 
     rec = parser.add_argument_group("records")
@@ -151,6 +155,8 @@ def check_arguments(params) -> None:
     needs_teacher = [f"--{k}" for k in ("alpha_ce", "alpha_mse", "alpha_cos") if alphas[k] > 0]
     if params.teacher_name is None and needs_teacher:
         raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name or set them to 0")
+    if params.teacher_name is None and params.shard_teacher:
+        raise UsageError("--shard_teacher needs a teacher (--teacher_name)")
     if params.teacher_name is None and params.tokenizer_name is None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:

@@ -256,7 +256,7 @@ class Distiller:
     def save_checkpoint(self):
         """Everything needed to continue exactly where this step left off (collective)."""
         training_state = None
-        if self.runtime.is_master:
+        if self.runtime.writes_training_state:  # rank 0, and the writer of a node's own folder (node_local.py)
             training_state = {
                 "student": self.raw_student().state_dict(),
                 "optimizer": self.optimizer.state_dict(),

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
@@ -27,7 +28,9 @@ from distil_ja import fileio, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
+from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
 from perplexity import load_eval_sequences  # noqa: E402
+from sharding import check_shardable, shard_teacher  # noqa: E402
 from token_cache import write_cache  # noqa: E402
 from utils import DumpPathLock, Runtime, git_log, init_distributed, logger, raise_first_error, set_seed, setup_logging  # noqa: E402
 
@@ -56,26 +59,31 @@ def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
         raise UsageError(f"{dump_path} exists and is not empty; pass --resume to continue it or --force to overwrite it")
 
 
-def prepare_dump_path(params, runtime: Runtime) -> DumpPathLock:
+def prepare_dump_path(params, runtime: Runtime) -> tuple[Runtime, DumpPathLock]:
     """Lock --dump_path for this run, then empty it (--force) or clear a killed run's leftovers.
 
     Every rank has checked everything before anything changes; a dump path that another live run
-    holds is refused before --force could delete it. Returns the lock: `with` it, and it is held for the
+    holds is refused before --force could delete it. The writer of each folder (rank 0, or the first
+    process of a node with a folder of its own: node_local.py) changes it. Returns the runtime, which
+    now says whether this process writes its folder, and the lock: `with` it, and it is held for the
     block (released at its end even when an error keeps this frame alive in a traceback).
     """
     dump_path = Path(params.dump_path)
     lock = DumpPathLock(dump_path, runtime.global_rank)
     raise_first_error(attempt(lock.check))  # again, after the loading; collective: also the barrier before
-    if runtime.is_master:                   # rank 0 changes anything
-        if params.force and dump_path.exists():
+    writes = claim_dump_path(dump_path, runtime)  # collective: creates the folder(s)
+    runtime = replace(runtime, writes_node_copy=writes and not runtime.is_master)
+    if writes:
+        forget_marker(dump_path)
+        if params.force:
             logger.info("--force: deleting %s", dump_path)
             shutil.rmtree(dump_path)
-        dump_path.mkdir(parents=True, exist_ok=True)
+            dump_path.mkdir(parents=True)
         remove_leftovers(dump_path)
     if runtime.is_distributed:
         torch.distributed.barrier()  # the folder exists (and --force emptied it) before any rank locks it
     raise_first_error(attempt(lock.acquire))
-    return lock
+    return runtime, lock
 
 
 def attempt(action) -> UsageError | None:
@@ -235,17 +243,26 @@ def train(params) -> None:
         dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
+    if params.shard_teacher:
+        raise_first_error(attempt(lambda: check_shardable(teacher, runtime)))
+        shard_teacher(teacher, runtime)
 
-    with prepare_dump_path(params, runtime):  # checked above before anything on disk changes; locked from here
+    runtime, lock = prepare_dump_path(params, runtime)
+    with lock:  # checked above before anything on disk changes; locked from here
         cache = Path(params.dump_path) / TOKEN_CACHE
-        if runtime.is_master:
+        if runtime.writes_node_copy:  # a node with a folder of its own reads the data itself
+            dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
+        raise_first_error(dataset if isinstance(dataset, Exception) else None)
+        if runtime.writes_training_state:
             fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
+            write_cache(cache, dataset.sequences)
+        if runtime.is_master:
             git_log(params.dump_path)
             save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
-            write_cache(cache, dataset.sequences)
         if runtime.is_distributed:
             torch.distributed.barrier()
-        dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank maps the same file: one copy in memory
+        dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank of a node maps one file: one copy in memory
+        check_same_sequences(dataset.lengths, runtime)
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
         distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)

@@ -26,10 +26,23 @@ class Runtime:
     global_rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int | None = None  # processes on this node (None: all of them)
+    writes_node_copy: bool = False  # this node's dump path is not rank 0's, and this process writes it
 
     @property
     def is_master(self) -> bool:
         return self.global_rank == 0
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.local_world_size or self.world_size
+
+    @property
+    def writes_training_state(self) -> bool:
+        """Whether this process writes the dump path's shared files: parameters.json, the token cache and
+        each checkpoint's training_state.pt. Rank 0 does, and on a node that does not see rank 0's dump
+        path (a node-local disk), that node's first process (train.claim_dump_path)."""
+        return self.is_master or self.writes_node_copy
 
     @property
     def is_distributed(self) -> bool:
@@ -96,7 +109,7 @@ def init_distributed(n_gpu: int) -> Runtime:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    runtime = Runtime(world_size, global_rank, local_rank, device)
+    runtime = Runtime(world_size, global_rank, local_rank, device, local_world_size)
 
     if runtime.is_distributed:
         # torchrun keeps one TCP store across worker restarts (--max-restarts): a key prefix per
