@@ -2,6 +2,7 @@
 train.py argument lists, and readers of what a run wrote."""
 
 import pickle
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def train_args(setup, dump_path, *extra):
         "--alpha_ce", "0.5", "--alpha_clm", "0.5", "--alpha_cos", "0.1", "--no-group_by_size",
         *extra,
     ]
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a torchrun rendezvous (tests run beside others on one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def weights(dump_path):

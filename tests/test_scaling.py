@@ -8,24 +8,17 @@ weights bit for bit.
 
 import json
 import os
-import socket
 import subprocess
 
 import pytest
 import torch
 
-from helpers import REPO, weights
+from helpers import REPO, free_port, weights
 
 ARGS = ["--batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps", "6", "--learning_rate", "1e-3",
         "--warmup_prop", "0", "--log_interval", "2", "--checkpoint_interval", "2",
         "--alpha_ce", "0.5", "--alpha_clm", "0.5", "--alpha_cos", "0.1", "--no-group_by_size"]
 TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(setup, dump, **env) -> subprocess.Popen:

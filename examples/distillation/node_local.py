@@ -56,10 +56,10 @@ def claim_dump_path(dump_path: Path, runtime: Runtime) -> bool:
     writer = _marked_by(dump_path, run_id)
     error = None
     if writer not in (0, node_leader):
-        seen = "no folder prepared by either" if writer is None else f"the folder that rank {writer} prepared"
-        error = UsageError(f"--dump_path {dump_path}: rank {runtime.global_rank} sees {seen} of rank 0 and its "
-                           f"node's first process (rank {node_leader}); the processes of a node must share one "
-                           "folder: the same on every node or one per node (README, Scaling)")
+        found = (f"no folder prepared by rank 0 or by its node's first process (rank {node_leader})" if writer is None
+                 else f"the folder of rank {writer}, neither rank 0's nor its node's first process's (rank {node_leader})")
+        error = UsageError(f"--dump_path {dump_path}: rank {runtime.global_rank} finds {found}; the processes of a "
+                           "node must share one folder: the same on every node, or one per node (README, Scaling)")
     raise_first_error(error)  # also the barrier before a writer removes its marker
     if writer == runtime.global_rank != 0:
         logger.warning("%s is this node's own folder (rank 0's is not visible here): rank %d writes the node's "

@@ -1,0 +1,62 @@
+"""node_local.py: which process writes which dump path, found out on several (played) nodes.
+
+Real runs of two nodes, with one folder or one each: tests/test_scaling.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, free_port
+
+WORKER = Path(__file__).with_name("node_local_worker.py")
+
+
+@pytest.fixture(scope="module")
+def claimed(tmp_path_factory):
+    """What each of two processes got in every layout the worker plays (one torchrun launch)."""
+    folder = tmp_path_factory.mktemp("claims")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, REPO / "examples" / "distillation"))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(WORKER), str(folder)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, writes", [
+    ("one_node_shared", [True, False]),   # rank 0 writes for both, as on one machine
+    ("two_nodes_shared", [True, False]),  # a shared file system: the same
+    ("two_nodes_own", [True, True]),      # node-local disks: each node's first process writes its copy
+])
+def test_the_writer_of_each_folder(claimed, layout, writes):
+    folder, results = claimed
+    assert [r[layout] for r in results] == writes
+    for rank, writer in enumerate(writes):
+        name = f"node{rank}" if layout.endswith("own") else "shared"
+        if writer:
+            assert (folder / layout / name).is_dir()
+
+
+@pytest.mark.slow
+def test_processes_of_one_node_that_do_not_share_a_folder_are_refused_on_every_rank(claimed):
+    folder, results = claimed
+    errors = [r["one_node_split"] for r in results]
+    assert errors[0] == errors[1]  # the same one line everywhere
+    assert errors[0] == (f"UsageError: --dump_path {folder / 'one_node_split' / 'node1'}: rank 1 finds no folder "
+                         "prepared by rank 0 or by its node's first process (rank 0); the processes of a node must "
+                         "share one folder: the same on every node, or one per node (README, Scaling)")
+
+
+@pytest.mark.slow
+def test_node_copies_of_other_data_are_refused(claimed):
+    _, results = claimed
+    assert [r["same_data"] for r in results] == ["ok", "ok"]
+    assert [r["other_data"] for r in results] == ["DataError: the token cache of rank 1 (2 sequences) differs from "
+                                                  "rank 0's (2 sequences): every node must read the same --data_file"] * 2
