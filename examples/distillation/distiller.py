@@ -19,6 +19,7 @@ from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, len
 from lm_seqs_dataset import LmSeqsDataset
 from losses import clm_loss_sum, cos_loss_sum, kd_clm_loss_sums, kd_loss_sum, mse_loss_sum
 from perplexity import shared_perplexity
+from sharding import is_sharded
 from training_log import LOSS_TERMS, TrainingLog
 from utils import Runtime, inject_fault
 
@@ -116,12 +117,13 @@ class Distiller:
         if runtime.is_distributed:
             ids = [runtime.local_rank] if self.device.type == "cuda" else None
             self.student = DistributedDataParallel(student, device_ids=ids, output_device=ids and ids[0])
-        if self.teacher is not None:
+        sharded_teacher = self.teacher is not None and is_sharded(self.teacher)  # train.py placed it (sharding.py)
+        if self.teacher is not None and not sharded_teacher:
             self.teacher.to(self.device)
         if params.compile:
             # In place (nn.Module.compile): state_dict keys, DDP and checkpoints are unchanged.
             student.compile()
-            if self.teacher is not None:
+            if self.teacher is not None and not sharded_teacher:  # FSDP2's hooks break the graph at every block
                 self.teacher.compile()
             self.chunk_fn = torch.compile(losses.fused_rows, dynamic=True)
 

@@ -56,8 +56,9 @@ def claim_dump_path(dump_path: Path, runtime: Runtime) -> bool:
     writer = _marked_by(dump_path, run_id)
     error = None
     if writer not in (0, node_leader):
-        found = (f"no folder prepared by rank 0 or by its node's first process (rank {node_leader})" if writer is None
-                 else f"the folder of rank {writer}, neither rank 0's nor its node's first process's (rank {node_leader})")
+        leader = f"its node's first process (rank {node_leader})"
+        found = (f"no folder prepared by rank 0 or by {leader}" if writer is None
+                 else f"the folder of rank {writer}, prepared neither by rank 0 nor by {leader}")
         error = UsageError(f"--dump_path {dump_path}: rank {runtime.global_rank} finds {found}; the processes of a "
                            "node must share one folder: the same on every node, or one per node (README, Scaling)")
     raise_first_error(error)  # also the barrier before a writer removes its marker

@@ -17,6 +17,9 @@ import logging
 from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from distil_ja.cli import UsageError
 from utils import Runtime
@@ -61,8 +64,6 @@ def check_shardable(teacher: nn.Module, runtime: Runtime) -> None:
 
 def node_mesh(runtime: Runtime):
     """The device mesh of the teacher: replicated over nodes, sharded over each node's processes."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     per_node = runtime.procs_per_node
     nodes = runtime.world_size // per_node
     if nodes == 1:
@@ -83,8 +84,6 @@ def shard_teacher(teacher: nn.Module, runtime: Runtime) -> ShardReport:
     """
     blocks = decoder_blocks(teacher)
     mesh = node_mesh(runtime)
-    from torch.distributed.fsdp import fully_shard
-
     full_bytes = tensor_bytes(teacher.parameters())
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)  # moves the block's shards to the device
@@ -99,8 +98,6 @@ def shard_teacher(teacher: nn.Module, runtime: Runtime) -> ShardReport:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether shard_teacher sharded (and placed) this model."""
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
@@ -110,6 +107,4 @@ def tensor_bytes(tensors) -> int:
 
 def local_bytes(model: nn.Module) -> int:
     """Bytes of parameters this process holds: its shard of a sharded tensor, a whole one else."""
-    from torch.distributed.tensor import DTensor
-
     return tensor_bytes(p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())

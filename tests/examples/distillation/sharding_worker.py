@@ -22,8 +22,9 @@ from utils import init_distributed
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                        num_key_value_heads=2, vocab_size=192, tie_word_embeddings=False))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=192,
+                                        tie_word_embeddings=False))
 
 
 def tiny_gpt2():
@@ -56,7 +57,8 @@ def facts(build, dtype, runtime) -> dict:
         "full_block_rows": [p.shape[0] for p in block_params][:2],
         "whole": sorted(n for n, p in teacher.named_parameters() if not isinstance(p, DTensor)),
         "dtypes": sorted({str(p.dtype) for p in teacher.parameters()}),
-        "head_is_plain_and_equal": type(head) is torch.nn.Parameter and torch.equal(head, plain.get_output_embeddings().weight),
+        "head_is_plain_and_equal": type(head) is torch.nn.Parameter
+                                   and torch.equal(head, plain.get_output_embeddings().weight),
         "head_tied": head is teacher.get_input_embeddings().weight,
         "logits_equal": torch.equal(out.logits, ref.logits),
         "hidden_equal": len(out.hidden_states) == len(ref.hidden_states)

@@ -85,3 +85,26 @@ def test_fsdp2_shards_only_the_blocks_in_bf16_and_the_teacher_computes_the_same(
         else:
             assert f["whole"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"], f
             assert not f["head_tied"], f
+
+
+def test_the_distiller_leaves_a_sharded_teacher_where_it_is_and_uncompiled(tiny_setup, tmp_path, monkeypatch):
+    """train.py placed it; compiling it would break the graph at every block's FSDP2 hooks (and recompile per
+    block, past dynamo's limit: seen on the CPU)."""
+    import distiller
+    import models
+    from config import parse_config
+    from helpers import random_sequences, train_args
+    from lm_seqs_dataset import LmSeqsDataset
+
+    class Untouchable(nn.Module):
+        def to(self, *args, **kwargs):
+            raise AssertionError("moved")
+
+        def compile(self, *args, **kwargs):
+            raise AssertionError("compiled")
+
+    monkeypatch.setattr(distiller, "is_sharded", lambda model: isinstance(model, Untouchable))
+    params = parse_config(train_args(tiny_setup, tmp_path / "run", "--compile"))
+    student = models.build_student(models.load_config(params.student_config, "gpt2"), "gpt2")
+    built = distiller.Distiller(params, Runtime(), LmSeqsDataset(random_sequences(8), 64), student, Untouchable())
+    assert built.teacher is not None and params.compile
