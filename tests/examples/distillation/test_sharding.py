@@ -108,3 +108,25 @@ def test_the_distiller_leaves_a_sharded_teacher_where_it_is_and_uncompiled(tiny_
     student = models.build_student(models.load_config(params.student_config, "gpt2"), "gpt2")
     built = distiller.Distiller(params, Runtime(), LmSeqsDataset(random_sequences(8), 64), student, Untouchable())
     assert built.teacher is not None and params.compile
+
+
+def test_train_py_refuses_shard_teacher_on_one_process_in_one_line_before_writing(tiny_setup, tmp_path, capsys):
+    import train
+    from distil_ja.cli import EXIT_USAGE
+    from helpers import train_args
+
+    assert train.main(train_args(tiny_setup, tmp_path / "run", "--shard_teacher")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --shard_teacher splits the teacher between the processes of a node, and this node "
+                       "runs 1: start several (torchrun --nproc_per_node N)")
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_shard_teacher_needs_a_teacher():
+    from config import parse_config
+
+    alone = ["--data_file", "d", "--student_config", "s.json", "--tokenizer_name", "tok", "--n_gpu", "0",
+             "--alpha_ce", "0", "--alpha_cos", "0", "--shard_teacher"]
+    with pytest.raises(UsageError, match="--shard_teacher needs a teacher"):
+        parse_config(alone)
