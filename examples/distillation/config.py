@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distil_ja.cli import ArgumentParser, UsageError
+from models import AUTO, TYPE_CHOICES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; README "Recommended recipe").
 # batch_size x gradient_accumulation_steps is per process: 8 x 16 x 4 GPUs = 512 sequences a step.
@@ -37,13 +38,16 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
+# The types only check the families the configs name (runs before `auto` recorded "gpt2").
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile"}
+                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
+                     "student_type", "teacher_type"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        description="Distil a GPT-2 teacher into a GPT-2 student (or train the student alone with --alpha_clm only).\n\n"
+        description="Distil a causal-LM teacher into a small student (or train the student alone with "
+                    "--alpha_clm only).\n\n"
                     "    torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4 --data_file DIR \\\n"
                     "        --student_config CONFIG.json --teacher_name TEACHER\n\n"
                     "Defaults are the recommended recipe. Exit status: 0 done, 1 bad data, 2 bad arguments or "
@@ -58,11 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="binarize.py output directory (manifest + shards), or one or more .pickle shards.")
 
     models = parser.add_argument_group("models")
-    models.add_argument("--student_type", choices=["gpt2"], default="gpt2", help="Model family of the student.")
-    models.add_argument("--student_config", required=True, help="GPT-2 config JSON of the student.")
+    models.add_argument("--student_type", choices=TYPE_CHOICES, default=AUTO,
+                        help="Model family of the student: auto (default) takes it from the config's model_type; "
+                             "a named family refuses a config of another one.")
+    models.add_argument("--student_config", required=True,
+                        help="Config JSON of the student, any causal-LM family (its model_type picks the class).")
     models.add_argument("--student_pretrained_weights", default=None,
                         help="Initial student weights: a state-dict file (scripts/extract.py) or a model directory.")
-    models.add_argument("--teacher_type", choices=["gpt2"], default="gpt2", help="Model family of the teacher.")
+    models.add_argument("--teacher_type", choices=TYPE_CHOICES, default=AUTO,
+                        help="Model family of the teacher: auto (default) takes it from its config; "
+                             "a named family refuses a teacher of another one.")
     models.add_argument("--teacher_name", default=None,
                         help="Teacher: hub name or local directory. Omit to train the student without a teacher.")
     models.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or directory (default: the teacher's).")

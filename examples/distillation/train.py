@@ -1,11 +1,12 @@
-"""Distil a GPT-2 teacher into a GPT-2 student (or train the student alone with --alpha_clm only).
+"""Distil a causal-LM teacher into a small student (or train the student alone with --alpha_clm only).
 
     torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4 --data_file DIR \
         --student_config CONFIG.json --teacher_name TEACHER
 
 The flags and their defaults (the recommended recipe) are in config.py; the loop in distiller.py.
-This file checks everything that can be checked (flags, dump path, tokenizer, models, data)
-before anything on disk changes, then trains. Exit status (distil_ja.cli): 0 done, 1 bad data,
+Teacher and student may be of any causal-LM family (models.py), different ones too, as long
+as they share the tokenizer. This file checks everything that can be checked (flags, dump path,
+tokenizer, models, data) before anything on disk changes, then trains. Exit status (distil_ja.cli): 0 done, 1 bad data,
 2 bad arguments or models, 3 training stopped (non-finite losses).
 """
 
@@ -21,7 +22,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from config import RESUMABLE_CHANGES, parse_config, saved_settings  # noqa: E402
+from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
 from data_prep.tokenization import load_tokenizer, resolve_spiece, sha256_file  # noqa: E402
 from distil_ja import fileio, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
@@ -101,20 +102,23 @@ def load_student(params):
     student = models.build_student(config, params.student_type, params.student_pretrained_weights)
     if params.student_pretrained_weights is not None:
         logger.info("Student initialised from %s", params.student_pretrained_weights)
+    if params.freeze_pos_embs and models.position_embeddings(student) is None:
+        raise UsageError(f"--freeze_pos_embs: the {config.model_type!r} student has no learned position embeddings "
+                         "(its positions are rotary or fixed)")
+    models.check_split_forward(student, "student")
     return student
 
 
 def load_teacher(params):
-    """The frozen teacher (None without --teacher_name), held in the autocast dtype under bf16/fp16."""
+    """The frozen teacher (None without --teacher_name), read straight into the autocast dtype under
+    bf16/fp16 (a multi-billion-parameter teacher never exists in float32 in memory)."""
     if params.teacher_name is None:
         return None
-    teacher = models.load_pretrained(params.teacher_name, params.teacher_type, "teacher")
+    dtype = amp_dtype(params.precision) or torch.float32
+    teacher = models.load_pretrained(params.teacher_name, params.teacher_type, "teacher", dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    if params.precision == "bf16":
-        teacher.to(torch.bfloat16)
-    elif params.precision == "fp16":
-        teacher.to(torch.float16)
+    models.check_split_forward(teacher, "teacher")
     return teacher
 
 
@@ -133,13 +137,38 @@ def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, sequ
         if config.vocab_size < vocab_size:
             raise UsageError(f"{who} vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
         for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
-            if getattr(config, name, None) != expected:
+            if not special_id_agrees(getattr(config, name, None), expected):
                 raise UsageError(f"{who} config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
-    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
-        raise UsageError(f"student vocab_size {student.config.vocab_size} != teacher's {teacher.config.vocab_size}")
+    if teacher is not None:
+        check_shared_vocabulary(student.config.vocab_size, teacher.config.vocab_size, vocab_size)
     max_id = max((int(s.max()) for s in sequences if len(s)), default=-1)
     if max_id >= student.config.vocab_size:
         raise DataError(f"the data holds token id {max_id}, beyond the model vocabulary ({student.config.vocab_size})")
+
+
+def special_id_agrees(config_value, tokenizer_id: int) -> bool:
+    """A config's bos/eos id against the tokenizer's. Absent (None) agrees: some families' configs
+    (Qwen2's class defaults) leave them out, and the tokenizer decides. A list (several end ids,
+    as some Llama configs have) agrees when it holds the tokenizer's."""
+    if isinstance(config_value, (list, tuple)):
+        return tokenizer_id in config_value
+    return config_value is None or config_value == tokenizer_id
+
+
+def check_shared_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_size: int) -> None:
+    """tokenizer <= student <= teacher vocab_size (the first is checked for both models above).
+
+    A teacher whose embedding matrix is padded beyond the tokenizer (32,000 -> 32,128 for faster
+    matmuls) distils as it is: its rows from the student's vocab_size on are never a token of the
+    data (the student's vocab_size is at least the tokenizer's), and the distiller drops their
+    logits. A student with more rows than the teacher has ids the teacher cannot score.
+    """
+    if student_vocab > teacher_vocab:
+        raise UsageError(f"student vocab_size {student_vocab} > teacher's {teacher_vocab}: teacher and student "
+                         "must share the tokenizer")
+    if teacher_vocab > student_vocab:
+        logger.info("The teacher's vocabulary is padded to %d rows: its logits from %d on (beyond the tokenizer's %d "
+                    "tokens) are dropped", teacher_vocab, student_vocab, tokenizer_size)
 
 
 def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_source: str) -> None:
@@ -181,6 +210,15 @@ def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
         logger.warning("No spiece.model saved with the student (%s)", err)
 
 
+def context_length(student, teacher) -> int:
+    """The longest training sequence: the shorter context of the two models (longer data is split)."""
+    limits = [models.max_positions(m.config) for m in (student, teacher) if m is not None]
+    limits = [n for n in limits if n is not None]
+    if not limits:
+        raise UsageError(f"no model config names a context length ({', '.join(models.POSITION_LIMITS)})")
+    return min(limits)
+
+
 def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids: SpecialIds, student,
                  teacher) -> LmSeqsDataset | DataError | UsageError:
     """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it."""
@@ -189,7 +227,7 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
-        max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
+        max_len = context_length(student, teacher)
         dataset = LmSeqsDataset(sequences, max_len, ids)
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
