@@ -21,6 +21,29 @@ def gpt2_config(n_layer=2, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positio
     )
 
 
+def family_config(family, n_layer=2, hidden=32, vocab_size=TINY_VOCAB, positions=64, **overrides):
+    """A tiny config of a tested family (models.TESTED_FAMILIES), without dropout, bos 1 / eos 2 / pad 3
+    like the tiny tokenizer. GPT-2 and Qwen2 tie the head to the embeddings (as Qwen2's small
+    models do), GPT-NeoX and Llama do not; Llama and Qwen2 use grouped-query attention."""
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    if family == "gpt2":
+        config = gpt2_config(n_layer=n_layer, n_embd=hidden, vocab_size=vocab_size, n_positions=positions)
+    else:
+        common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=2,
+                      intermediate_size=2 * hidden, max_position_embeddings=positions,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        config = {
+            "gpt_neox": lambda: GPTNeoXConfig(**common, hidden_dropout=0.0, attention_dropout=0.0,
+                                              tie_word_embeddings=False),
+            "llama": lambda: LlamaConfig(**common, num_key_value_heads=1, tie_word_embeddings=False),
+            "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=1, tie_word_embeddings=True),
+        }[family]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
 def random_sequences(n, min_len=12, max_len=40, vocab_size=TINY_VOCAB, seed=0):
     """`<s> ... </s>` sequences of random ordinary tokens (ids 7..vocab-1)."""
     rng = np.random.default_rng(seed)
