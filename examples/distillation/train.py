@@ -6,8 +6,8 @@
 The flags and their defaults (the recommended recipe) are in config.py; the loop in distiller.py.
 Teacher and student may be of any causal-LM family (models.py), different ones too, as long
 as they share the tokenizer. This file checks everything that can be checked (flags, dump path,
-tokenizer, models, data) before anything on disk changes, then trains. Exit status (distil_ja.cli): 0 done, 1 bad data,
-2 bad arguments or models, 3 training stopped (non-finite losses).
+tokenizer, models, data) before anything on disk changes, then trains. Exit status
+(distil_ja.cli): 0 done, 1 bad data, 2 bad arguments or models, 3 training stopped (non-finite losses).
 """
 
 import json
