@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distil_ja.cli import ArgumentParser, UsageError
+from losses import KD_LOSSES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; README "Recommended recipe").
 # batch_size x gradient_accumulation_steps is per process: 8 x 16 x 4 GPUs = 512 sequences a step.
@@ -34,11 +35,13 @@ RECIPE = {
     "gradient_accumulation_steps": 16,
 }
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile"}
+                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
+                     "compile_mode"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     loss = parser.add_argument_group("losses (weights of the terms; defaults: the recommended recipe)")
     loss.add_argument("--temperature", type=float, help="Softmax temperature of the KD term.")
-    loss.add_argument("--alpha_ce", type=float, help="The KD term: KL(teacher_T || student_T) * T^2.")
+    loss.add_argument("--alpha_ce", type=float, help="The KD term: T^2 * divergence(teacher_T, student_T), see --kd_loss.")
+    loss.add_argument("--kd_loss", choices=KD_LOSSES, default="fkl",
+                      help="The KD term's divergence: fkl KL(t||s) (default), rkl KL(s||t), jsd (generalised "
+                           "Jensen-Shannon, --kd_beta), skew_fkl / skew_rkl (DistiLLM, --kd_skew), tvd (total variation).")
+    loss.add_argument("--kd_beta", type=float, default=0.5, help="jsd: the teacher's weight in the mixture, in (0, 1).")
+    loss.add_argument("--kd_skew", type=float, default=0.1, help="skew_fkl / skew_rkl: the skew alpha, in (0, 1).")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
     loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (equal widths).")
@@ -99,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the student, the teacher and the fused loss (default: on with CUDA, off on the CPU).")
+    hw.add_argument("--compile_mode", choices=COMPILE_MODES, default=None,
+                    help="torch.compile's mode (default: torch's default).")
     hw.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=True,
-                    help="KD and CLM losses with their gradient in one chunked pass over the logits (on by default).")
+                    help="LM-head matmul and the KD/CLM/MSE terms with their gradient in one chunked pass: no "
+                         "batch x seq x vocab logits (on by default).")
+    hw.add_argument("--pad_multiple", type=int, default=64,
+                    help="Pad each micro-batch's length up to a multiple of this (capped at the longest "
+                         "sequence), so compiled graphs are reused; 1 pads to the longest row only.")
     hw.add_argument("--num_workers", type=int, default=None,
                     help="DataLoader worker processes (default: 2 with CUDA, 0 on the CPU); batches are the same.")
     hw.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 trains on the CPU.")
@@ -155,9 +169,15 @@ def check_arguments(params) -> None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:
         raise UsageError("--temperature must be > 0")
+    for name in ("kd_beta", "kd_skew"):
+        if not 0 < getattr(params, name) < 1:
+            raise UsageError(f"--{name} must be in (0, 1)")
+    if params.compile_mode is not None and params.compile is False:
+        raise UsageError("--compile_mode needs compilation: drop --no-compile")
     if params.resume and params.force:
         raise UsageError("--resume continues --dump_path, --force deletes it: pick one")
-    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints"):
+    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints",
+                 "pad_multiple"):
         if getattr(params, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if params.num_workers is not None and params.num_workers < 0:
