@@ -23,7 +23,8 @@ import torch.nn.functional as F
 ROW_CHUNK = 4096  # rows per fp32 pass of the plain path
 FUSED_ROW_CHUNK = 1024  # rows per chunk of the fused path: 1024 x 32000 x 4 B = 131 MB per fp32 temporary
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-LOGIT_TERMS = ("ce", "clm", "mse")  # the terms computed from logits, in the order of the fused path's sums
+LOGIT_TERMS = ("ce", "clm", "mse")
+TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket: log(0) would make rkl and jsd infinite  # the terms computed from logits, in the order of the fused path's sums
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,18 @@ def divergence(spec: KdSpec, log_s, log_t):
 def topk_log_probs(s_logits, topk_ids, topk_logprobs, temperature: float):
     """Student and teacher log-probabilities over k + 1 buckets: the teacher's top-k ids, and the rest.
 
-    The teacher's tail is 1 - (sum of its top-k probabilities), floored at 1e-8 and renormalised with
-    them (stored log-probabilities may round to a sum just above 1); the student's tail is its own mass
-    outside those k ids, from a logsumexp over the other ids (no cancellation in 1 - sum).
+    The teacher's tail is 1 - (sum of its top-k probabilities), floored at TAIL_FLOOR and renormalised
+    with them (stored log-probabilities may round to a sum just above 1); the student's tail is its own
+    mass outside those k ids, from a logsumexp over the other ids (no cancellation in 1 - sum), floored
+    alike (it is empty when k is the whole vocabulary).
     """
     z = s_logits / temperature
     log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
     s_top = z.gather(-1, topk_ids) - log_norm
     s_tail = torch.logsumexp(z.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True) - log_norm
+    s_tail = s_tail.clamp(min=math.log(TAIL_FLOOR))
     t_top = topk_logprobs.float()
-    t_tail = torch.log((1 - t_top.exp().sum(-1, keepdim=True)).clamp(min=1e-8))
+    t_tail = torch.log((1 - t_top.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR))
     t_all = torch.cat([t_top, t_tail], dim=-1)
     return torch.cat([s_top, s_tail], dim=-1), t_all - torch.logsumexp(t_all, dim=-1, keepdim=True)
 
