@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--kd_skew", type=float, default=0.1, help="skew_fkl / skew_rkl: the skew alpha, in (0, 1).")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
-    loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (equal widths).")
+    loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
+                      "maps a narrower student to the teacher's width).")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--freeze_pos_embs", action="store_true", help="Keep the student's position embeddings fixed.")

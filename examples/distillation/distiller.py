@@ -57,12 +57,15 @@ class HiddenStates(torch.nn.Module):
 
     DDP and torch.compile wrap this, not the LM, so the forward never computes the B x S x V logits:
     the loss applies the head (`head_of`) chunk by chunk. The head's weight is the LM's own parameter
-    (GPT-2 ties it to the embedding), so it is trained, all-reduced and saved as before.
+    (GPT-2 ties it to the embedding), so it is trained, all-reduced and saved as before. `projection`,
+    the student's learned map to the teacher's width for --alpha_cos, is held here for the same reason
+    (DDP all-reduces what its module holds); the loss applies it.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, projection=None):
         super().__init__()
         self.lm = lm
+        self.projection = projection
         # transformers looks for padding in every eager forward without a mask by reading the ids on
         # the host, a device synchronisation per forward. Right padding of causal rows is on purpose here.
         lm.base_model.warn_if_padding_and_no_attention_mask = _no_padding_check
@@ -177,16 +180,24 @@ class Distiller:
         student.to(self.device)
         if params.freeze_pos_embs:
             student.transformer.wpe.weight.requires_grad = False
+        self.cos_projection = None
+        width = student.config.hidden_size
+        t_width = None if self.teacher is None else self.teacher.config.hidden_size
+        if self.alphas["cos"] > 0 and t_width is not None and t_width != width:
+            # Widths differ: a learned linear map of the student's last hidden state to the teacher's width.
+            # Trained with the student, saved in checkpoints, not part of the student (export drops it).
+            self.cos_projection = torch.nn.Linear(width, t_width, bias=False).to(self.device)
+            logger.info("--alpha_cos: a learned %d -> %d projection of the student's last hidden state", width, t_width)
+        self.raw = student
+        self.student = HiddenStates(student, self.cos_projection)
         # fused: one kernel per step, and it reads the skip flag (found_inf) on the device.
         self.optimizer = torch.optim.AdamW(
-            param_groups(student, params.weight_decay), lr=params.learning_rate, eps=params.adam_epsilon,
+            param_groups(self.student, params.weight_decay), lr=params.learning_rate, eps=params.adam_epsilon,
             betas=(0.9, 0.98), fused=True,
         )
         warmup_steps = math.ceil(self.total_steps * params.warmup_prop)
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=params.precision == "fp16")
-        self.raw = student
-        self.student = HiddenStates(student)
         if runtime.is_distributed:
             ids = [runtime.local_rank] if self.device.type == "cuda" else None
             self.student = DistributedDataParallel(self.student, device_ids=ids, output_device=ids and ids[0])
@@ -241,6 +252,9 @@ class Distiller:
             else:
                 sums = self.plain_logit_terms(s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want)
         if want["cos"]:
+            if self.cos_projection is not None:
+                with self.autocast():
+                    s_hidden = self.cos_projection(s_hidden)
             sums["cos"] = cos_loss_sum(s_hidden, t_hidden, real_mask(lengths, token_ids.size(1)))
         return sums
 
@@ -401,6 +415,8 @@ class Distiller:
                 "loop_state": {name: getattr(self, name) for name in LOOP_STATE},
                 "world_size": self.runtime.world_size,
             }
+            if self.cos_projection is not None:
+                training_state["cos_projection"] = self.cos_projection.state_dict()
         rank_state = {"rng": checkpoint.rng_state(), **self.log.state_dict()}
         checkpoint.save(self.dump_path, self.n_steps, training_state, rank_state, self.runtime.global_rank,
                         self.params.keep_checkpoints, fault=inject_fault)
@@ -416,6 +432,8 @@ class Distiller:
             raise UsageError(f"{path} was written by {training_state['world_size']} process(es), "
                                 f"this run has {self.runtime.world_size}; resume with the same number")
         self.raw_student().load_state_dict(training_state["student"])
+        if self.cos_projection is not None:
+            self.cos_projection.load_state_dict(training_state["cos_projection"])
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.scheduler.load_state_dict(training_state["scheduler"])
         self.scaler.load_state_dict(training_state["scaler"])
