@@ -316,11 +316,13 @@ class FusedLogitTerms(torch.autograd.Function):
         grad_w = torch.zeros_like(w, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         sums = torch.zeros(3, dtype=torch.float32, device=h.device)
+        w_c, t_w_c = w.detach().to(dtype), None if t_w is None else t_w.to(dtype)  # cast once, not per chunk
+        bias_c = None if bias is None else bias.detach().to(dtype)
+        t_bias_c = None if t_bias is None else t_bias.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             for rows in _row_chunks(flat.size(0), row_chunk):
                 out, g_h, g_w, g_b = chunk_fn(
-                    spec, dtype, flat[rows], w.detach(), None if bias is None else bias.detach(),
-                    None if t_flat is None else t_flat[rows], t_w, t_bias,
+                    spec, dtype, flat[rows], w_c, bias_c, None if t_flat is None else t_flat[rows], t_w_c, t_bias_c,
                     None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows],
                     targets[rows], real[rows], pred[rows], weights, want_kd, want_clm, want_mse)
                 sums += out
