@@ -287,7 +287,7 @@ def shard_files(rank: int) -> tuple[str, str]:
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
                device: torch.device, progress: bool = True) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
-    its own batch_sequences). Returns its manifest entry.
+    its own pad_tokens, as in training). Returns its manifest entry.
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
@@ -312,7 +312,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
             ids = np.empty((offsets[w_end] - base, settings.top_k), dtype=ids_dtype)
             logprobs = np.empty(ids.shape, dtype=np.float32)
             for batch in window_batches(dataset.lengths, w_start, w_end, settings.batch_size):
-                token_ids, lengths = dataset.batch_sequences([dataset.sequences[i] for i in batch])
+                token_ids, lengths = dataset.pad_tokens([dataset.sequences[i] for i in batch])
                 results = topk_logprobs(model, token_ids.to(device), lengths, settings.vocab_size,
                                         settings.top_k, settings.temperature)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
