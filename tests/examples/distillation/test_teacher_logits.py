@@ -1,7 +1,6 @@
 """teacher_logits.py and scripts/dump_teacher_logits.py: the rows are the teacher's top k at every position
 of train.py's sequences, the same under torchrun, tied to what made them, and read back as 4-tuple batches."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,41 +15,13 @@ import teacher_logits
 from data_prep.tokenization import load_tokenizer
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, DataError
 from distil_ja.shards import load_sequences
-from helpers import REPO, random_sequences, write_shard
+from helpers import DUMP_PY, REPO, dump_args, dump_script, random_sequences, write_shard
 from lm_seqs_dataset import LmSeqsDataset
 from train import special_ids_of
 
-DUMP_PY = REPO / "examples" / "distillation" / "scripts" / "dump_teacher_logits.py"
-_spec = importlib.util.spec_from_file_location("dump_teacher_logits", DUMP_PY)
-dump_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dump_script)
-
-MAX_LEN = 32  # under the tiny teacher's 64 positions: the longer sequences are cut into chunks
+DUMP = dump_script()
+MAX_LEN = 32  # dump_args: under the tiny teacher's 64 positions, so the longer sequences are cut into chunks
 TOP_K = 8
-
-
-@pytest.fixture(scope="module")
-def offline_setup(tiny_setup, tmp_path_factory):
-    """The tiny setup with data in the tokenizer's ids (the teacher's 192 logits are padded beyond its
-    vocabulary), many sequences longer than MAX_LEN."""
-    vocab = len(load_tokenizer(str(tiny_setup["tokenizer"])))
-    folder = tmp_path_factory.mktemp("offline")
-    data = write_shard(folder / "data.pickle", random_sequences(40, max_len=90, vocab_size=vocab, seed=1))
-    return {**tiny_setup, "data": data, "vocab": vocab}
-
-
-def dump_args(setup, output_dir, *extra):
-    return ["--teacher", str(setup["teacher"]), "--tokenizer_name", str(setup["tokenizer"]),
-            "--data_file", str(setup["data"]), "--output_dir", str(output_dir), "--top_k", str(TOP_K),
-            "--max_len", str(MAX_LEN), "--batch_size", "2", "--n_gpu", "0", *extra]
-
-
-@pytest.fixture(scope="module")
-def dumped(offline_setup, tmp_path_factory):
-    """The default dump (float16 log-probs, T = 1), one process."""
-    folder = tmp_path_factory.mktemp("dumps") / "top8"
-    assert dump_script.main(dump_args(offline_setup, folder)) == 0
-    return folder
 
 
 def training_sequences(setup):
@@ -75,7 +46,7 @@ def teacher_logprobs(teacher, vocab, sequence, temperature):
 
 def test_rows_are_the_teachers_top_k_at_every_position(offline_setup, teacher, tmp_path):
     folder = tmp_path / "dump"
-    assert dump_script.main(dump_args(offline_setup, folder, "--temperature", "2", "--logprobs_dtype", "float32")) == 0
+    assert DUMP.main(dump_args(offline_setup, folder, "--temperature", "2", "--logprobs_dtype", "float32")) == 0
     expected = training_sequences(offline_setup)
     assert max(len(s) for s in load_sequences([str(offline_setup["data"])])[0]) > MAX_LEN  # some were cut
     rows = teacher_logits.TopKLogits(folder)
@@ -95,11 +66,11 @@ def test_rows_are_the_teachers_top_k_at_every_position(offline_setup, teacher, t
         assert all(len(set(row.tolist())) == TOP_K for row in ids)
 
 
-def test_float16_rows_are_rounded_down(dumped, offline_setup, teacher):
-    manifest = teacher_logits.load_manifest(dumped)
+def test_float16_rows_are_rounded_down(offline_dump, offline_setup, teacher):
+    manifest = teacher_logits.load_manifest(offline_dump)
     assert (manifest["ids_dtype"], manifest["logprobs_dtype"], manifest["logprobs_rounding"]) == ("uint16", "float16", "down")
     assert manifest["bytes_per_token"] == pytest.approx(TOP_K * (2 + 2), abs=0.2)  # the .npy headers aside
-    ids, logprobs = teacher_logits.TopKLogits(dumped)[0]
+    ids, logprobs = teacher_logits.TopKLogits(offline_dump)[0]
     reference = teacher_logprobs(teacher, offline_setup["vocab"], training_sequences(offline_setup)[0], 1.0)
     exact = reference.gather(1, torch.from_numpy(ids.astype(np.int64))).numpy()
     stored = logprobs.astype(np.float32)
@@ -112,10 +83,10 @@ def test_float16_rows_are_rounded_down(dumped, offline_setup, teacher):
     assert (np.exp(half.astype(np.float64)).sum() <= np.exp(values.astype(np.float64)).sum())
 
 
-def test_manifest_ties_the_rows_to_sequences_tokenizer_and_teacher(dumped, offline_setup, teacher):
+def test_manifest_ties_the_rows_to_sequences_tokenizer_and_teacher(offline_dump, offline_setup, teacher):
     import hashlib
 
-    manifest = teacher_logits.load_manifest(dumped)
+    manifest = teacher_logits.load_manifest(offline_dump)
     expected = training_sequences(offline_setup)
     assert manifest["sequences"] == len(expected) and manifest["tokens"] == sum(map(len, expected))
     assert manifest["sequences_sha256"] == teacher_logits.sequences_sha256(expected)
@@ -131,16 +102,16 @@ def test_manifest_ties_the_rows_to_sequences_tokenizer_and_teacher(dumped, offli
     assert manifest["precision"] == "fp32" and manifest["data"]["data_file"] == [str(offline_setup["data"])]
     (shard,) = manifest["shards"]
     assert (shard["first_sequence"], shard["sequences"], shard["tokens"]) == (0, len(expected), manifest["tokens"])
-    assert shard["ids"]["sha256"] == hashlib.sha256((dumped / shard["ids"]["file"]).read_bytes()).hexdigest()
-    saved = load_tokenizer(str(dumped / teacher_logits.TOKENIZER))  # train.py's default tokenizer
-    assert teacher_logits.tokenizer_identity(saved, str(dumped / teacher_logits.TOKENIZER),
+    assert shard["ids"]["sha256"] == hashlib.sha256((offline_dump / shard["ids"]["file"]).read_bytes()).hexdigest()
+    saved = load_tokenizer(str(offline_dump / teacher_logits.TOKENIZER))  # train.py's default tokenizer
+    assert teacher_logits.tokenizer_identity(saved, str(offline_dump / teacher_logits.TOKENIZER),
                                              special_ids_of(saved))["spiece_sha256"] == manifest["tokenizer"]["spiece_sha256"]
 
 
-def test_batches_are_4_tuples_lined_up_with_the_sequences(dumped):
-    ids = special_ids_of(load_tokenizer(str(dumped / teacher_logits.TOKENIZER)))
-    rows = teacher_logits.TopKLogits(dumped)
-    dataset = LmSeqsDataset.from_cache(dumped / teacher_logits.SEQUENCES, ids, rows)
+def test_batches_are_4_tuples_lined_up_with_the_sequences(offline_dump):
+    ids = special_ids_of(load_tokenizer(str(offline_dump / teacher_logits.TOKENIZER)))
+    rows = teacher_logits.TopKLogits(offline_dump)
+    dataset = LmSeqsDataset.from_cache(offline_dump / teacher_logits.SEQUENCES, ids, rows)
     picked = [5, 0, len(dataset) - 1]
     token_ids, lengths, topk_ids, topk_logprobs = dataset.batch_sequences([dataset[i] for i in picked])
     assert token_ids.dtype == lengths.dtype == topk_ids.dtype == torch.int64 and topk_logprobs.dtype == torch.float32
@@ -152,7 +123,7 @@ def test_batches_are_4_tuples_lined_up_with_the_sequences(dumped):
         assert topk_ids[row, :n].tolist() == rows[i][0].tolist()
         assert torch.equal(topk_logprobs[row, :n], torch.from_numpy(rows[i][1].astype(np.float32)))
         assert (topk_ids[row, n:] == 0).all() and (topk_logprobs[row, n:] == 0).all()  # padding
-    assert len(LmSeqsDataset.from_cache(dumped / teacher_logits.SEQUENCES, ids).batch_sequences([dataset.sequences[0]])) == 2
+    assert len(LmSeqsDataset.from_cache(offline_dump / teacher_logits.SEQUENCES, ids).batch_sequences([dataset.sequences[0]])) == 2
 
 
 def test_rank_slices_are_whole_windows_that_cover_every_sequence():
@@ -184,7 +155,7 @@ def test_the_dump_refuses_in_one_line(offline_setup, tmp_path, capsys, extra, se
         (tmp_path / "out" / "precious.txt").write_text("keep me")
     elif setup_change == "ids beyond the tokenizer":
         setup["data"] = write_shard(tmp_path / "wide.pickle", random_sequences(8, vocab_size=192, seed=3))
-    assert dump_script.main(dump_args(setup, tmp_path / "out", *extra)) == status
+    assert DUMP.main(dump_args(setup, tmp_path / "out", *extra)) == status
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / teacher_logits.MANIFEST).exists()
@@ -197,9 +168,9 @@ def test_the_dump_refuses_in_one_line(offline_setup, tmp_path, capsys, extra, se
     ("other shard", "the manifest says"),
     ("gap", "leave a gap"),
 ])
-def test_a_damaged_dump_is_refused(dumped, tmp_path, damage, message):
+def test_a_damaged_dump_is_refused(offline_dump, tmp_path, damage, message):
     folder = tmp_path / "dump"
-    shutil.copytree(dumped, folder)
+    shutil.copytree(offline_dump, folder)
     manifest = teacher_logits.load_manifest(folder)
     ids_file = folder / manifest["shards"][0]["ids"]["file"]
     if damage == "no manifest":
@@ -218,13 +189,13 @@ def test_a_damaged_dump_is_refused(dumped, tmp_path, damage, message):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_rows_of_one(offline_setup, dumped, tmp_path):
+def test_two_processes_write_the_rows_of_one(offline_setup, offline_dump, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
            str(DUMP_PY), *dump_args(offline_setup, tmp_path / "two")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = teacher_logits.TopKLogits(dumped), teacher_logits.TopKLogits(tmp_path / "two")
+    one, two = teacher_logits.TopKLogits(offline_dump), teacher_logits.TopKLogits(tmp_path / "two")
     assert [s["rank"] for s in two.manifest["shards"]] == [0, 1] and two.manifest["world_size"] == 2
     assert all(s["sequences"] > 0 for s in two.manifest["shards"])
     varying = {"dump_id", "world_size", "shards", "seconds", "tokens_per_s", "bytes_per_token"}
