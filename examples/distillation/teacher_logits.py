@@ -4,7 +4,9 @@
 shards cut to max_len and filtered by LmSeqsDataset) and writes one folder:
 
     manifest.json              written last, atomically, by rank 0: a folder without one is incomplete;
-                               what the rows are and what they are tied to (see `manifest` below)
+                               what the rows are (top_k, temperature, max_len, dtypes) and what they
+                               are tied to: the sequences (count, tokens, sequences_sha256), the
+                               tokenizer, the teacher (weights_sha256), the data, the shards
     sequences/                 the sequences, in token_cache.py's format (tokens.npy, offsets.npy):
                                sequence i has rows offsets[i] .. offsets[i+1] of the arrays below
     tokenizer/                 the tokenizer of the ids (train.py's default with --teacher_logits)
@@ -29,7 +31,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -41,8 +42,6 @@ from data_prep.tokenization import resolve_spiece, sha256_file
 from distil_ja import fileio, shards
 from distil_ja.cli import DataError, UsageError, first_line
 from token_cache import OFFSETS
-
-logger = logging.getLogger("distillation")
 
 FORMAT = "distil-ja/teacher-topk/v1"
 MANIFEST = "manifest.json"
@@ -180,12 +179,16 @@ def check_same_dump(saved: dict, manifest: dict, folder) -> None:
     for key in IDENTITY:
         old, new = saved.get(key), manifest.get(key)
         if old != new:
-            if key == "teacher":
-                old, new = (f"{t.get('name')!r} (weights {short(t.get('weights_sha256'))})" for t in (old or {}, new or {}))
-            else:
-                old, new = short(old), short(new)
-            raise UsageError(f"cannot resume: {folder} is no longer the dump this run started from ({key} {old}, "
-                             f"now {new}); resume with that dump, or start afresh")
+            raise UsageError(f"cannot resume: {folder} is no longer the dump this run started from ({key} "
+                             f"{describe(key, old)}, now {describe(key, new)}); resume with that dump, or start afresh")
+
+
+def describe(key: str, value) -> str:
+    """A manifest value in one short phrase: a teacher or tokenizer by name and hash."""
+    if key in ("teacher", "tokenizer") and isinstance(value, dict):
+        digest = value.get("weights_sha256") or value.get("spiece_sha256") or value.get("vocab_sha256")
+        return f"{value.get('name')!r} ({short(digest)})"
+    return short(value)
 
 
 def short(value) -> str:

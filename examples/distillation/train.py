@@ -207,9 +207,10 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
-        max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
-        if topk is not None:
-            max_len = topk.manifest["max_len"]  # check_training: not beyond the student's context
+        if topk is not None:  # the dump's cut (open_teacher_logits: within the student's context)
+            max_len = topk.manifest["max_len"]
+        else:
+            max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
         dataset = LmSeqsDataset(sequences, max_len, ids)
         if topk is not None:
             teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
