@@ -374,6 +374,8 @@ class TopKLogits:
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else load_manifest(folder)
         self.top_k = self.manifest["top_k"]
+        self.temperature = self.manifest["temperature"]  # of softmax(logits / T) that the rows hold
+        self.vocab_size = self.manifest["tokenizer"]["vocab_size"]  # the ids the teacher's softmax ran over
         offsets_path = self.folder / SEQUENCES / OFFSETS
         try:
             self.offsets = np.load(offsets_path)

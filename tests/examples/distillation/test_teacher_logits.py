@@ -52,6 +52,7 @@ def test_rows_are_the_teachers_top_k_at_every_position(offline_setup, teacher, t
     rows = teacher_logits.TopKLogits(folder)
     stored = LmSeqsDataset.from_cache(folder / teacher_logits.SEQUENCES).sequences
     assert len(rows) == len(stored) == len(expected) and rows.manifest["tokens"] == sum(map(len, expected))
+    assert (rows.top_k, rows.temperature, rows.vocab_size) == (TOP_K, 2.0, offline_setup["vocab"])
     for i, sequence in enumerate(expected):
         np.testing.assert_array_equal(stored[i], sequence)  # train.py's sequences, chunking included
         ids, logprobs = rows[i]
