@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--teacher_type", choices=["gpt2"], default="gpt2", help="Model family of the teacher.")
     models.add_argument("--teacher_name", default=None,
                         help="Teacher: hub name or local directory. Omit to train the student without a teacher.")
-    models.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or directory (default: the teacher's).")
+    models.add_argument("--teacher_logits", default=None, metavar="DIR",
+                        help="An offline teacher: the output of scripts/dump_teacher_logits.py, read instead of running "
+                             "a teacher (excludes --teacher_name; needs --alpha_mse 0 --alpha_cos 0).")
+    models.add_argument("--tokenizer_name", default=None,
+                        help="Tokenizer: hub name or directory (default: the teacher's, or the one saved in --teacher_logits).")
 
     loss = parser.add_argument_group("losses (weights of the terms; defaults: the recommended recipe)")
     loss.add_argument("--temperature", type=float, help="Softmax temperature of the KD term.")
@@ -164,9 +168,18 @@ def check_arguments(params) -> None:
     if any(a < 0 for a in alphas.values()) or sum(alphas.values()) <= 0:
         raise UsageError(f"loss weights must be >= 0 with a positive sum, got {alphas}")
     needs_teacher = [f"--{k}" for k in ("alpha_ce", "alpha_mse", "alpha_cos") if alphas[k] > 0]
-    if params.teacher_name is None and needs_teacher:
-        raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name or set them to 0")
-    if params.teacher_name is None and params.tokenizer_name is None:
+    if params.teacher_logits is not None:
+        if params.teacher_name is not None:
+            raise UsageError("--teacher_logits and --teacher_name exclude each other: the dumped logits are the teacher")
+        needs_model = [f"--{k}" for k in ("alpha_mse", "alpha_cos") if alphas[k] > 0]
+        if needs_model:
+            raise UsageError(f"{', '.join(needs_model)} need the teacher model, which --teacher_logits replaces: "
+                             "set them to 0")
+    no_teacher = params.teacher_name is None and params.teacher_logits is None
+    if no_teacher and needs_teacher:
+        raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name (or --teacher_logits) "
+                         "or set them to 0")
+    if no_teacher and params.tokenizer_name is None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:
         raise UsageError("--temperature must be > 0")
