@@ -152,7 +152,6 @@ def test_resume_with_the_dump_of_another_teacher_is_refused(offline_setup, offli
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the distiller's top-k KD", strict=False)
 def test_an_offline_teacher_trains_and_resumes_exactly(offline_setup, offline_dump, tmp_path):
     config = gpt2_config(n_layer=1, n_embd=32)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.1  # so that RNG state matters
