@@ -8,6 +8,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "examples" / "distillation" / "train.py"
+DUMP_PY = REPO / "examples" / "distillation" / "scripts" / "dump_teacher_logits.py"
 TINY_VOCAB = 192
 
 
@@ -70,6 +71,23 @@ def train_args(setup, dump_path, *extra):
         "--alpha_ce", "0.5", "--alpha_clm", "0.5", "--alpha_cos", "0.1", "--no-group_by_size",
         *extra,
     ]
+
+
+def dump_args(setup, output_dir, *extra):
+    """A complete dump_teacher_logits.py argument list for the offline setup: top 8, max_len 32, CPU."""
+    return ["--teacher", str(setup["teacher"]), "--tokenizer_name", str(setup["tokenizer"]),
+            "--data_file", str(setup["data"]), "--output_dir", str(output_dir), "--top_k", "8",
+            "--max_len", "32", "--batch_size", "2", "--n_gpu", "0", *extra]
+
+
+def dump_script():
+    """scripts/dump_teacher_logits.py as a module (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dump_teacher_logits", DUMP_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weights(dump_path):

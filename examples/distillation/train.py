@@ -22,6 +22,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 import torch  # noqa: E402
 
 import models  # noqa: E402
+import teacher_logits  # noqa: E402
 from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
 from data_prep.tokenization import load_tokenizer, resolve_spiece, sha256_file  # noqa: E402
 from distil_ja import fileio, shards  # noqa: E402
@@ -33,6 +34,7 @@ from token_cache import write_cache  # noqa: E402
 from utils import DumpPathLock, Runtime, git_log, init_distributed, logger, raise_first_error, set_seed, setup_logging  # noqa: E402
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
+TEACHER_LOGITS = "teacher_logits.json"  # in dump_path: the manifest of --teacher_logits, for --resume to compare
 
 
 def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
@@ -219,16 +221,37 @@ def context_length(student, teacher) -> int:
     return min(limits)
 
 
+def open_teacher_logits(params, tokenizer, tokenizer_source: str, ids: SpecialIds, student):
+    """--teacher_logits, memory-mapped, once checked against this run: temperature, tokenizer, student
+    context, and on --resume the dump the run started from. None without it."""
+    if params.teacher_logits is None:
+        return None
+    manifest = teacher_logits.load_manifest(params.teacher_logits)
+    teacher_logits.check_training(manifest, params.teacher_logits, temperature=params.temperature,
+                                  tokenizer=teacher_logits.tokenizer_identity(tokenizer, tokenizer_source, ids),
+                                  student_context=models.max_positions(student.config))
+    saved = Path(params.dump_path) / TEACHER_LOGITS
+    if params.resume and saved.is_file():
+        teacher_logits.check_same_dump(json.loads(saved.read_text()), manifest, params.teacher_logits)
+    return teacher_logits.TopKLogits(params.teacher_logits, manifest)
+
+
 def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids: SpecialIds, student,
-                 teacher) -> LmSeqsDataset | DataError | UsageError:
-    """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it."""
+                 teacher, topk=None) -> LmSeqsDataset | DataError | UsageError:
+    """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it.
+    With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from."""
     try:
         sequences, manifest = shards.load_sequences(params.data_file)
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
-        max_len = context_length(student, teacher)
+        if topk is not None:  # the dump's cut (open_teacher_logits: within the student's context)
+            max_len = topk.manifest["max_len"]
+        else:
+            max_len = context_length(student, teacher)
         dataset = LmSeqsDataset(sequences, max_len, ids)
+        if topk is not None:
+            teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
         if len(dataset) < world_size:
@@ -260,7 +283,8 @@ def train(params) -> None:
     logger.info("Precision %s, compile %s, %d DataLoader worker(s) per process", params.precision,
                 "on" if params.compile else "off", params.num_workers)
 
-    tokenizer_source = params.tokenizer_name or params.teacher_name
+    tokenizer_source = params.tokenizer_name or params.teacher_name or \
+        str(Path(params.teacher_logits) / teacher_logits.TOKENIZER)
     try:
         tokenizer = load_tokenizer(tokenizer_source)
     except (OSError, ValueError) as err:
@@ -268,9 +292,10 @@ def train(params) -> None:
     ids = special_ids_of(tokenizer)
     teacher = load_teacher(params)
     student = load_student(params)
+    topk = open_teacher_logits(params, tokenizer, tokenizer_source, ids, student)
     dataset = None
     if runtime.is_master:
-        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
+        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
 
@@ -281,10 +306,13 @@ def train(params) -> None:
             git_log(params.dump_path)
             save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
             write_cache(cache, dataset.sequences)
+            if topk is not None:
+                fileio.write_json(Path(params.dump_path) / TEACHER_LOGITS, topk.manifest)
         if runtime.is_distributed:
             torch.distributed.barrier()
-        dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank maps the same file: one copy in memory
+        dataset = LmSeqsDataset.from_cache(cache, ids, topk)  # every rank maps the same files: one copy in memory
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
+                    f"offline, top {topk.top_k} from {params.teacher_logits}" if topk is not None else
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
         distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
         if params.resume and not distiller.resume():

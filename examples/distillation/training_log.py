@@ -40,20 +40,18 @@ class TrainingLog:
         device = self.runtime.device
         self.sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # this rank's, unreduced
         self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (real, predicted), global
-        self.tokens = 0  # real tokens of every rank
         self.slots = self.real = 0  # this rank's positions with and without padding
         self.start = time.perf_counter()
 
     # ---- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_tokens": self.tokens,
-                "log_slots": self.slots, "log_real": self.real}
+        return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_slots": self.slots,
+                "log_real": self.real}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["log_sums"].to(self.runtime.device)
         self.counts = state["log_counts"].to(self.runtime.device)
-        self.tokens = state["log_tokens"]
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
 
     def truncate_metrics(self, step: int) -> None:
@@ -71,8 +69,8 @@ class TrainingLog:
 
     @property
     def empty(self) -> bool:
-        """No optimizer step since the last log line (skipped steps do not count)."""
-        return self.tokens == 0
+        """No optimizer step since the last log line (skipped steps do not count). Reads the device."""
+        return bool(self.counts[0] == 0)
 
     # ---- accumulation -------------------------------------------------------------------
 
@@ -82,9 +80,9 @@ class TrainingLog:
         self.real += int(lengths.sum())
 
     def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """A step's sums and global counts (zeros for a skipped step), added on the device: no sync."""
         self.sums += step_sums
         self.counts += counts
-        self.tokens += int(counts[0])
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -97,7 +95,7 @@ class TrainingLog:
         terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real)
                  for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
-        tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.counts[0].item() / max(time.perf_counter() - self.start, 1e-9)  # real tokens, all ranks
         if self.writer is not None:
             scalars = {**{f"losses/{k}": v for k, v in terms.items()}, "global/lr": lr,
                        "global/tokens_per_s": tokens_per_s, "global/skipped_steps": skipped,
