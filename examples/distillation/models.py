@@ -129,6 +129,15 @@ def max_positions(config) -> int | None:
     return None
 
 
+def special_id_agrees(config_value, tokenizer_id: int) -> bool:
+    """A config's bos/eos id against the tokenizer's. Absent (None) agrees: some families' configs
+    (Qwen2's class defaults) leave them out, and the tokenizer decides. A list (several end ids,
+    as some Llama configs have) agrees when it holds the tokenizer's."""
+    if isinstance(config_value, (list, tuple)):
+        return tokenizer_id in config_value
+    return config_value is None or config_value == tokenizer_id
+
+
 # ---- pretrained models ------------------------------------------------------------------
 
 

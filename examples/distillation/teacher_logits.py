@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import models
 from data_prep.tokenization import resolve_spiece, sha256_file
 from distil_ja import fileio, shards
 from distil_ja.cli import DataError, UsageError, first_line
@@ -80,8 +81,8 @@ def tokenizer_identity(tokenizer, source, ids) -> dict:
 
 
 def context_of(config) -> int | None:
-    """A model's context in tokens (GPT-2 maps max_position_embeddings to n_positions)."""
-    return getattr(config, "max_position_embeddings", None)
+    """A model's context in tokens, whatever its family calls it."""
+    return models.max_positions(config)
 
 
 def weights_sha256(model) -> str:
@@ -120,7 +121,7 @@ def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None)
     if config.vocab_size < vocab_size:
         raise UsageError(f"teacher vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
     for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
-        if getattr(config, name, None) != expected:
+        if not models.special_id_agrees(getattr(config, name, None), expected):
             raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
     if top_k > vocab_size:
         raise UsageError(f"--top_k {top_k} exceeds the tokenizer's {vocab_size} ids")

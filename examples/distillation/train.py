@@ -139,22 +139,13 @@ def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, sequ
         if config.vocab_size < vocab_size:
             raise UsageError(f"{who} vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
         for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
-            if not special_id_agrees(getattr(config, name, None), expected):
+            if not models.special_id_agrees(getattr(config, name, None), expected):
                 raise UsageError(f"{who} config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
     if teacher is not None:
         check_shared_vocabulary(student.config.vocab_size, teacher.config.vocab_size, vocab_size)
     max_id = max((int(s.max()) for s in sequences if len(s)), default=-1)
     if max_id >= student.config.vocab_size:
         raise DataError(f"the data holds token id {max_id}, beyond the model vocabulary ({student.config.vocab_size})")
-
-
-def special_id_agrees(config_value, tokenizer_id: int) -> bool:
-    """A config's bos/eos id against the tokenizer's. Absent (None) agrees: some families' configs
-    (Qwen2's class defaults) leave them out, and the tokenizer decides. A list (several end ids,
-    as some Llama configs have) agrees when it holds the tokenizer's."""
-    if isinstance(config_value, (list, tuple)):
-        return tokenizer_id in config_value
-    return config_value is None or config_value == tokenizer_id
 
 
 def check_shared_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_size: int) -> None:
