@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import checkpoint
 import losses
+import models
 from config import amp_dtype
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
@@ -179,7 +180,7 @@ class Distiller:
     def _build_optimization(self, params, runtime, student):
         student.to(self.device)
         if params.freeze_pos_embs:
-            student.transformer.wpe.weight.requires_grad = False
+            models.position_embeddings(student).weight.requires_grad_(False)
         self.cos_projection = None
         width = student.config.hidden_size
         t_width = None if self.teacher is None else self.teacher.config.hidden_size
