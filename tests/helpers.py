@@ -119,3 +119,13 @@ def read_scalars(log_dir, tag):
             pos += 16 + length
             values += [v.simple_value for v in event.summary.value if v.tag == tag]
     return values
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for torchrun's rendezvous: fixed ports collide between test runs
+    sharing a machine, and a port still in TIME_WAIT refuses to listen."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

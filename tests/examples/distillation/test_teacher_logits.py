@@ -15,7 +15,7 @@ import teacher_logits
 from data_prep.tokenization import load_tokenizer
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, DataError
 from distil_ja.shards import load_sequences
-from helpers import DUMP_PY, REPO, dump_args, dump_script, random_sequences, write_shard
+from helpers import DUMP_PY, REPO, dump_args, dump_script, free_port, random_sequences, write_shard
 from lm_seqs_dataset import LmSeqsDataset
 from train import special_ids_of
 
@@ -192,7 +192,7 @@ def test_a_damaged_dump_is_refused(offline_dump, tmp_path, damage, message):
 @pytest.mark.slow
 def test_two_processes_write_the_rows_of_one(offline_setup, offline_dump, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(DUMP_PY), *dump_args(offline_setup, tmp_path / "two")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
