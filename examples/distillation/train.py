@@ -249,6 +249,7 @@ def train(params) -> None:
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
         distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
+        distiller.log.plots = params.plots and runtime.is_master  # the Distiller builds its log without it
         if params.resume and not distiller.resume():
             logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
                            "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)

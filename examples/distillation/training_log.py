@@ -4,6 +4,11 @@ The Distiller hands each optimizer step's loss sums and position counts to a Tra
 `log_interval` steps the window is reduced over the ranks, divided by its position counts (the
 same normalisation as the loss), written, and reset. The window is part of a checkpoint
 (state_dict), so a resumed run logs exactly what an uninterrupted one does.
+
+Each metrics.jsonl line and each evaluation carries `tokens_seen`, the real tokens of the optimizer
+steps applied so far, so that runs with other batch shapes share one axis (plots.py draws them;
+`read_records` reads them back). A step skipped for non-finite gradients adds none: only then does
+it differ from the Distiller's own `tokens_seen`, which counts every step.
 """
 
 import json
@@ -16,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from distil_ja import fileio
+from distil_ja.cli import DataError
 
 logger = logging.getLogger("distillation")
 
@@ -29,6 +35,11 @@ class TrainingLog:
         self.dump_path = Path(dump_path)
         self.runtime = runtime
         self.alphas = alphas
+        self.tokens_seen = 0  # never reset: the x axis of every record
+        self.eval_tokens_seen = {}  # evaluation step -> tokens_seen then, for eval_results.json's history
+        # DUMP_PATH/curves.png at each evaluation and at the end; off unless train.py turns it on
+        # (--plots, rank 0), so that a TrainingLog built elsewhere (tests, benchmarks) draws nothing.
+        self.plots = False
         self.writer = None
         if runtime.is_master:
             from tensorboardX import SummaryWriter
@@ -48,13 +59,17 @@ class TrainingLog:
 
     def state_dict(self) -> dict:
         return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_tokens": self.tokens,
-                "log_slots": self.slots, "log_real": self.real}
+                "log_slots": self.slots, "log_real": self.real, "log_tokens_seen": self.tokens_seen,
+                "log_eval_tokens_seen": dict(self.eval_tokens_seen)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["log_sums"].to(self.runtime.device)
         self.counts = state["log_counts"].to(self.runtime.device)
         self.tokens = state["log_tokens"]
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
+        # a checkpoint written before tokens_seen existed restarts the count (plots then fall back to steps)
+        self.tokens_seen = state.get("log_tokens_seen", 0)
+        self.eval_tokens_seen = dict(state.get("log_eval_tokens_seen", {}))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop the lines a crashed run wrote after its last checkpoint (master only)."""
@@ -85,6 +100,7 @@ class TrainingLog:
         self.sums += step_sums
         self.counts += counts
         self.tokens += int(counts[0])
+        self.tokens_seen += int(counts[0])
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -108,7 +124,8 @@ class TrainingLog:
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:
             with open(self.dump_path / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, **terms, "skipped_steps": skipped}) + "\n")
+                f.write(json.dumps({"step": step, "tokens_seen": self.tokens_seen, **terms,
+                                    "skipped_steps": skipped}) + "\n")
             logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
                         " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, tokens_per_s)
         self.reset()
@@ -119,8 +136,12 @@ class TrainingLog:
         if self.writer is not None:
             self.writer.add_scalar("eval/perplexity", record["perplexity"], record["step"])
             self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
+        self.eval_tokens_seen[record["step"]] = self.tokens_seen
         if self.runtime.is_master:
-            fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "history": history})
+            history = [{**h, "tokens_seen": self.eval_tokens_seen.get(h["step"])} for h in history]
+            fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "tokens_seen": self.tokens_seen,
+                                                              "history": history})
+        self.plot()
 
     def padding_fraction(self) -> float:
         """Share of padding in this rank's micro-batches since the last log line."""
@@ -132,6 +153,54 @@ class TrainingLog:
             return torch.cuda.max_memory_allocated(device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
+    def plot(self) -> None:
+        """Redraw DUMP_PATH/curves.png from the files just written (when self.plots).
+
+        Without matplotlib (the GPU machine has none) the run warns once and goes on without plots.
+        """
+        if not self.plots:
+            return
+        import plots  # here, not at the top: plots reads what this module writes, and imports it
+
+        try:
+            plots.write_plot([self.dump_path], self.dump_path / plots.PLOT_FILE)
+        except (plots.PlotsUnavailable, DataError) as err:
+            logger.warning("No plots for this run: %s", err)
+            self.plots = False
+
     def close(self) -> None:
+        self.plot()
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(dump_path) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl lines and evaluations (eval_results.json's history), as written above.
+
+    A folder holding neither file is not a run: DataError, one line naming it.
+    """
+    dump_path = Path(dump_path)
+    metrics_file, eval_file = dump_path / METRICS, dump_path / EVAL_RESULTS
+    if not dump_path.is_dir():
+        raise DataError(f"{dump_path} is not a folder")
+    if not metrics_file.is_file() and not eval_file.is_file():
+        raise DataError(f"{dump_path} is not a training run: it holds neither {METRICS} nor {EVAL_RESULTS}")
+    metrics = []
+    if metrics_file.is_file():
+        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
+            if line.strip():
+                metrics.append(parse_json(line, f"{metrics_file}, line {number}"))
+    evaluations = []
+    if eval_file.is_file():
+        last = parse_json(eval_file.read_text(), str(eval_file))
+        if not isinstance(last, dict):
+            raise DataError(f"{eval_file} holds no evaluation record")
+        evaluations = last.get("history", [last])  # a file without history holds one evaluation
+    return metrics, evaluations
+
+
+def parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where} is not valid JSON ({err.msg})") from err
