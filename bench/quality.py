@@ -29,10 +29,12 @@ Token efficiency ("tokens to no-KD ppl"): the tokens a student needed to reach t
 student's final held-out perplexity, as a fraction of the no-KD student's tokens, read off the
 evaluations made during training (interpolated linearly in log perplexity between the two around
 the crossing). Below 1: distillation reached the baseline's quality on fewer tokens. The picture
-needs matplotlib; without it (the GPU machine has none) the report says the plot was skipped.  A step whose command and output are unchanged is not rerun
-(its wall time is the one recorded when it ran), so recipe sweeps reuse the tokenizer, the data
-and the teacher: `--recipe T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students
-(and the no-KD student when --student_lr changes).  --fresh reruns everything.
+needs matplotlib; without it (the GPU machine has none) the report says the plot was skipped.
+
+A step whose command and output are unchanged is not rerun (its wall time is the one recorded
+when it ran), so recipe sweeps reuse the tokenizer, the data and the teacher: `--recipe
+T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students (and the no-KD student when
+--student_lr changes).  --fresh reruns everything.
 
 The corpora (../shared/corpora; see its README) are read in place; text derived from them is
 written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
@@ -123,8 +125,8 @@ SIZES = {
     # One H100/H200: a 12 x 512 teacher (~40M parameters), a 3 x 512 student (4x fewer layers), bf16.
     # Run once on an H200 (2026-11-27) with 3,000 teacher steps and no curves: 299 s, and a student
     # initialised from the teacher's layers beat the teacher (96.0 vs 108.8). So the teacher trains
-    # 40 % longer and the students are scored every 200 steps: ~6.5 min expected, < 8 min bounded
-    # (bench/RESULTS.md, "GPU size: plan"); --teacher_steps/--student_steps rescale it.
+    # 40 % longer and the students are scored every 200 steps: 6.3-6.8 min expected, < 8 min bounded
+    # (bench/RESULTS.md, "quality, GPU size: the re-sized plan"); --teacher_steps/--student_steps rescale it.
     "gpu": Size(vocab=8000, tokenizer_lines=60000, n_positions=256, teacher=Model(12, 512, 8, 0.1),
                 student=Model(3, 512, 8), teacher_steps=4200, student_steps=1200, batch_size=32, grad_accum=1,
                 teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,

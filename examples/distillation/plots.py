@@ -1,7 +1,8 @@
 """Training curves in one PNG: each loss term and the held-out perplexity against tokens seen.
 
 One panel per loss term that any run logged (metrics.jsonl) and one for the held-out perplexity
-(eval_results.json), one line per run in the same colour in every panel, one legend. The x axis
+(eval_results.json), one line per run in the same colour in every panel, one legend. The weighted
+total (`loss`) is left out: runs with other weights would not compare. The x axis
 is the real tokens the optimizer has trained on, so runs with other batch shapes line up; runs
 recorded before `tokens_seen` existed are drawn against optimizer steps instead (all of them, so
 that one axis never mixes the two).
@@ -23,7 +24,7 @@ from training_log import LOSS_TERMS, read_records
 
 PLOT_FILE = "curves.png"  # train.py's picture in DUMP_PATH
 PANEL_INCHES = (4.0, 2.9)
-DPI = 80  # a 3-panel picture is ~40-60 KB: small enough to commit
+DPI = 80  # a 4-panel picture is ~50-60 KB: small enough to commit
 LOG_SPAN = 3.0  # a panel whose values span more than this factor gets a log y axis
 TITLES = {
     "ce": "ce: KD term (KL to the teacher)",
@@ -71,10 +72,10 @@ def panels(runs: list[Run]) -> list[str]:
     return keys + (["perplexity"] if any(r.evaluations for r in runs) else [])
 
 
-def wants_log(values: list[float]) -> bool:
-    """A log y axis where it helps: positive values spread over more than LOG_SPAN times."""
+def log_span(values: list[float]) -> float | None:
+    """max / min of the finite values, where all are positive (a log axis can show them); else None."""
     finite = [v for v in values if math.isfinite(v)]
-    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > LOG_SPAN
+    return max(finite) / min(finite) if finite and min(finite) > 0 else None
 
 
 def figure(runs: list[Run]):
@@ -114,9 +115,10 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
     ax.set_title(TITLES.get(key, key), fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
     ax.set_ylabel("perplexity" if key == "perplexity" else "loss per token")
-    if wants_log(values):
+    span = log_span(values)
+    if span is not None and span > LOG_SPAN:  # a log y axis where it helps: values spread over > LOG_SPAN times
         ax.set_yscale("log")
-        label_log_axis(ax.yaxis, max(values) / min(values))
+        label_log_axis(ax.yaxis, span)
     ax.grid(True, which="major", alpha=0.3)
 
 
