@@ -181,3 +181,12 @@ def test_without_matplotlib_training_warns_once_and_goes_on(tiny_setup, tmp_path
     err = capsys.readouterr().err
     assert err.count("No plots for this run") == 1 and "pip install matplotlib" in err
     assert (dump / "model.safetensors").is_file() and not (dump / plots.PLOT_FILE).exists()
+
+
+def test_the_readme_shows_a_small_committed_picture():
+    from helpers import REPO
+
+    picture = "bench/figures/quality_tiny_curves.png"
+    assert f"]({picture})" in (REPO / "README.md").read_text(encoding="utf-8")
+    width, height = png_size(REPO / picture)
+    assert width >= 400 and height >= 300 and (REPO / picture).stat().st_size < 100_000
