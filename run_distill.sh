@@ -92,8 +92,9 @@ run_demo() {  # run_demo OUT
     done
     # The demo states its own settings instead of taking train.py's defaults (the full-size recipe):
     # no cosine term in any run (the teacher and the no-KD student have no teacher; KD here is on the logits).
+    # Logged every 10 steps and scored every 20, so that curves.png has curves (neither changes the training).
     local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
-                  --alpha_cos 0 --log_interval 50 --checkpoint_interval 0 --data_file "$out/data/train"
+                  --alpha_cos 0 --log_interval 10 --checkpoint_interval 0 --data_file "$out/data/train"
                   --eval_data "$out/data/dev" --eval_interval 20)
     # Both students: the same model, budget and seed, no weight decay.
     local student=(--student_config "$cfg/demo-student.json" --max_steps "$student_steps"
