@@ -15,7 +15,7 @@ COMMANDS = [
     "examples/distillation/generate.py", "examples/distillation/scripts/extract.py",
     "examples/distillation/scripts/dump_teacher_logits.py",
     "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
-    "bench/dump_teacher_logits_bench.py",
+    "bench/dump_teacher_logits_bench.py", "bench/plot_runs.py",
 ]
 
 

@@ -43,7 +43,7 @@ LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 # The types only check the families the configs name (runs before `auto` recorded "gpt2").
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
                      "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
-                     "compile_mode", "student_type", "teacher_type"}
+                     "compile_mode", "student_type", "teacher_type", "plots"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "perplexity goes to tensorboard (eval/perplexity) and dump_path/eval_results.json.")
     rec.add_argument("--eval_interval", type=int, default=0,
                      help="Optimizer steps between evaluations on --eval_data (0: only at the end).")
+    rec.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                     help="Draw the loss terms and held-out perplexity against tokens seen to "
+                          "dump_path/curves.png at each evaluation and at the end (on by default; "
+                          "without matplotlib: one warning, no plots).")
     return parser
 
 

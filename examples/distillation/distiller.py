@@ -149,7 +149,7 @@ class Distiller:
         self.pending: list[PendingStep] = []  # steps the host has not read back yet
         self.last_checkpoint_step = None
         self.last_grad_norm = None  # of the last finite step, for a log line written at the end
-        self.log = TrainingLog(self.dump_path, runtime, self.alphas)
+        self.log = TrainingLog(self.dump_path, runtime, self.alphas, plots=params.plots)
 
     def _build_data(self, params, runtime, dataset):
         self.sampler = DistributedSampler(
@@ -382,7 +382,7 @@ class Distiller:
             if self.n_nonfinite == 0:  # a skipped step logs, evaluates and checkpoints nothing
                 if due_log:
                     self.log.write(step, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
-                                   self.n_skipped)
+                                   self.n_skipped, self.tokens_seen)
                 if due_eval:
                     self.evaluate()  # before the checkpoint, which saves the evaluation history
                 if due_checkpoint:
@@ -394,7 +394,7 @@ class Distiller:
         out = shared_perplexity(self.raw_student(), self.eval_sequences, self.runtime.global_rank,
                                 self.runtime.world_size, batch_size=self.params.batch_size, device=self.device,
                                 amp_dtype=self.amp_dtype, pad_id=self.dataset.ids.pad)
-        record = {"step": self.n_steps, **out}
+        record = {"step": self.n_steps, "tokens_seen": self.tokens_seen, **out}
         self.eval_history.append(record)
         self.log.write_eval(record, self.eval_history)
 
@@ -482,7 +482,7 @@ class Distiller:
         self.settle(self.n_steps)
         if not self.log.empty:  # the last steps, when the run does not end on a log interval
             self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
-                           self.n_skipped)
+                           self.n_skipped, self.tokens_seen)
         if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:

@@ -4,6 +4,13 @@ The Distiller hands each optimizer step's loss sums and position counts to a Tra
 `log_interval` steps the window is reduced over the ranks, divided by its position counts (the
 same normalisation as the loss), written, and reset. The window is part of a checkpoint
 (state_dict), so a resumed run logs exactly what an uninterrupted one does.
+
+Each metrics.jsonl line and each evaluation carries `tokens_seen` (the Distiller's count: real tokens
+of every step so far, all ranks), so that runs with other batch shapes share one axis (plots.py draws
+them; `read_records` reads them back).
+
+Nothing here reads the device per step: a step's sums and counts are added on the device, and read
+when a line is written.
 """
 
 import json
@@ -16,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distil_ja import fileio
+from distil_ja.cli import DataError
 
 logger = logging.getLogger("distillation")
 
@@ -25,10 +33,12 @@ EVAL_RESULTS = "eval_results.json"
 
 
 class TrainingLog:
-    def __init__(self, dump_path, runtime, alphas: dict[str, float]):
+    def __init__(self, dump_path, runtime, alphas: dict[str, float], plots: bool = False):
         self.dump_path = Path(dump_path)
         self.runtime = runtime
         self.alphas = alphas
+        # DUMP_PATH/curves.png at each evaluation and at the end (--plots, rank 0 draws).
+        self.plots = plots and runtime.is_master
         self.writer = None
         if runtime.is_master:
             from tensorboardX import SummaryWriter
@@ -80,13 +90,13 @@ class TrainingLog:
         self.real += int(lengths.sum())
 
     def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """A step's sums and global counts (zeros for a skipped step), added on the device: no sync."""
         self.sums += step_sums
         self.counts += counts
 
     # ---- writing ------------------------------------------------------------------------
 
-    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int) -> None:
+    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int,
+              tokens_seen: int) -> None:
         """Reduce, write and reset the window (collective: every rank calls it)."""
         sums = self.sums.clone()
         if self.runtime.is_distributed:
@@ -106,7 +116,8 @@ class TrainingLog:
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:
             with open(self.dump_path / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, **terms, "skipped_steps": skipped}) + "\n")
+                f.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **terms,
+                                    "skipped_steps": skipped}) + "\n")
             logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
                         " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, tokens_per_s)
         self.reset()
@@ -119,6 +130,7 @@ class TrainingLog:
             self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
         if self.runtime.is_master:
             fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "history": history})
+        self.plot()
 
     def padding_fraction(self) -> float:
         """Share of padding in this rank's micro-batches since the last log line."""
@@ -130,6 +142,54 @@ class TrainingLog:
             return torch.cuda.max_memory_allocated(device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
+    def plot(self) -> None:
+        """Redraw DUMP_PATH/curves.png from the files just written (when self.plots).
+
+        Without matplotlib (the GPU machine has none) the run warns once and goes on without plots.
+        """
+        if not self.plots:
+            return
+        import plots  # here, not at the top: plots reads what this module writes, and imports it
+
+        try:
+            plots.write_plot([self.dump_path], self.dump_path / plots.PLOT_FILE)
+        except (plots.PlotsUnavailable, DataError) as err:
+            logger.warning("No plots for this run: %s", err)
+            self.plots = False
+
     def close(self) -> None:
+        self.plot()
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(dump_path) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl lines and evaluations (eval_results.json's history), as written above.
+
+    A folder holding neither file is not a run: DataError, one line naming it.
+    """
+    dump_path = Path(dump_path)
+    metrics_file, eval_file = dump_path / METRICS, dump_path / EVAL_RESULTS
+    if not dump_path.is_dir():
+        raise DataError(f"{dump_path} is not a folder")
+    if not metrics_file.is_file() and not eval_file.is_file():
+        raise DataError(f"{dump_path} is not a training run: it holds neither {METRICS} nor {EVAL_RESULTS}")
+    metrics = []
+    if metrics_file.is_file():
+        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
+            if line.strip():
+                metrics.append(parse_json(line, f"{metrics_file}, line {number}"))
+    evaluations = []
+    if eval_file.is_file():
+        last = parse_json(eval_file.read_text(), str(eval_file))
+        if not isinstance(last, dict):
+            raise DataError(f"{eval_file} holds no evaluation record")
+        evaluations = last.get("history", [last])  # a file without history holds one evaluation
+    return metrics, evaluations
+
+
+def parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where} is not valid JSON ({err.msg})") from err
