@@ -42,7 +42,7 @@ fi
 # ---- demo ------------------------------------------------------------------------------------------
 # What the demo writes in OUT_DIR: the marker first, then these entries. A rerun replaces them, nothing else.
 DEMO_MARKER=.distil-ja-demo
-DEMO_ENTRIES=(tokenizer data teacher student_kd student_no_kd perplexity.json results.json export)
+DEMO_ENTRIES=(tokenizer data teacher student_kd student_no_kd perplexity.json results.json curves.png export)
 
 # The demo writes into a new or empty folder, a previous demo output (it holds $DEMO_MARKER), or, with
 # --force, any other folder. Everything is checked here, before anything is deleted or run.
@@ -93,34 +93,35 @@ run_demo() {  # run_demo OUT
     done
     # The demo states its own settings instead of taking train.py's defaults (the full-size recipe):
     # no cosine term in any run (the teacher and the no-KD student have no teacher; KD here is on the logits).
+    # Logged every 10 steps and scored every 20, so that curves.png has curves (neither changes the training).
     local common=(--n_gpu 0 --batch_size "$batch" --gradient_accumulation_steps 1 --warmup_prop 0.05
-                  --alpha_cos 0 --log_interval 50 --checkpoint_interval 0 --data_file "$out/data/train"
-                  --eval_data "$out/data/dev")
+                  --alpha_cos 0 --log_interval 10 --checkpoint_interval 0 --data_file "$out/data/train"
+                  --eval_data "$out/data/dev" --eval_interval 20)
     # Both students: the same model, budget and seed, no weight decay.
     local student=(--student_config "$cfg/demo-student.json" --max_steps "$student_steps"
                    --learning_rate "$student_lr" --weight_decay 0 --seed "$seed")
 
-    echo "== 1/7 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
+    echo "== 1/8 tokenizer (sentencepiece unigram, $vocab pieces, rinna's special ids)"
     $PYTHON "$REPO/data_prep/make_tokenizer.py" --input "$train_txt" --vocab_size "$vocab" \
         --output_dir "$out/tokenizer"
-    echo "== 2/7 binarize train and dev"
+    echo "== 2/8 binarize train and dev"
     $PYTHON "$REPO/data_prep/binarize.py" --input "$train_txt" --tokenizer "$out/tokenizer" \
         --output_dir "$out/data/train" --num_workers 1 --quiet
     $PYTHON "$REPO/data_prep/binarize.py" --input "$dev_txt" --tokenizer "$out/tokenizer" \
         --output_dir "$out/data/dev" --num_workers 1 --quiet
-    echo "== 3/7 pretrain the teacher ($teacher_steps steps, no teacher: --alpha_clm 1 --alpha_ce 0)"
+    echo "== 3/8 pretrain the teacher ($teacher_steps steps, no teacher: --alpha_clm 1 --alpha_ce 0)"
     $PYTHON "$scripts/train.py" "${common[@]}" --dump_path "$out/teacher" \
         --student_config "$cfg/demo-teacher.json" --tokenizer_name "$out/tokenizer" \
         --alpha_clm 1 --alpha_ce 0 --max_steps "$teacher_steps" --learning_rate "$teacher_lr" --weight_decay 0.1 \
         --seed "$teacher_seed"
-    echo "== 4/7 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
+    echo "== 4/8 distil the student ($student_steps steps, T=$temperature, alpha_ce $alpha_ce, alpha_clm $alpha_clm)"
     $PYTHON "$scripts/train.py" "${common[@]}" "${student[@]}" --dump_path "$out/student_kd" \
         --teacher_name "$out/teacher" --tokenizer_name "$out/tokenizer" \
         --temperature "$temperature" --alpha_ce "$alpha_ce" --alpha_clm "$alpha_clm"
-    echo "== 5/7 the same student without the teacher ($student_steps steps)"
+    echo "== 5/8 the same student without the teacher ($student_steps steps)"
     $PYTHON "$scripts/train.py" "${common[@]}" "${student[@]}" --dump_path "$out/student_no_kd" \
         --tokenizer_name "$out/tokenizer" --alpha_clm 1 --alpha_ce 0
-    echo "== 6/7 held-out perplexity (data_prep/sample/ja_dev.txt)"
+    echo "== 6/8 held-out perplexity (data_prep/sample/ja_dev.txt)"
     $PYTHON "$scripts/evaluate.py" --device cpu --tokenizer "$out/tokenizer" --data "$dev_txt" \
         --model "teacher=$out/teacher" --model "student_kd=$out/student_kd" --model "student_no_kd=$out/student_no_kd" \
         --json "$out/perplexity.json"
@@ -136,13 +137,16 @@ if not all(math.isfinite(v) for v in results.values()):
 verdict = "beats" if results["student_kd"] < results["student_no_kd"] else "does NOT beat"
 print(f"distilled student ({results['student_kd']:.2f}) {verdict} the student trained alone ({results['student_no_kd']:.2f})")
 EOF
-    echo "== 7/7 export the distilled student"
+    echo "== 7/8 training curves of the three runs (bench/plot_runs.py)"
+    $PYTHON "$REPO/bench/plot_runs.py" "$out/teacher" "$out/student_kd" "$out/student_no_kd" --out "$out/curves.png"
+    echo "== 8/8 export the distilled student"
     $PYTHON "$scripts/export.py" --checkpoint "$out/student_kd" --tokenizer "$out/tokenizer" \
         --output_dir "$out/export" --perplexities "$out/results.json" --eval_data "$dev_txt" --name distilgpt2-ja-demo
     local generate=examples/distillation/generate.py
     [[ "$PWD" == "$REPO" ]] || generate=$REPO/$generate
     echo "== demo done in $((SECONDS - start)) s"
     echo "results: $out/results.json"
+    echo "plot:    $out/curves.png  (each run's own: $out/<run>/curves.png)"
     echo "export:  $out/export  (try: $PYTHON $generate --model $out/export --prompt 春になると)"
 }
 

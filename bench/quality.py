@@ -2,7 +2,7 @@
 """Quality experiment: raw Japanese text -> tokenizer -> teacher -> three students -> perplexity table.
 
     python bench/quality.py --size tiny                  # CPU, ~6-10 min on 2 cores
-    python bench/quality.py --size gpu [--corpora DIR]   # one GPU, < 9 min (H100/H200)
+    python bench/quality.py --size gpu [--corpora DIR]   # one GPU, < 8 min (H100/H200)
     python bench/quality.py --size smoke                 # the project's sample text, < 1 min (tests)
 
 Every step runs the project's own command-line tools in a subprocess, as a user would:
@@ -13,19 +13,28 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
  3. data_prep/binarize.py       train and dev text -> token shards
  4. train.py (no teacher)       pretrain the teacher
  5. scripts/extract.py          student init from evenly spread teacher layers
- 6. train.py x 3, one student architecture, the same steps/batch/seed/data (= the same tokens):
+ 6. train.py x 3, one student architecture, the same steps/batch/seed/data (= the same tokens),
+    each scored on the dev set every --eval_interval steps (--eval_data):
       no_kd      random init, no teacher (--alpha_ce 0 --alpha_clm 1 --alpha_cos 0)
       kd         random init, distilled with the recipe (--recipe, default: train.py's, config.RECIPE)
       kd_init    distilled with the same recipe, initialised from teacher layers
  7. evaluate.py --json          perplexity of the four models on the held-out dev paragraphs
 
 Output (in --out_dir, default checkpoints/quality/SIZE): results-TAG.json and results-TAG.md
-(the table: perplexity, student/teacher perplexity ratio, tokens seen, wall time, tensorboard
-log folder of each run), logs/ (each command's output), one folder per model, and a line per
-invocation in sweep.jsonl.  A step whose command and output are unchanged is not rerun
-(its wall time is the one recorded when it ran), so recipe sweeps reuse the tokenizer, the data
-and the teacher: `--recipe T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students
-(and the no-KD student when --student_lr changes).  --fresh reruns everything.
+(the table: perplexity, student/teacher perplexity ratio, tokens seen, token efficiency, wall
+time, tensorboard log folder of each run; then the students' curves, curves-TAG.png),
+logs/ (each command's output), one folder per model, and a line per invocation in sweep.jsonl.
+
+Token efficiency ("tokens to no-KD ppl"): the tokens a student needed to reach the no-KD
+student's final held-out perplexity, as a fraction of the no-KD student's tokens, read off the
+evaluations made during training (interpolated linearly in log perplexity between the two around
+the crossing). Below 1: distillation reached the baseline's quality on fewer tokens. The picture
+needs matplotlib; without it (the GPU machine has none) the report says the plot was skipped.
+
+A step whose command and output are unchanged is not rerun (its wall time is the one recorded
+when it ran), so recipe sweeps reuse the tokenizer, the data and the teacher: `--recipe
+T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students (and the no-KD student when
+--student_lr changes).  --fresh reruns everything.
 
 The corpora (../shared/corpora; see its README) are read in place; text derived from them is
 written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
@@ -56,6 +65,9 @@ if __name__ == "__main__":  # run as a script: the repo root and examples/distil
     sys.path[:0] = [str(REPO), str(DIST)]
 
 import config  # noqa: E402  (train.py's flags; its defaults are the project's recipe)
+import plots  # noqa: E402
+from distil_ja.cli import DataError  # noqa: E402
+from training_log import read_records  # noqa: E402
 
 # The KD students' default loss settings: the project's recipe, as train.py's defaults hold it.
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
@@ -96,6 +108,7 @@ class Size:
     dev_docs: int = 0  # held-out paragraphs scored (seeded sample of jawiki_jaquad_dev); 0 = all 1,431
     eval_batch: int = 8
     log_interval: int = 25
+    eval_interval: int = 0  # students' training steps between dev evaluations (their curves); 0 = at the end
     sample: bool = False  # the project's sample text instead of the corpora
 
 
@@ -103,18 +116,22 @@ SIZES = {
     # Tests: data_prep/sample, a few steps.
     "smoke": Size(vocab=1000, tokenizer_lines=0, n_positions=64, teacher=Model(2, 32, 2), student=Model(1, 32, 2),
                   teacher_steps=12, student_steps=6, batch_size=4, grad_accum=1, teacher_lr=3e-3, student_lr=3e-3,
-                  warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, sample=True),
+                  warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, eval_interval=2, sample=True),
     # 2 CPU cores: a 4 x 128 teacher, a 1 x 128 student (4x fewer layers), ~0.5M teacher tokens.
     "tiny": Size(vocab=4000, tokenizer_lines=20000, n_positions=128, teacher=Model(4, 128, 4), student=Model(1, 128, 4),
                  teacher_steps=420, student_steps=120, batch_size=16, grad_accum=1, teacher_lr=4e-3, student_lr=3e-3,
-                 warmup_prop=0.05, weight_decay=0.01, jobs=2, n_gpu=0, wikinews_mb=1, dev_docs=300, log_interval=20),
+                 warmup_prop=0.05, weight_decay=0.01, jobs=2, n_gpu=0, wikinews_mb=1, dev_docs=300, log_interval=20,
+                 eval_interval=20),
     # One H100/H200: a 12 x 512 teacher (~40M parameters), a 3 x 512 student (4x fewer layers), bf16.
-    # Not yet run (no GPU so far): --teacher_steps/--student_steps adjust the budget if it overruns.
+    # Run once on an H200 (2026-11-27) with 3,000 teacher steps and no curves: 299 s, and a student
+    # initialised from the teacher's layers beat the teacher (96.0 vs 108.8). So the teacher trains
+    # 40 % longer and the students are scored every 200 steps: 6.3-6.8 min expected, < 8 min bounded
+    # (bench/RESULTS.md, "quality, GPU size: the re-sized plan"); --teacher_steps/--student_steps rescale it.
     "gpu": Size(vocab=8000, tokenizer_lines=60000, n_positions=256, teacher=Model(12, 512, 8, 0.1),
-                student=Model(3, 512, 8), teacher_steps=3000, student_steps=1200, batch_size=32, grad_accum=1,
+                student=Model(3, 512, 8), teacher_steps=4200, student_steps=1200, batch_size=32, grad_accum=1,
                 teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,
                 precision=["--precision", "bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0,
-                eval_batch=32, log_interval=100),
+                eval_batch=32, log_interval=100, eval_interval=200),
 }
 
 
@@ -275,14 +292,15 @@ def fmt(x, spec):
 
 def markdown_table(result: dict) -> str:
     rows = result["runs"]
-    lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | ppl ÷ teacher | tensorboard |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | ppl ÷ teacher | "
+             "tokens to no-KD ppl | tensorboard |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in rows.items():
         recipe = r.get("recipe_text", "")
         lines.append(f"| {name} | {r['model']} | {r['init']} | {'yes' if r['teacher'] else 'no'} | {recipe} | "
                      f"{r['lr']:g} | {r['steps']} | {fmt(r['tokens_seen'], ',')} | {fmt(r['wall_s'], '.0f')}"
                      f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | "
-                     f"{fmt(r['ratio'], '.3f')} | `{r['tensorboard']}` |")
+                     f"{fmt(r['ratio'], '.3f')} | {efficiency_cell(r.get('token_efficiency'))} | `{r['tensorboard']}` |")
     return "\n".join(lines)
 
 
@@ -300,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Learning rate of the two distilled students only (default: --student_lr).")
     parser.add_argument("--student_steps", type=int, default=None, help="Optimizer steps of each student.")
     parser.add_argument("--teacher_steps", type=int, default=None)
+    parser.add_argument("--eval_interval", type=int, default=None,
+                        help="Students' steps between dev evaluations, their curves (default: per size; 0: at the end only).")
     parser.add_argument("--runs", default="no_kd,kd,kd_init", help="Which students to train (comma-separated).")
     parser.add_argument("--tag", default="default", help="Names results-TAG.json/.md (keep one per sweep point).")
     parser.add_argument("--jobs", type=int, default=None, help="Students trained at once (default: per size).")
@@ -321,6 +341,8 @@ def main(argv=None) -> int:
         size.student_steps = args.student_steps
     if args.teacher_steps is not None:
         size.teacher_steps = args.teacher_steps
+    if args.eval_interval is not None:
+        size.eval_interval = args.eval_interval
     jobs = args.jobs or size.jobs
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = sorted(set(runs_wanted) - {"no_kd", "kd", "kd_init"})
@@ -355,15 +377,18 @@ def main(argv=None) -> int:
     stem = out / f"results-{args.tag}"  # the tag may hold dots (lr 1.5e-3): no with_suffix
     table = markdown_table(result)
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    Path(f"{stem}.md").write_text(f"{result['title']}\n\n{table}\n\n{result['notes']}\n")
+    Path(f"{stem}.md").write_text(report_markdown(result, table))
     with open(out / "sweep.jsonl", "a") as f:
         f.write(json.dumps({"tag": args.tag, "date": result["date"], "recipe": result["recipe"],
                             "student_lr": size.student_lr, "kd_lr": args.kd_lr, "student_steps": size.student_steps,
-                            "perplexity": {k: v["perplexity"] for k, v in result["runs"].items()}}) + "\n")
+                            "perplexity": {k: v["perplexity"] for k, v in result["runs"].items()},
+                            "tokens_to_no_kd_ppl": {k: v["token_efficiency"]["fraction"] for k, v in result["runs"].items()
+                                                    if "token_efficiency" in v}}) + "\n")
     print()
     print(result["title"])
     print(table)
     print(result["notes"])
+    print(f"[quality] curves: {result['curves'] or result['curves_note']}")
     print(f"[quality] total {result['total_wall_s']:.0f} s; wrote {stem}.json and {stem}.md")
     if args.report_dir:
         copy_report(result, out, Path(args.report_dir), stem)
@@ -415,7 +440,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         lr = size.student_lr if not spec["teacher"] or args.kd_lr is None else args.kd_lr
         spec["lr"] = lr
         cmd = train + common + ["--student_config", student_cfg, "--max_steps", size.student_steps,
-                                "--learning_rate", lr, "--seed", args.seed, *spec["args"]]
+                                "--learning_rate", lr, "--seed", args.seed, *spec["args"],
+                                "--eval_data", dev, "--eval_interval", size.eval_interval]
         if spec["teacher"]:
             cmd += ["--teacher_name", teacher]
         if spec["init"] != "random":
@@ -478,6 +504,9 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, "tensorboard": rel(dump / "log"), "path": rel(dump),
                       "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+    curves = students_curves(out, args.tag, [(name, dump) for name, dump, _, _ in jobs_list])
+    for name, efficiency in curves["token_efficiency"].items():
+        runs[name]["token_efficiency"] = efficiency
     dev_tokens = details["teacher"]["tokens"]
     date = time.strftime("%a %b %d %H:%M %Z %Y")
     title = (f"quality --size {args.size} ({date}): teacher {arch(size.teacher)}, student {arch(size.student)}, "
@@ -496,14 +525,88 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
              f"{'' if size.sample else f' ({size.dev_docs or 1431} paragraphs)'}; training data "
              f"{train_manifest['tokens']:,} tokens in {train_manifest['documents']:,} documents. "
              f"ppl ÷ teacher = student perplexity / teacher perplexity. Wall s: the train.py process "
-             f"(students {jobs} at a time; * = reused from an earlier run). " + "; ".join(verdicts) + ".")
+             f"(students {jobs} at a time; * = reused from an earlier run). " + "; ".join(verdicts) + ". "
+             f"Tokens to no-KD ppl: the tokens a student needed to reach no_kd's final held-out perplexity "
+             f"during training (dev evaluations every {size.eval_interval or size.student_steps} steps, "
+             f"interpolated in log perplexity), as a fraction of no_kd's tokens; ≤: already reached at the "
+             f"first evaluation.")
     if size.sample:
         notes = notes.replace("jawiki_jaquad_dev", "data_prep/sample/ja_dev.txt")
     return {"title": title, "notes": notes, "date": date, "size": args.size, "argv": sys.argv[1:],
             "recipe": args.recipe, "student_lr": size.student_lr, "kd_lr": args.kd_lr, "config": asdict(size),
             "dev_tokens": dev_tokens, "train_tokens": train_manifest["tokens"], "runs": runs,
             "kd_beats_no_kd": {n: runs[n]["perplexity"] < runs["no_kd"]["perplexity"] for n in kd_names}
-            if "no_kd" in runs else {}, "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+            if "no_kd" in runs else {}, "curves": curves["png"], "curves_note": curves["note"], "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+
+
+def students_curves(out: Path, tag: str, students: list[tuple[str, Path]]) -> dict:
+    """The students' evaluations during training: their token efficiency, and one picture of their curves."""
+    histories = {name: read_records(dump)[1] for name, dump in students}
+    png = out / f"curves-{tag}.png"
+    try:
+        plots.write_plot([dump for _, dump in students], png, [name for name, _ in students])
+        found, note = rel(png), ""
+    except (plots.PlotsUnavailable, DataError) as err:
+        png.unlink(missing_ok=True)  # an older picture would pass for this run's
+        found, note = None, f"plot skipped: {err}"
+    return {"token_efficiency": token_efficiency(histories), "png": found, "note": note}
+
+
+def token_efficiency(histories: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each student's tokens to reach no_kd's final held-out perplexity, also as a fraction of no_kd's tokens.
+
+    Read from the evaluations during training, no_kd's own last one included, so that both sides
+    are the same measurement (train.py's --eval_data). Empty without a no_kd run.
+    """
+    baseline = histories.get("no_kd")
+    if not baseline or baseline[-1].get("tokens_seen") is None:
+        return {}
+    target, budget = baseline[-1]["perplexity"], baseline[-1]["tokens_seen"]
+    result = {}
+    for name, history in histories.items():
+        reached = tokens_to_reach(history, target)
+        tokens, exact = reached if reached is not None else (None, False)
+        result[name] = {"target_perplexity": target, "budget_tokens": budget, "tokens": tokens,
+                        "fraction": None if tokens is None else tokens / budget,
+                        "upper_bound": tokens is not None and not exact}
+    return result
+
+
+def tokens_to_reach(history: list[dict], target: float) -> tuple[float, bool] | None:
+    """Tokens seen when the held-out perplexity first got down to `target`, and whether that is exact.
+
+    Between the last evaluation above the target and the first at or below it, log perplexity (the
+    mean NLL) is taken as linear in tokens. Reached by the first evaluation: nothing earlier is known,
+    so its tokens are an upper bound (exact False). Never reached, or a history without tokens_seen: None.
+    """
+    before = None
+    for record in history:
+        tokens, ppl = record.get("tokens_seen"), record["perplexity"]
+        if tokens is None:
+            return None
+        if ppl <= target:
+            if before is None:
+                return tokens, False
+            t0, p0 = before
+            share = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(ppl))
+            return t0 + share * (tokens - t0), True
+        before = (tokens, ppl)
+    return None
+
+
+def efficiency_cell(efficiency: dict | None) -> str:
+    if efficiency is None:
+        return "–"
+    if efficiency["fraction"] is None:
+        return "not reached"
+    return f"{'≤ ' if efficiency['upper_bound'] else ''}{efficiency['fraction']:.2f}"
+
+
+def report_markdown(result: dict, table: str) -> str:
+    """results-TAG.md: the title, the table, the notes, and the students' curves (or why there are none)."""
+    curves = (f"![the students' loss terms and held-out perplexity against tokens seen]"
+              f"({Path(result['curves']).name})" if result["curves"] else f"Training curves: {result['curves_note']}.")
+    return f"{result['title']}\n\n{table}\n\n{result['notes']}\n\n{curves}\n"
 
 
 def rel(path: Path) -> str:
@@ -518,10 +621,12 @@ def copy_report(result: dict, out: Path, report: Path, stem: Path) -> None:
     report.mkdir(parents=True, exist_ok=True)
     for suffix in (".json", ".md"):
         shutil.copy2(f"{stem}{suffix}", report / f"{stem.name}{suffix}")
+    if result["curves"]:
+        shutil.copy2(REPO / result["curves"], report / Path(result["curves"]).name)  # beside the .md that shows it
     shutil.copytree(out / "logs", report / "logs", dirs_exist_ok=True)
     for name, r in result["runs"].items():
         folder = REPO / r["path"] if not Path(r["path"]).is_absolute() else Path(r["path"])
-        for item in ("log", "metrics.jsonl", "parameters.json"):
+        for item in ("log", "metrics.jsonl", "parameters.json", "eval_results.json", plots.PLOT_FILE):
             src = folder / item
             if src.is_dir():
                 shutil.copytree(src, report / name / item, dirs_exist_ok=True)

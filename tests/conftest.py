@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import gpt2_config, random_sequences, write_shard
+from helpers import dump_args, dump_script, gpt2_config, random_sequences, write_shard
 
 TOKENIZER_TEXT = """\
 今日は朝から雨が降っていたので、駅まで傘をさして歩いた。
@@ -53,3 +53,23 @@ def tiny_setup(tmp_path_factory, tiny_tokenizer):
     shard = write_shard(folder / "data.pickle", random_sequences(64))
     return {"teacher": folder / "teacher", "student_config": student_config, "data": shard,
             "tokenizer": tiny_tokenizer}
+
+
+@pytest.fixture(scope="session")
+def offline_setup(tiny_setup, tmp_path_factory):
+    """The tiny setup with data in the tokenizer's ids (the teacher's 192 logits are padded beyond its
+    vocabulary, "vocab"), many sequences longer than the dumps' max_len of 32."""
+    from data_prep.tokenization import load_tokenizer
+
+    vocab = len(load_tokenizer(str(tiny_setup["tokenizer"])))
+    folder = tmp_path_factory.mktemp("offline")
+    data = write_shard(folder / "data.pickle", random_sequences(40, max_len=90, vocab_size=vocab, seed=1))
+    return {**tiny_setup, "data": data, "vocab": vocab}
+
+
+@pytest.fixture(scope="session")
+def offline_dump(offline_setup, tmp_path_factory) -> Path:
+    """dump_teacher_logits.py's default dump of the offline setup (float16, T = 1), one process."""
+    folder = tmp_path_factory.mktemp("dumps") / "top8"
+    assert dump_script().main(dump_args(offline_setup, folder)) == 0
+    return folder

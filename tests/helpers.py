@@ -2,13 +2,13 @@
 train.py argument lists, and readers of what a run wrote."""
 
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "examples" / "distillation" / "train.py"
+DUMP_PY = REPO / "examples" / "distillation" / "scripts" / "dump_teacher_logits.py"
 TINY_VOCAB = 192
 
 
@@ -20,6 +20,29 @@ def gpt2_config(n_layer=2, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positio
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs are comparable bit for bit
     )
+
+
+def family_config(family, n_layer=2, hidden=32, vocab_size=TINY_VOCAB, positions=64, **overrides):
+    """A tiny config of a tested family (models.TESTED_FAMILIES), without dropout, bos 1 / eos 2 / pad 3
+    like the tiny tokenizer. GPT-2 and Qwen2 tie the head to the embeddings (as Qwen2's small
+    models do), GPT-NeoX and Llama do not; Llama and Qwen2 use grouped-query attention."""
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    if family == "gpt2":
+        config = gpt2_config(n_layer=n_layer, n_embd=hidden, vocab_size=vocab_size, n_positions=positions)
+    else:
+        common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=2,
+                      intermediate_size=2 * hidden, max_position_embeddings=positions,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        config = {
+            "gpt_neox": lambda: GPTNeoXConfig(**common, hidden_dropout=0.0, attention_dropout=0.0,
+                                              tie_word_embeddings=False),
+            "llama": lambda: LlamaConfig(**common, num_key_value_heads=1, tie_word_embeddings=False),
+            "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=1, tie_word_embeddings=True),
+        }[family]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
 
 
 def random_sequences(n, min_len=12, max_len=40, vocab_size=TINY_VOCAB, seed=0):
@@ -50,11 +73,21 @@ def train_args(setup, dump_path, *extra):
     ]
 
 
-def free_port() -> int:
-    """A TCP port free right now, for a torchrun rendezvous (tests run beside others on one machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def dump_args(setup, output_dir, *extra):
+    """A complete dump_teacher_logits.py argument list for the offline setup: top 8, max_len 32, CPU."""
+    return ["--teacher", str(setup["teacher"]), "--tokenizer_name", str(setup["tokenizer"]),
+            "--data_file", str(setup["data"]), "--output_dir", str(output_dir), "--top_k", "8",
+            "--max_len", "32", "--batch_size", "2", "--n_gpu", "0", *extra]
+
+
+def dump_script():
+    """scripts/dump_teacher_logits.py as a module (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dump_teacher_logits", DUMP_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weights(dump_path):
@@ -86,3 +119,13 @@ def read_scalars(log_dir, tag):
             pos += 16 + length
             values += [v.simple_value for v in event.summary.value if v.tag == tag]
     return values
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for torchrun's rendezvous: fixed ports collide between test runs
+    sharing a machine, and a port still in TIME_WAIT refuses to listen."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -18,6 +18,9 @@ def test_demo_distillation_beats_training_alone(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"results: {out}/results.json" in proc.stdout
+    assert f"plot:    {out}/curves.png" in proc.stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all((out / run / "curves.png").is_file() for run in ("teacher", "student_kd", "student_no_kd"))
     for label in ("teacher", "student_kd", "student_no_kd"):
         assert label in proc.stdout  # the perplexity table
     results = json.loads((out / "results.json").read_text())

@@ -13,8 +13,10 @@ COMMANDS = [
     "data_prep/build_corpus.py", "data_prep/make_tokenizer.py", "data_prep/binarize.py",
     "examples/distillation/train.py", "examples/distillation/evaluate.py", "examples/distillation/export.py",
     "examples/distillation/generate.py", "examples/distillation/scripts/extract.py",
+    "examples/distillation/scripts/dump_teacher_logits.py",
     "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
     "bench/shard_memory.py",
+    "bench/dump_teacher_logits_bench.py", "bench/plot_runs.py",
 ]
 
 

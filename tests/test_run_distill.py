@@ -19,7 +19,7 @@ TRAIN_PY = "examples/distillation/train.py"
 RECIPE_FLAGS = ("--temperature", "--alpha_ce", "--alpha_clm", "--alpha_mse", "--alpha_cos", "--batch_size",
                 "--gradient_accumulation_steps", "--learning_rate", "--warmup_prop", "--weight_decay", "--precision")
 DEMO_ENTRIES = ("tokenizer", "data", "teacher", "student_kd", "student_no_kd", "perplexity.json", "results.json",
-                "export")
+                "curves.png", "export")
 
 TORCHRUN_STUB = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$STUB_LOG/torchrun_argv.txt"
@@ -163,9 +163,13 @@ def test_demo_writes_in_the_callers_folder(tmp_path, caller):
     assert (caller / "rel_out" / ".distil-ja-demo").is_file()
     # every command ran from the caller's folder and wrote under rel_out; the inputs came from the repo
     calls = run.python_calls
-    assert len(calls) == 9 and all(Path(cwd) == caller for cwd, _ in calls)
+    assert len(calls) == 10 and all(Path(cwd) == caller for cwd, _ in calls)
     assert "--output_dir rel_out/tokenizer" in calls[0][1]
     assert f"--input {REPO}/data_prep/sample/ja_train.txt" in calls[0][1]
+    # the three runs' curves in one picture, and the demo says where it is
+    assert calls[8][1] == (f"{REPO}/bench/plot_runs.py rel_out/teacher rel_out/student_kd rel_out/student_no_kd "
+                           "--out rel_out/curves.png")
+    assert "plot:    rel_out/curves.png" in run.stdout
     # with no OUT_DIR: checkpoints/demo, there too
     Run(tmp_path, ["--demo"], cwd=caller)
     assert (caller / "checkpoints" / "demo" / ".distil-ja-demo").is_file()
@@ -196,7 +200,7 @@ def test_demo_rerun_replaces_only_what_the_demo_wrote(tmp_path):
     assert run.returncode == 0, run.stderr
     assert not (out / "teacher").exists() and not (out / "results.json").exists()  # the stub writes nothing
     assert (out / "notes.txt").read_text() == "keep me"
-    assert len(run.python_calls) == 9
+    assert len(run.python_calls) == 10
 
 
 def test_demo_force_writes_into_a_folder_and_keeps_the_rest(tmp_path):
@@ -209,7 +213,7 @@ def test_demo_force_writes_into_a_folder_and_keeps_the_rest(tmp_path):
     assert run.returncode == 0, run.stderr
     assert (out / "notes.txt").read_text() == "keep me" and (out / ".distil-ja-demo").is_file()
     assert not (out / "data").exists()  # one of the demo's own entries: replaced
-    assert len(run.python_calls) == 9
+    assert len(run.python_calls) == 10
 
 
 def test_demo_never_writes_into_the_repository_even_with_force(tmp_path):

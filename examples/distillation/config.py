@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from distil_ja.cli import ArgumentParser, UsageError
+from losses import KD_LOSSES
+from models import AUTO, TYPE_CHOICES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; README "Recommended recipe").
 # batch_size x gradient_accumulation_steps is per process: 8 x 16 x 4 GPUs = 512 sequences a step.
@@ -34,17 +36,20 @@ RECIPE = {
     "gradient_accumulation_steps": 16,
 }
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
+# The types only check the families the configs name (runs before `auto` recorded "gpt2").
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
                      "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
-                     "shard_teacher"}
+                     "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        description="Distil a GPT-2 teacher into a GPT-2 student (or train the student alone with --alpha_clm only).\n\n"
+        description="Distil a causal-LM teacher into a small student (or train the student alone with "
+                    "--alpha_clm only).\n\n"
                     "    torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4 --data_file DIR \\\n"
                     "        --student_config CONFIG.json --teacher_name TEACHER\n\n"
                     "Defaults are the recommended recipe. Exit status: 0 done, 1 bad data, 2 bad arguments or "
@@ -59,21 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="binarize.py output directory (manifest + shards), or one or more .pickle shards.")
 
     models = parser.add_argument_group("models")
-    models.add_argument("--student_type", choices=["gpt2"], default="gpt2", help="Model family of the student.")
-    models.add_argument("--student_config", required=True, help="GPT-2 config JSON of the student.")
+    models.add_argument("--student_type", choices=TYPE_CHOICES, default=AUTO,
+                        help="Model family of the student: auto (default) takes it from the config's model_type; "
+                             "a named family refuses a config of another one.")
+    models.add_argument("--student_config", required=True,
+                        help="Config JSON of the student, any causal-LM family (its model_type picks the class).")
     models.add_argument("--student_pretrained_weights", default=None,
                         help="Initial student weights: a state-dict file (scripts/extract.py) or a model directory.")
-    models.add_argument("--teacher_type", choices=["gpt2"], default="gpt2", help="Model family of the teacher.")
+    models.add_argument("--teacher_type", choices=TYPE_CHOICES, default=AUTO,
+                        help="Model family of the teacher: auto (default) takes it from its config; "
+                             "a named family refuses a teacher of another one.")
     models.add_argument("--teacher_name", default=None,
                         help="Teacher: hub name or local directory. Omit to train the student without a teacher.")
-    models.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or directory (default: the teacher's).")
+    models.add_argument("--teacher_logits", default=None, metavar="DIR",
+                        help="An offline teacher: the output of scripts/dump_teacher_logits.py, read instead of running "
+                             "a teacher (excludes --teacher_name; needs --alpha_mse 0 --alpha_cos 0).")
+    models.add_argument("--tokenizer_name", default=None,
+                        help="Tokenizer: hub name or directory (default: the teacher's, or the one saved in --teacher_logits).")
 
     loss = parser.add_argument_group("losses (weights of the terms; defaults: the recommended recipe)")
     loss.add_argument("--temperature", type=float, help="Softmax temperature of the KD term.")
-    loss.add_argument("--alpha_ce", type=float, help="The KD term: KL(teacher_T || student_T) * T^2.")
+    loss.add_argument("--alpha_ce", type=float, help="The KD term: T^2 * divergence(teacher_T, student_T), see --kd_loss.")
+    loss.add_argument("--kd_loss", choices=KD_LOSSES, default="fkl",
+                      help="The KD term's divergence: fkl KL(t||s) (default), rkl KL(s||t), jsd (generalised "
+                           "Jensen-Shannon, --kd_beta), skew_fkl / skew_rkl (DistiLLM, --kd_skew), tvd (total variation).")
+    loss.add_argument("--kd_beta", type=float, default=0.5, help="jsd: the teacher's weight in the mixture, in (0, 1).")
+    loss.add_argument("--kd_skew", type=float, default=0.1, help="skew_fkl / skew_rkl: the skew alpha, in (0, 1).")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
-    loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (equal widths).")
+    loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
+                      "maps a narrower student to the teacher's width).")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--freeze_pos_embs", action="store_true", help="Keep the student's position embeddings fixed.")
@@ -100,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the student, the teacher and the fused loss (default: on with CUDA, off on the CPU).")
+    hw.add_argument("--compile_mode", choices=COMPILE_MODES, default=None,
+                    help="torch.compile's mode (default: torch's default).")
     hw.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=True,
-                    help="KD and CLM losses with their gradient in one chunked pass over the logits (on by default).")
+                    help="LM-head matmul and the KD/CLM/MSE terms with their gradient in one chunked pass: no "
+                         "batch x seq x vocab logits (on by default).")
+    hw.add_argument("--pad_multiple", type=int, default=64,
+                    help="Pad each micro-batch's length up to a multiple of this (capped at the longest "
+                         "sequence), so compiled graphs are reused; 1 pads to the longest row only.")
     hw.add_argument("--num_workers", type=int, default=None,
                     help="DataLoader worker processes (default: 2 with CUDA, 0 on the CPU); batches are the same.")
     hw.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 trains on the CPU.")
@@ -120,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "perplexity goes to tensorboard (eval/perplexity) and dump_path/eval_results.json.")
     rec.add_argument("--eval_interval", type=int, default=0,
                      help="Optimizer steps between evaluations on --eval_data (0: only at the end).")
+    rec.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                     help="Draw the loss terms and held-out perplexity against tokens seen to "
+                          "dump_path/curves.png at each evaluation and at the end (on by default; "
+                          "without matplotlib: one warning, no plots).")
     return parser
 
 
@@ -153,17 +183,32 @@ def check_arguments(params) -> None:
     if any(a < 0 for a in alphas.values()) or sum(alphas.values()) <= 0:
         raise UsageError(f"loss weights must be >= 0 with a positive sum, got {alphas}")
     needs_teacher = [f"--{k}" for k in ("alpha_ce", "alpha_mse", "alpha_cos") if alphas[k] > 0]
-    if params.teacher_name is None and needs_teacher:
-        raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name or set them to 0")
-    if params.teacher_name is None and params.shard_teacher:
-        raise UsageError("--shard_teacher needs a teacher (--teacher_name)")
-    if params.teacher_name is None and params.tokenizer_name is None:
+    if params.teacher_logits is not None:
+        if params.teacher_name is not None:
+            raise UsageError("--teacher_logits and --teacher_name exclude each other: the dumped logits are the teacher")
+        needs_model = [f"--{k}" for k in ("alpha_mse", "alpha_cos") if alphas[k] > 0]
+        if needs_model:
+            raise UsageError(f"{', '.join(needs_model)} need the teacher model, which --teacher_logits replaces: "
+                             "set them to 0")
+    if params.shard_teacher and params.teacher_name is None:
+        raise UsageError("--shard_teacher needs a teacher model (--teacher_name)")
+    no_teacher = params.teacher_name is None and params.teacher_logits is None
+    if no_teacher and needs_teacher:
+        raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name (or --teacher_logits) "
+                         "or set them to 0")
+    if no_teacher and params.tokenizer_name is None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:
         raise UsageError("--temperature must be > 0")
+    for name in ("kd_beta", "kd_skew"):
+        if not 0 < getattr(params, name) < 1:
+            raise UsageError(f"--{name} must be in (0, 1)")
+    if params.compile_mode is not None and params.compile is False:
+        raise UsageError("--compile_mode needs compilation: drop --no-compile")
     if params.resume and params.force:
         raise UsageError("--resume continues --dump_path, --force deletes it: pick one")
-    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints"):
+    for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite", "keep_checkpoints",
+                 "pad_multiple"):
         if getattr(params, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if params.num_workers is not None and params.num_workers < 0:

@@ -3,21 +3,24 @@
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checkpoint
 import losses
+import models
 from config import amp_dtype
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import clm_loss_sum, cos_loss_sum, kd_clm_loss_sums, kd_loss_sum, mse_loss_sum
+from losses import KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum, real_mask
 from perplexity import shared_perplexity
 from sharding import is_sharded
 from training_log import LOSS_TERMS, TrainingLog
@@ -47,6 +50,72 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _no_padding_check(input_ids, attention_mask):
+    return None
+
+
+class HiddenStates(torch.nn.Module):
+    """A causal LM without its head: its final (post-norm) hidden states.
+
+    DDP and torch.compile wrap this, not the LM, so the forward never computes the B x S x V logits:
+    the loss applies the head (`head_of`) chunk by chunk. The head's weight is the LM's own parameter
+    (GPT-2 ties it to the embedding), so it is trained, all-reduced and saved as before. `projection`,
+    the student's learned map to the teacher's width for --alpha_cos, is held here for the same reason
+    (DDP all-reduces what its module holds); the loss applies it.
+    """
+
+    def __init__(self, lm, projection=None):
+        super().__init__()
+        self.lm = lm
+        self.projection = projection
+        # transformers looks for padding in every eager forward without a mask by reading the ids on
+        # the host, a device synchronisation per forward. Right padding of causal rows is on purpose here.
+        lm.base_model.warn_if_padding_and_no_attention_mask = _no_padding_check
+
+    def forward(self, input_ids):
+        return self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def head_of(lm, vocab_size: int):
+    """(weight, bias or None) of the LM head, cut to the first `vocab_size` rows (a padded teacher)."""
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise UsageError(f"{type(lm).__name__}: the LM head is a {type(head).__name__}, not a linear layer")
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    return head.weight[:vocab_size], bias
+
+
+class PadToMultiple:
+    """Collate, then pad the sequence dimension up to a multiple of `multiple` (at most `cap`).
+
+    Fewer distinct shapes, so compiled graphs are reused instead of recompiled. `cap` is the longest
+    sequence of the dataset, so padding never goes beyond the model context. A top-level class, so that
+    DataLoader workers can pickle it; padding happens before pinning, so the copy stays asynchronous.
+    """
+
+    def __init__(self, collate, multiple: int, cap: int, pad_id: int):
+        self.collate, self.multiple, self.cap, self.pad_id = collate, multiple, cap, pad_id
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        seq = batch[0].size(1)
+        extra = min(-(-seq // self.multiple) * self.multiple, self.cap) - seq
+        if extra <= 0:
+            return batch
+        token_ids = F.pad(batch[0], (0, extra), value=self.pad_id)
+        return (token_ids, batch[1], *(F.pad(x, (0, 0, 0, extra)) for x in batch[2:]))
+
+
+@dataclass
+class PendingStep:
+    """What the host learns of a step once the device has done it: read one step late (see settle)."""
+
+    step: int
+    flags: torch.Tensor  # host copy of (finite, real tokens), possibly still in flight
+    grad_norm: torch.Tensor  # on the device
+    done: object  # a CUDA event after the copy, or None on the CPU
+
+
 class Distiller:
     """Trains `student` to match `teacher` (and the data) on `dataset`; params is train.py's config."""
 
@@ -60,11 +129,15 @@ class Distiller:
         self.eval_sequences = eval_sequences  # held-out sequences (--eval_data)
         self.eval_history = []
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
-        self.need_hidden = params.alpha_cos > 0
+        self.kd = KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew)
         self.amp_dtype = amp_dtype(params.precision)
-        self.fused_loss = params.fused_loss  # KD + CLM with the gradient in the forward
-        self.loss_weights = dict(self.alphas)  # fused KD/CLM weight ratio; optimize_step sets it per step
-        self.chunk_fn = losses.fused_rows
+        self.fused_loss = params.fused_loss  # head matmul, logit terms and their gradient in one chunked pass
+        self.chunk_fn = losses.fused_chunk
+        self.vocab_size = student.config.vocab_size
+        # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
+        # position counts there, so no step copies host values to the device (each copy would be a sync).
+        self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,
+                                         device=self.device)
         self._build_data(params, runtime, dataset)
         self._build_optimization(params, runtime, student)
 
@@ -74,9 +147,10 @@ class Distiller:
         self.n_nonfinite = 0  # consecutive steps with non-finite gradients
         self.n_skipped = 0
         self.tokens_seen = 0
+        self.pending: list[PendingStep] = []  # steps the host has not read back yet
         self.last_checkpoint_step = None
         self.last_grad_norm = None  # of the last finite step, for a log line written at the end
-        self.log = TrainingLog(self.dump_path, runtime, self.alphas)
+        self.log = TrainingLog(self.dump_path, runtime, self.alphas, plots=params.plots)
 
     def _build_data(self, params, runtime, dataset):
         self.sampler = DistributedSampler(
@@ -87,9 +161,11 @@ class Distiller:
         else:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
+        collate = PadToMultiple(dataset.batch_sequences, params.pad_multiple, int(dataset.lengths.max()),
+                                dataset.ids.pad)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
         self.dataloader = DataLoader(
-            dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
+            dataset, batch_sampler=self.batch_sampler, collate_fn=collate,
             pin_memory=self.device.type == "cuda", num_workers=params.num_workers,
             prefetch_factor=4 if params.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(params.seed),  # else each new iterator draws from the global RNG
@@ -105,27 +181,43 @@ class Distiller:
     def _build_optimization(self, params, runtime, student):
         student.to(self.device)
         if params.freeze_pos_embs:
-            student.transformer.wpe.weight.requires_grad = False
+            models.position_embeddings(student).weight.requires_grad_(False)
+        self.cos_projection = None
+        width = student.config.hidden_size
+        t_width = None if self.teacher is None else self.teacher.config.hidden_size
+        if self.alphas["cos"] > 0 and t_width is not None and t_width != width:
+            # Widths differ: a learned linear map of the student's last hidden state to the teacher's width.
+            # Trained with the student, saved in checkpoints, not part of the student (export drops it).
+            self.cos_projection = torch.nn.Linear(width, t_width, bias=False).to(self.device)
+            logger.info("--alpha_cos: a learned %d -> %d projection of the student's last hidden state", width, t_width)
+        self.raw = student
+        self.student = HiddenStates(student, self.cos_projection)
+        # fused: one kernel per step, and it reads the skip flag (found_inf) on the device.
         self.optimizer = torch.optim.AdamW(
-            param_groups(student, params.weight_decay), lr=params.learning_rate, eps=params.adam_epsilon,
-            betas=(0.9, 0.98), fused=self.device.type == "cuda",
+            param_groups(self.student, params.weight_decay), lr=params.learning_rate, eps=params.adam_epsilon,
+            betas=(0.9, 0.98), fused=True,
         )
         warmup_steps = math.ceil(self.total_steps * params.warmup_prop)
         self.scheduler = linear_warmup_decay(self.optimizer, warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=params.precision == "fp16")
-        self.student = student
         if runtime.is_distributed:
             ids = [runtime.local_rank] if self.device.type == "cuda" else None
-            self.student = DistributedDataParallel(student, device_ids=ids, output_device=ids and ids[0])
+            self.student = DistributedDataParallel(self.student, device_ids=ids, output_device=ids and ids[0])
+        self.teacher_body = None
         sharded_teacher = self.teacher is not None and is_sharded(self.teacher)  # train.py placed it (sharding.py)
-        if self.teacher is not None and not sharded_teacher:
-            self.teacher.to(self.device)
+        if self.teacher is not None:
+            if not sharded_teacher:
+                self.teacher.to(self.device)
+            self.teacher_body = HiddenStates(self.teacher)
         if params.compile:
             # In place (nn.Module.compile): state_dict keys, DDP and checkpoints are unchanged.
-            student.compile()
-            if self.teacher is not None and not sharded_teacher:  # FSDP2's hooks break the graph at every block
-                self.teacher.compile()
-            self.chunk_fn = torch.compile(losses.fused_rows, dynamic=True)
+            mode = params.compile_mode
+            (self.student.module if runtime.is_distributed else self.student).compile(mode=mode)
+            if self.teacher_body is not None and not sharded_teacher:  # FSDP2's hooks break the graph at every block
+                self.teacher_body.compile(mode=mode)
+            # CUDA graphs (reduce-overhead) would recycle the chunk's outputs while they are accumulated.
+            self.chunk_fn = torch.compile(losses.fused_chunk, dynamic=False,
+                                          mode=None if mode == "reduce-overhead" else mode)
 
     # ---- loss of one micro-batch ----------------------------------------------------------
 
@@ -134,48 +226,71 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor, *teacher_topk) -> dict[str, torch.Tensor]:
         """Summed (not averaged) loss terms of one micro-batch, over real positions only.
 
-        Padding is on the right and attention is causal, so no real position can
-        attend to padding: the models run without an attention mask, which keeps
-        SDPA on its fused causal kernels.
+        Padding is on the right and attention is causal, so no real position can attend to padding:
+        the models run without an attention mask, which keeps SDPA on its fused causal kernels. They
+        return final hidden states; the logit terms apply the heads (fused: chunk by chunk). The loss
+        weights of this step are `self.step_weights` (set by optimize_step).
         """
-        mask = torch.arange(token_ids.size(1), device=token_ids.device)[None, :] < lengths[:, None]
+        want = {k: self.alphas[k] > 0 for k in LOSS_TERMS}
         with self.autocast():
-            s_out = self.student(input_ids=token_ids, output_hidden_states=self.need_hidden, use_cache=False)
-            t_out = None
-            if self.teacher is not None:
+            s_hidden = self.student(token_ids)
+            t_hidden = None
+            if self.teacher_body is not None:
                 with torch.no_grad():
-                    t_out = self.teacher(input_ids=token_ids, output_hidden_states=self.need_hidden, use_cache=False)
+                    t_hidden = self.teacher_body(token_ids)
+        head = head_of(self.raw, self.vocab_size)
+        t_head = None if self.teacher is None else head_of(self.teacher, self.vocab_size)
+        topk = tuple(teacher_topk) or None
         sums = {}
-        if self.fused_loss and (self.alphas["ce"] > 0 or self.alphas["clm"] > 0):
-            # Loss and gradient in one chunked pass: no fp32 batch x seq x vocab tensor is kept for backward.
-            ce, clm = kd_clm_loss_sums(
-                s_out.logits, t_out.logits if self.alphas["ce"] > 0 else None, token_ids, mask,
-                self.params.temperature, self.loss_weights["ce"] if self.alphas["ce"] > 0 else 0.0,
-                self.loss_weights["clm"] if self.alphas["clm"] > 0 else 0.0, chunk_fn=self.chunk_fn,
-            )
-            sums.update({k: v for k, v in (("ce", ce), ("clm", clm)) if self.alphas[k] > 0})
-        else:
-            if self.alphas["ce"] > 0:
-                sums["ce"] = kd_loss_sum(s_out.logits, t_out.logits, mask, self.params.temperature)
-            if self.alphas["clm"] > 0:
-                sums["clm"] = clm_loss_sum(s_out.logits, token_ids, mask)
-        if self.alphas["mse"] > 0:
-            sums["mse"] = mse_loss_sum(s_out.logits, t_out.logits, mask)
-        if self.alphas["cos"] > 0:
-            sums["cos"] = cos_loss_sum(s_out.hidden_states[-1], t_out.hidden_states[-1], mask)
+        if want["ce"] or want["clm"] or want["mse"]:
+            if self.fused_loss:
+                enabled = (want["ce"], want["clm"], want["mse"])
+                out = fused_logit_terms(
+                    s_hidden, head, token_ids, lengths, self.step_weights[:3], enabled, self.kd,
+                    t_h=t_hidden if want["ce"] and topk is None or want["mse"] else None, t_head=t_head,
+                    teacher_topk=topk, dtype=self.amp_dtype or torch.float32, chunk_fn=self.chunk_fn)
+                sums = {k: out[i] for i, k in enumerate(LOSS_TERMS[:3]) if want[k]}
+            else:
+                sums = self.plain_logit_terms(s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want)
+        if want["cos"]:
+            if self.cos_projection is not None:
+                with self.autocast():
+                    s_hidden = self.cos_projection(s_hidden)
+            sums["cos"] = cos_loss_sum(s_hidden, t_hidden, real_mask(lengths, token_ids.size(1)))
+        return sums
+
+    def plain_logit_terms(self, s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want):
+        """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
+        mask = real_mask(lengths, token_ids.size(1))
+        with self.autocast():
+            s_logits = F.linear(s_hidden, *head)
+            t_logits = None
+            if t_hidden is not None:
+                with torch.no_grad():
+                    t_logits = F.linear(t_hidden, *t_head)
+        sums = {}
+        if want["ce"]:
+            sums["ce"] = kd_loss_sum(s_logits, t_logits, mask, self.kd.temperature, self.kd, teacher_topk=topk)
+        if want["clm"]:
+            sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
+        if want["mse"]:
+            sums["mse"] = mse_loss_sum(s_logits, t_logits, mask)
         return sums
 
     # ---- one optimizer step ---------------------------------------------------------------
 
-    def global_counts(self, window) -> torch.Tensor:
-        """(real positions, predicted positions) over every micro-batch of this step on every rank."""
+    def to_device(self, batch):
+        return tuple(x.to(self.device, non_blocking=True) for x in batch)
+
+    def global_counts(self, batches) -> torch.Tensor:
+        """(real positions, predicted positions) over every micro-batch of this step on every rank, on the device."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for token_ids, lengths in window:
-            n_pred = (lengths - 1).clamp(min=0).sum()
-            counts += torch.stack([lengths.sum(), n_pred]).to(counts)
+        for batch in batches:
+            lengths = batch[1]
+            counts += torch.stack([lengths.sum(), (lengths - 1).clamp(min=0).sum()]).to(counts.dtype)
         if self.runtime.is_distributed:
             dist.all_reduce(counts)
         return counts
@@ -188,70 +303,107 @@ class Distiller:
         accumulation; DDP averages gradients over ranks, hence the world-size factor.
         Gradients are all-reduced only on the last micro-batch. Returns each loss term of the
         step (a tensor, not synchronised), as logged.
+
+        Nothing here waits for the device: counts, weights and the non-finite skip stay on it (the
+        fused AdamW reads its skip flag, found_inf, there), and what the host needs of the step is
+        copied back asynchronously and read one step later (settle).
         """
-        counts = self.global_counts(window)
-        n_real, n_pred = counts.clamp(min=1).tolist()
-        norm = {"ce": n_real, "mse": n_real, "cos": n_real, "clm": n_pred}
-        self.loss_weights = {k: self.alphas[k] / norm[k] for k in LOSS_TERMS}  # how loss uses the sums below
+        batches = [self.to_device(batch) for batch in window]
+        counts = self.global_counts(batches)
+        n_real, n_pred = counts.clamp(min=1).unbind()
+        norms = torch.stack([n_pred if k == "clm" else n_real for k in LOSS_TERMS])
+        self.step_weights = (self.alpha_vector.double() / norms * self.runtime.world_size).float()
         step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
-        for i, (token_ids, lengths) in enumerate(window):
-            self.log.add_batch(token_ids, lengths)
-            token_ids = token_ids.to(self.device, non_blocking=True)
-            lengths = lengths.to(self.device, non_blocking=True)
-            last = i == len(window) - 1
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or not self.runtime.is_distributed else self.student.no_sync()
             with sync:
-                sums = self.loss_sums(token_ids, lengths)
-                loss = sum(self.alphas[k] * v / norm[k] for k, v in sums.items()) * self.runtime.world_size
+                sums = self.loss_sums(*batch)
+                loss = sum(self.step_weights[LOSS_TERMS.index(k)] * v for k, v in sums.items())
                 self.scaler.scale(loss).backward()
             for k, v in sums.items():
                 step_sums[LOSS_TERMS.index(k)] += v.detach().double()
 
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm))  # same on every rank: gradients are already all-reduced
-        if finite or self.params.precision == "fp16":
-            self.scaler.step(self.optimizer)  # under fp16 the scaler skips non-finite steps itself
+        finite = torch.isfinite(grad_norm)  # same on every rank: gradients are already all-reduced
+        if not self.scaler.is_enabled():  # under fp16 the scaler sets found_inf from its own check
+            self.optimizer.found_inf = (~finite).float()
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.n_steps += 1
-        self.tokens_seen += int(n_real)
-        self._after_step(step_sums, counts, grad_norm, finite)
-        return {k: step_sums[i] / norm[k] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
+        self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0))
+        self._queue_readback(finite, counts[0], grad_norm)
+        return {k: step_sums[i] / norms[i] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
 
-    def _after_step(self, step_sums, counts, grad_norm, finite):
-        """Count a skipped step, or log, evaluate and checkpoint on their intervals."""
-        if not finite:
+    def _queue_readback(self, finite, n_real, grad_norm):
+        flags = torch.stack([finite.double(), n_real])
+        done = None
+        if flags.device.type == "cuda":
+            flags = flags.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self.pending.append(PendingStep(self.n_steps, flags, grad_norm, done))
+
+    def settle(self, upto: int) -> None:
+        """Read back the steps up to `upto`: count skipped steps and tokens, stop after a streak.
+
+        The training loop settles the previous step right after queueing the current one, so the
+        wait is for work the device has finished or is about to finish while the next step is queued
+        behind it; steps that log, evaluate or checkpoint settle themselves first (those read the
+        device anyway).
+        """
+        while self.pending and self.pending[0].step <= upto:
+            record = self.pending.pop(0)
+            if record.done is not None:
+                record.done.synchronize()
+            finite, n_real = record.flags.tolist()
+            self.tokens_seen += int(n_real)
+            if finite:
+                self.n_nonfinite = 0
+                self.last_grad_norm = record.grad_norm
+                continue
             self.n_nonfinite += 1
             self.n_skipped += 1
-            logger.warning("Step %d: non-finite gradients (norm %s), update skipped", self.n_steps, grad_norm.item())
+            logger.warning("Step %d: non-finite gradients (norm %s), update skipped", record.step,
+                           record.grad_norm.item())
             if self.n_nonfinite >= self.params.max_nonfinite:
+                self.pending.clear()
                 raise TrainingError(f"{self.n_nonfinite} consecutive steps with non-finite loss or gradients; stopping")
-            return
-        self.n_nonfinite = 0
-        self.last_grad_norm = grad_norm
-        self.log.add_step(step_sums, counts)
-        if self.n_steps % self.params.log_interval == 0:
-            self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], grad_norm, self.n_skipped)
-        if self.eval_sequences is not None and self.params.eval_interval > 0 \
-                and self.n_steps % self.params.eval_interval == 0:
-            self.evaluate()  # before the checkpoint, which saves the evaluation history
-        if self.params.checkpoint_interval > 0 and self.n_steps % self.params.checkpoint_interval == 0:
-            self.save_checkpoint()
-        inject_fault("after_step", self.n_steps)
+
+    def _after_step(self):
+        """Settle the previous step; on this step's intervals, settle it too, then log, evaluate, checkpoint."""
+        self.settle(self.n_steps - 1)
+        step, params = self.n_steps, self.params
+        due_log = step % params.log_interval == 0
+        due_eval = self.eval_sequences is not None and params.eval_interval > 0 and step % params.eval_interval == 0
+        due_checkpoint = params.checkpoint_interval > 0 and step % params.checkpoint_interval == 0
+        if due_log or due_eval or due_checkpoint:
+            self.settle(step)
+            if self.n_nonfinite == 0:  # a skipped step logs, evaluates and checkpoints nothing
+                if due_log:
+                    self.log.write(step, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
+                                   self.n_skipped, self.tokens_seen)
+                if due_eval:
+                    self.evaluate()  # before the checkpoint, which saves the evaluation history
+                if due_checkpoint:
+                    self.save_checkpoint()
+        inject_fault("after_step", step)
 
     def evaluate(self):
         """Student perplexity on --eval_data, shared between ranks (perplexity.py, as evaluate.py)."""
         out = shared_perplexity(self.raw_student(), self.eval_sequences, self.runtime.global_rank,
                                 self.runtime.world_size, batch_size=self.params.batch_size, device=self.device,
                                 amp_dtype=self.amp_dtype, pad_id=self.dataset.ids.pad)
-        record = {"step": self.n_steps, **out}
+        record = {"step": self.n_steps, "tokens_seen": self.tokens_seen, **out}
         self.eval_history.append(record)
         self.log.write_eval(record, self.eval_history)
 
     def raw_student(self):
-        return self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
+        """The student LM itself (no DDP, no head-less wrapper): what is evaluated, saved and exported."""
+        return self.raw
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -267,6 +419,8 @@ class Distiller:
                 "loop_state": {name: getattr(self, name) for name in LOOP_STATE},
                 "world_size": self.runtime.world_size,
             }
+            if self.cos_projection is not None:
+                training_state["cos_projection"] = self.cos_projection.state_dict()
         rank_state = {"rng": checkpoint.rng_state(), **self.log.state_dict()}
         checkpoint.save(self.dump_path, self.n_steps, training_state, rank_state, self.runtime.global_rank,
                         self.params.keep_checkpoints, fault=inject_fault)
@@ -282,6 +436,8 @@ class Distiller:
             raise UsageError(f"{path} was written by {training_state['world_size']} process(es), "
                                 f"this run has {self.runtime.world_size}; resume with the same number")
         self.raw_student().load_state_dict(training_state["student"])
+        if self.cos_projection is not None:
+            self.cos_projection.load_state_dict(training_state["cos_projection"])
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.scheduler.load_state_dict(training_state["scheduler"])
         self.scaler.load_state_dict(training_state["scaler"])
@@ -310,9 +466,11 @@ class Distiller:
                 window = []
                 for batch in self.dataloader:
                     self.batches_done += 1
+                    self.log.add_batch(batch[0], batch[1])  # host tensors: the padding fraction
                     window.append(batch)
                     if len(window) == accumulate or self.batches_done == self.batches_per_epoch:
                         self.optimize_step(window)
+                        self._after_step()
                         progress.update(1)
                         window = []
                         if self.n_steps >= self.total_steps:
@@ -324,9 +482,10 @@ class Distiller:
         self.end_training()
 
     def end_training(self):
+        self.settle(self.n_steps)
         if not self.log.empty:  # the last steps, when the run does not end on a log interval
             self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
-                           self.n_skipped)
+                           self.n_skipped, self.tokens_seen)
         if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:

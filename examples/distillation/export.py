@@ -6,18 +6,18 @@
 
 --checkpoint: a dump_path (its final model, else its newest checkpoint), a
 `checkpoint_stepNNNNNNNN/` folder, a `.pt`/`.pth`/`.safetensors` state dict (e.g. from
-scripts/extract.py: give --config), or any GPT-2 model folder.
+scripts/extract.py: give --config), or any causal-LM model folder (GPT-2, GPT-NeoX, Llama, Qwen2...).
 
 The output loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` and nothing else:
-    model.safetensors, config.json     bos 1, eos 2, pad 3 (the tokenizer's ids)
+    model.safetensors, config.json     bos, eos and pad: the tokenizer's ids
     generation_config.json             sampling defaults
     tokenizer.json + tokenizer_config.json + special_tokens_map.json
                                        the teacher's unigram model with NFKC + lowercasing in its
                                        normalizer (the same ids as binarize.py, uppercase included),
                                        `<s>` prepended and no `</s>` appended (generation prompts)
     spiece.model                       the sentencepiece model (evaluate.py / binarize.py --tokenizer DIR)
-    README.md                          model card: recipe (parameters.json) and perplexities
+    README.md                          model card: architecture, recipe (parameters.json) and perplexities
 
 Exit status: 0 done, 2 bad arguments or unusable inputs.
 """
@@ -43,7 +43,6 @@ from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, s
 logger = logging.getLogger("distillation.export")
 
 PROBE_TEXT = "GPUとPythonで東京のAIモデルをTrainする。ＡＢＣ"
-FAMILY = "gpt2"  # what a run without a parameters.json was trained as
 
 
 # ---- weights ----------------------------------------------------------------------------
@@ -103,10 +102,10 @@ def load_student(checkpoint: str, config: str | None = None):
     family is refused."""
     folder, weights_file, dump_path = resolve_checkpoint(checkpoint)
     params = run_params(dump_path)
-    family = params.get("student_type", FAMILY)
+    family = params.get("student_type", models.AUTO)
     if folder is not None:
         return models.load_pretrained(str(folder), family, "model"), dump_path, params
-    model = models.model_class(family)(student_config_for(weights_file, dump_path, config, params, family))
+    model = models.from_config(student_config_for(weights_file, dump_path, config, params, family))
     models.load_state(model, models.read_state_dict(weights_file), weights_file)
     logger.info("Loaded the student from %s", weights_file)
     return model, dump_path, params
@@ -115,7 +114,7 @@ def load_student(checkpoint: str, config: str | None = None):
 # ---- tokenizer --------------------------------------------------------------------------
 
 
-def export_tokenizer(source: str, output_dir: Path, model_max_length: int):
+def export_tokenizer(source: str, output_dir: Path, model_max_length: int | None):
     """Save a tokenizer that lowercases itself and does not append </s>; returns it."""
     from tokenizers import Tokenizer, normalizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -137,7 +136,8 @@ def export_tokenizer(source: str, output_dir: Path, model_max_length: int):
         backend.normalizer = normalizers.Sequence(steps + ([backend.normalizer] if backend.normalizer else []))
     backend.post_processor = processors.TemplateProcessing(
         single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B", special_tokens=[(tok.bos_token, tok.bos_token_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+    limit = {"model_max_length": model_max_length} if model_max_length else {}  # none: transformers' default
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, **limit,
                                    **{k: v for k, v in specials.items() if v is not None})
     fast.save_pretrained(str(output_dir))
     config_file = output_dir / "tokenizer_config.json"
@@ -185,14 +185,27 @@ def read_perplexities(paths: list[str], dump_path: Path | None) -> dict[str, flo
     return found
 
 
+def architecture(model) -> str:
+    """The model's class and shape in words, for the card: "LlamaForCausalLM (llama; 6 layers, d=1024, ...)"."""
+    c = model.config
+    shape = [f"{c.num_hidden_layers} layers", f"d={c.hidden_size}", f"{c.num_attention_heads} heads"]
+    kv_heads = getattr(c, "num_key_value_heads", None)
+    if kv_heads and kv_heads != c.num_attention_heads:
+        shape.append(f"{kv_heads} key/value heads")
+    shape += [f"{model.num_parameters() / 1e6:.1f}M parameters"]
+    if models.max_positions(c):
+        shape.append(f"context {models.max_positions(c)}")
+    shape.append(f"vocabulary {c.vocab_size}")
+    return f"{type(model).__name__} ({c.model_type}; {', '.join(shape)})"
+
+
 def model_card(model, params: dict | None, perplexities: dict[str, float], eval_data: str | None, name: str) -> str:
     c = model.config
     lines = [
         "---", "language: ja", "library_name: transformers", "pipeline_tag: text-generation",
-        "tags:", "- gpt2", "- distillation", "---", "",
+        "tags:", f"- {c.model_type}", "- distillation", "---", "",
         f"# {name}", "",
-        f"A Japanese GPT-2 student ({c.n_layer} layers, d={c.n_embd}, {c.n_head} heads, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters, context {c.n_positions}, vocabulary {c.vocab_size}) "
+        f"A Japanese causal LM student, {architecture(model)}, "
         "distilled with distil-ja (a CLM port of the Hugging Face distillation example).", "",
         "## Usage", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
@@ -202,7 +215,7 @@ def model_card(model, params: dict | None, perplexities: dict[str, float], eval_
         "```", "",
         "The tokenizer lowercases its input itself (the vocabulary is lowercase), prepends `<s>` and does not "
         "append `</s>`, so prompts continue as the model was trained (`<s>` document `</s>`). "
-        "Special ids: `<unk>` 0, `<s>` 1, `</s>` 2, `[PAD]` 3.", "",
+        f"Special ids (config.json): bos {c.bos_token_id}, eos {c.eos_token_id}, pad {c.pad_token_id}.", "",
     ]
     if params:
         keys = ["teacher_name", "student_config", "student_pretrained_weights", "data_file", "temperature",
@@ -241,7 +254,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    tok = export_tokenizer(tokenizer, out, model.config.n_positions)
+    tok = export_tokenizer(tokenizer, out, models.max_positions(model.config))
     if len(tok) > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tok)} tokens, the model's vocabulary {model.config.vocab_size}")
     check_tokenizer(out)

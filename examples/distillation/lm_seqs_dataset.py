@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from distil_ja.cli import DataError
+
 logger = logging.getLogger("distillation")
 
 MIN_SEQ_LEN = 12  # sequences of 11 tokens or fewer carry too little context to learn from
@@ -40,7 +42,8 @@ def split_long(seq: np.ndarray, max_len: int, ids: SpecialIds) -> list[np.ndarra
 
 
 class LmSeqsDataset(Dataset):
-    """Holds sequences that fit the model context; items are int64 arrays."""
+    """Holds sequences that fit the model context; items are integer arrays, or with an offline
+    teacher (teacher_topk) (sequence, top-k ids, top-k log-probs) tuples."""
 
     def __init__(self, sequences: list[np.ndarray], max_len: int, ids: SpecialIds = SpecialIds()):
         self.ids = ids
@@ -56,26 +59,47 @@ class LmSeqsDataset(Dataset):
         )
         self.sequences = kept
         self.lengths = np.array([len(s) for s in kept], dtype=np.int64)
+        self.teacher_topk = None
 
     @classmethod
-    def from_cache(cls, folder: Path, ids: SpecialIds = SpecialIds()) -> "LmSeqsDataset":
-        """The sequences a token_cache holds (already split and filtered), memory-mapped."""
+    def from_cache(cls, folder: Path, ids: SpecialIds = SpecialIds(), teacher_topk=None) -> "LmSeqsDataset":
+        """The sequences a token_cache holds (already split and filtered), memory-mapped; with an
+        offline teacher (teacher_logits.TopKLogits of the same sequences), its rows too."""
         from token_cache import MappedSequences
 
         dataset = cls.__new__(cls)
         dataset.ids = ids
         dataset.sequences = MappedSequences(folder)
         dataset.lengths = dataset.sequences.lengths()
+        dataset.teacher_topk = teacher_topk
+        if teacher_topk is not None and not np.array_equal(teacher_topk.lengths(), dataset.lengths):
+            raise DataError(f"{teacher_topk.folder}: its rows do not line up with the training sequences")
         return dataset
 
     def __len__(self):
         return len(self.sequences)
 
     def __getitem__(self, index):
-        return self.sequences[index]
+        if self.teacher_topk is None:
+            return self.sequences[index]
+        return (self.sequences[index], *self.teacher_topk[index])
 
-    def batch_sequences(self, batch: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad to the longest sequence: (token_ids (B, S) int64, lengths (B,) int64)."""
+    def batch_sequences(self, batch: list) -> tuple[torch.Tensor, ...]:
+        """Pad to the longest sequence: (token_ids (B, S) int64, lengths (B,) int64), and with an offline
+        teacher also (topk_ids (B, S, k) int64, topk_logprobs (B, S, k) float32), padded with 0
+        (padded positions are beyond `lengths`: masked)."""
+        if self.teacher_topk is None:
+            return self.pad_tokens(batch)
+        sequences, topk_ids, topk_logprobs = zip(*batch)
+        token_ids, lengths = self.pad_tokens(sequences)
+        shape = (*token_ids.shape, self.teacher_topk.top_k)
+        ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.float32)
+        for row, (row_ids, row_logprobs) in enumerate(zip(topk_ids, topk_logprobs)):
+            ids[row, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
+            logprobs[row, : len(row_logprobs)] = torch.from_numpy(row_logprobs.astype(np.float32))
+        return token_ids, lengths, ids, logprobs
+
+    def pad_tokens(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
         token_ids = torch.full((len(batch), int(lengths.max())), self.ids.pad, dtype=torch.long)
         for row, seq in enumerate(batch):

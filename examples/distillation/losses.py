@@ -1,59 +1,196 @@
 """Distillation loss terms, each summed over real (non-padding) positions.
 
-Every function returns a *sum* over the selected positions, not a mean: the
-distiller divides by the number of positions in the whole optimizer step
-(all micro-batches, all ranks), so the loss of a step does not depend on how
-the global batch was split between ranks and accumulation steps.
+Every term is a *sum* over the selected positions, not a mean: the distiller divides by the number
+of positions in the whole optimizer step (all micro-batches, all ranks), so the loss of a step does
+not depend on how the global batch was split between ranks and accumulation steps.
 
-Logits are gathered to the selected rows first and processed in row chunks in
-float32, so no full batch x seq x vocab float32 copy is ever made.
+Positions are selected by masking (`torch.where`), never by gathering the real rows: gathering needs
+their count on the host, a device synchronisation, and a different shape for every batch.
+
+Two paths compute the same values:
+- the plain one (`--no-fused_loss`): logits of the whole batch, then each term with autograd;
+- the fused one (`fused_logit_terms`, the default): the LM-head matmul is done chunk by chunk together
+  with the terms and their gradient (for the student's logits and the teacher's), so no
+  batch x seq x vocab tensor ever exists; backward only scales the stored gradient.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-ROW_CHUNK = 4096
+ROW_CHUNK = 4096  # rows per fp32 pass of the plain path
+FUSED_ROW_CHUNK = 1024  # rows per chunk of the fused path: 1024 x 32000 x 4 B = 131 MB per fp32 temporary
+KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+LOGIT_TERMS = ("ce", "clm", "mse")
+TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket: log(0) would make rkl and jsd infinite  # the terms computed from logits, in the order of the fused path's sums
 
 
-def _chunks(n_rows: int):
-    for start in range(0, n_rows, ROW_CHUNK):
-        yield slice(start, min(start + ROW_CHUNK, n_rows))
+@dataclass(frozen=True)
+class KdSpec:
+    """The KD objective: which divergence, at which temperature, with its mixing parameters.
+
+    Frozen (hashable), so a compiled chunk function sees it as a constant.
+    """
+
+    kind: str = "fkl"
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd: weight of the teacher in the mixture
+    skew: float = 0.1  # skew_fkl / skew_rkl: DistiLLM's alpha
 
 
-def select_rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, S, D) tensor, (B, S) bool mask -> (N, D) rows where mask is True."""
-    flat_index = mask.reshape(-1).nonzero().squeeze(1)
-    return tensor.reshape(-1, tensor.size(-1)).index_select(0, flat_index)
+# ---- the divergences: per-row values from log-probabilities (rows x K) -----------------------
 
 
-def kd_loss_sum(s_logits, t_logits, mask, temperature: float) -> torch.Tensor:
-    """Sum over masked positions of KL(teacher_T || student_T) * T^2."""
-    s_rows, t_rows = select_rows(s_logits, mask), select_rows(t_logits, mask)
+def _kl(log_p, log_q):
+    """KL(p || q) per row, with 0 log 0 = 0 (a top-k tail of zero mass)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def _mix(log_a, log_b, weight_a: float):
+    """log(weight_a * a + (1 - weight_a) * b), computed in log space (0 < weight_a < 1)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def divergence(spec: KdSpec, log_s, log_t):
+    """Per-row divergence between the student's (s) and the teacher's (t) distributions.
+
+    fkl       KL(t || s) = sum t log(t / s)                     (Hinton et al.; the upstream example's term)
+    rkl       KL(s || t) = sum s log(s / t)                     (mode-seeking; MiniLLM)
+    jsd       beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s    (generalised JSD, GKD)
+    skew_fkl  KL(t || a t + (1 - a) s)                          (DistiLLM's skew KL, a = --kd_skew)
+    skew_rkl  KL(s || a s + (1 - a) t)                          (DistiLLM's skew reverse KL)
+    tvd       1/2 sum |s - t|                                   (total variation distance)
+    """
+    kind = spec.kind
+    if kind == "fkl":
+        return _kl(log_t, log_s)
+    if kind == "rkl":
+        return _kl(log_s, log_t)
+    if kind == "jsd":
+        log_m = _mix(log_t, log_s, spec.beta)
+        return spec.beta * _kl(log_t, log_m) + (1 - spec.beta) * _kl(log_s, log_m)
+    if kind == "skew_fkl":
+        return _kl(log_t, _mix(log_t, log_s, spec.skew))
+    if kind == "skew_rkl":
+        return _kl(log_s, _mix(log_s, log_t, spec.skew))
+    if kind == "tvd":
+        return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
+    raise ValueError(f"unknown KD objective {kind!r}; one of {', '.join(KD_LOSSES)}")
+
+
+# ---- what the divergence compares: full vocabulary, or the teacher's top k plus a tail --------
+
+
+def topk_log_probs(s_logits, topk_ids, topk_logprobs, temperature: float):
+    """Student and teacher log-probabilities over k + 1 buckets: the teacher's top-k ids, and the rest.
+
+    The teacher's tail is 1 - (sum of its top-k probabilities), floored at TAIL_FLOOR and renormalised
+    with them (stored log-probabilities may round to a sum just above 1); the student's tail is its own
+    mass outside those k ids, from a logsumexp over the other ids (no cancellation in 1 - sum), floored
+    alike (it is empty when k is the whole vocabulary).
+    """
+    z = s_logits / temperature
+    log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_top = z.gather(-1, topk_ids) - log_norm
+    s_tail = torch.logsumexp(z.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True) - log_norm
+    s_tail = s_tail.clamp(min=math.log(TAIL_FLOOR))
+    t_top = topk_logprobs.float()
+    t_tail = torch.log((1 - t_top.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR))
+    t_all = torch.cat([t_top, t_tail], dim=-1)
+    return torch.cat([s_top, s_tail], dim=-1), t_all - torch.logsumexp(t_all, dim=-1, keepdim=True)
+
+
+def kd_rows(spec: KdSpec, s_logits, teacher):
+    """Per-row KD term, T^2 * divergence(student_T, teacher_T).
+
+    `teacher` is ("logits", t_logits) or ("topk", ids, log-probs at temperature T). The T^2 factor keeps
+    the gradient's scale independent of T (Hinton et al.), for every objective.
+    """
+    if teacher[0] == "logits":
+        log_s = F.log_softmax(s_logits / spec.temperature, dim=-1)
+        log_t = F.log_softmax(teacher[1] / spec.temperature, dim=-1)
+    else:
+        log_s, log_t = topk_log_probs(s_logits, teacher[1], teacher[2], spec.temperature)
+    return divergence(spec, log_s, log_t) * spec.temperature**2
+
+
+def clm_rows(s_logits, targets):
+    """Per-row next-token cross-entropy, -log softmax(s)[target]."""
+    return F.cross_entropy(s_logits, targets, reduction="none")
+
+
+def mse_rows(s_logits, t_logits):
+    """Per-row squared error between student and teacher logits, summed over the vocabulary."""
+    return ((s_logits - t_logits) ** 2).sum(-1)
+
+
+def masked_sum(rows, keep):
+    return torch.where(keep, rows, 0.0).sum()
+
+
+# ---- the plain path: whole-batch logits, autograd --------------------------------------------
+
+
+def real_mask(lengths, seq_len: int):
+    """(B, S) bool: the real (non-padding) positions of right-padded rows."""
+    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def predicted_mask(mask):
+    """(B, S) bool: real positions whose next token is real too (they have a CLM target)."""
+    return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1) & mask
+
+
+def next_tokens(input_ids):
+    """(B, S) targets of each position (the last position's is a placeholder, never counted)."""
+    return torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+
+
+def _row_chunks(n_rows: int, size: int):
+    for start in range(0, n_rows, size):
+        yield slice(start, min(start + size, n_rows))
+
+
+def kd_loss_sum(s_logits, t_logits, mask, temperature: float, spec: KdSpec | None = None, teacher_topk=None):
+    """Sum over masked positions of the KD term (default: T^2 KL(teacher_T || student_T)).
+
+    `teacher_topk` = (ids, log-probs), each (B, S, k), replaces `t_logits` for an offline teacher.
+    """
+    spec = spec or KdSpec(temperature=temperature)
+    vocab = s_logits.size(-1)
+    s_rows, keep = s_logits.reshape(-1, vocab), mask.reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
-    for rows in _chunks(s_rows.size(0)):
-        s_logp = F.log_softmax(s_rows[rows].float() / temperature, dim=-1)
-        t_logp = F.log_softmax(t_rows[rows].float() / temperature, dim=-1)
-        total = total + F.kl_div(s_logp, t_logp, reduction="sum", log_target=True)
-    return total * temperature**2
+    for rows in _row_chunks(s_rows.size(0), ROW_CHUNK):
+        if teacher_topk is None:
+            teacher = ("logits", t_logits.reshape(-1, t_logits.size(-1))[rows].float())
+        else:
+            k = teacher_topk[0].size(-1)
+            teacher = ("topk", teacher_topk[0].reshape(-1, k)[rows], teacher_topk[1].reshape(-1, k)[rows])
+        total = total + masked_sum(kd_rows(spec, s_rows[rows].float(), teacher), keep[rows])
+    return total
 
 
 def clm_loss_sum(s_logits, input_ids, mask) -> torch.Tensor:
     """Sum of next-token cross-entropy where both the position and its target are real."""
-    pred_mask = mask[:, :-1] & mask[:, 1:]
-    rows = select_rows(s_logits[:, :-1], pred_mask)
-    targets = input_ids[:, 1:][pred_mask]
+    vocab = s_logits.size(-1)
+    s_rows, targets = s_logits.reshape(-1, vocab), next_tokens(input_ids).reshape(-1)
+    keep = predicted_mask(mask).reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
-    for part in _chunks(rows.size(0)):
-        total = total + F.cross_entropy(rows[part].float(), targets[part], reduction="sum")
+    for rows in _row_chunks(s_rows.size(0), ROW_CHUNK):
+        total = total + masked_sum(clm_rows(s_rows[rows].float(), targets[rows]), keep[rows])
     return total
 
 
 def mse_loss_sum(s_logits, t_logits, mask) -> torch.Tensor:
     """Squared error between logits, summed over the vocabulary and masked positions."""
-    s_rows, t_rows = select_rows(s_logits, mask), select_rows(t_logits, mask)
+    vocab = s_logits.size(-1)
+    s_rows, t_rows, keep = s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab), mask.reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
-    for rows in _chunks(s_rows.size(0)):
-        total = total + F.mse_loss(s_rows[rows].float(), t_rows[rows].float(), reduction="sum")
+    for rows in _row_chunks(s_rows.size(0), ROW_CHUNK):
+        total = total + masked_sum(mse_rows(s_rows[rows].float(), t_rows[rows].float()), keep[rows])
     return total
 
 
@@ -64,101 +201,163 @@ def cos_loss_sum(s_hidden, t_hidden, mask) -> torch.Tensor:
             f"alpha_cos needs equal hidden sizes, got student {s_hidden.size(-1)} "
             f"and teacher {t_hidden.size(-1)}; set --alpha_cos 0.0"
         )
-    s_rows, t_rows = select_rows(s_hidden, mask).float(), select_rows(t_hidden, mask).float()
-    return (1.0 - F.cosine_similarity(s_rows, t_rows, dim=-1)).sum()
+    cos = F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)
+    return masked_sum(1.0 - cos, mask)
 
 
 def count_positions(mask: torch.Tensor) -> tuple[int, int]:
-    """(real positions, predicted positions) of a (B, S) bool mask."""
-    n_real = int(mask.sum())
-    n_pred = int((mask[:, :-1] & mask[:, 1:]).sum())
-    return n_real, n_pred
+    """(real positions, predicted positions) of a (B, S) bool mask (host ints: tests and tools only)."""
+    return int(mask.sum()), int(predicted_mask(mask).sum())
 
 
-# ---- fused KD + CE: loss and gradient in one pass over the logits ----------------------------
-
-FUSED_ROW_CHUNK = 1024  # rows of fp32 temporaries per chunk: 1024 x 32000 x 4 B = 131 MB each
+# ---- the fused path: LM-head matmul, terms and gradient, chunk by chunk -----------------------
 
 
-def fused_rows(s_rows, t_rows, targets, has_target, weights, temperature: float, want_kd: bool, want_clm: bool):
-    """fp32 math on one chunk of real rows: (KD sum, CLM sum, a*dKD/ds + b*dCLM/ds).
+def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float):
+    """fp32 math of one chunk for the forward-KL objective: (sums of KD, CLM, MSE; d(weighted sum)/ds).
 
-    `weights` is a float32 tensor [a, b] (a tensor, so a compiled version of this function does
-    not recompile when the ratio changes); `has_target` is 1.0 where the row has a real next
-    token. KD = T^2 * KL(softmax(t/T) || softmax(s/T)), whose gradient is T * (softmax(s/T) - softmax(t/T));
-    CLM = -log softmax(s)[target], whose gradient is softmax(s) - onehot(target).
+    Hand-written gradients, the formulas of the docstrings of `divergence`, `clm_rows` and `mse_rows`:
+    KD = T^2 KL(softmax(t/T) || softmax(s/T)) has gradient T (softmax(s/T) - softmax(t/T));
+    CLM = -log softmax(s)[target] has softmax(s) - onehot(target); MSE = sum (s - t)^2 has 2 (s - t).
+    `weights` = (w_kd, w_clm, w_mse), a tensor, so that a compiled version does not recompile per step;
+    a weight of exactly 0 on the host side means the term is off (its input may be None).
     """
-    s = s_rows.float()
-    kd = clm = s.new_zeros(())
+    kd = clm = mse = s.new_zeros(())
     grad = None
-    if want_kd:
+    if t is not None:
         ls_t = torch.log_softmax(s / temperature, dim=-1)
-        lt_t = torch.log_softmax(t_rows.float() / temperature, dim=-1)
+        lt_t = torch.log_softmax(t / temperature, dim=-1)
         pt = lt_t.exp()
-        kd = (pt * (lt_t - ls_t)).sum() * temperature**2
+        kd = masked_sum((pt * (lt_t - ls_t)).sum(-1), real) * temperature**2
         grad = (weights[0] * temperature) * (ls_t.exp() - pt)
-    if want_clm:
+    if targets is not None:
         ls = torch.log_softmax(s, dim=-1)
-        clm = -(ls.gather(1, targets[:, None]).squeeze(1) * has_target).sum()
-        row_w = (weights[1] * has_target)[:, None]
-        g_clm = ls.exp() * row_w
-        g_clm = g_clm.scatter_add(1, targets[:, None], -row_w)
+        clm = -masked_sum(ls.gather(1, targets[:, None]).squeeze(1), pred)
+        row_w = torch.where(pred, weights[1], 0.0)[:, None]
+        g_clm = (ls.exp() * row_w).scatter_add(1, targets[:, None], -row_w)
         grad = g_clm if grad is None else grad + g_clm
-    return kd, clm, grad
+    return kd, clm, mse, grad
 
 
-class KdClmFused(torch.autograd.Function):
-    """(KD sum, CLM sum) over real positions, with the gradient computed in the forward pass.
+def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, weights):
+    """One chunk of real rows: (KD sum, CLM sum, MSE sum, gradient of the weighted sum w.r.t. s), fp32.
 
-    The gradient w.r.t. the student logits is computed chunk by chunk while the losses are, and
-    kept in the logits' dtype, so backward needs no fp32 batch x seq x vocab tensor. One combined
-    gradient is stored, which assumes the caller's loss uses the two outputs as
-    c * (w_ce * kd_sum + w_clm * clm_sum) for some c (any scalar: world size, loss scale,
-    normalisation): `w_ce`, `w_clm` fix the ratio, backward recovers c from the incoming gradient.
+    forward KL without MSE keeps its hand-written gradient (fkl_clm_mse_rows, the default and the
+    fastest); every other combination differentiates the textbook per-row formulas with torch.func,
+    inside the chunk, so no objective needs a second, hand-derived formula.
+    """
+    if spec.kind == "fkl" and t_for_mse is None and (teacher is None or teacher[0] == "logits"):
+        kd, clm, mse, grad = fkl_clm_mse_rows(s, None if teacher is None else teacher[1], targets, real, pred,
+                                              weights, spec.temperature)
+        return kd, clm, mse, torch.where(real[:, None], grad, 0.0)
+
+    def weighted(s_):
+        zero = s_.new_zeros(())
+        kd = zero if teacher is None else masked_sum(kd_rows(spec, s_, teacher), real)
+        clm = zero if targets is None else masked_sum(clm_rows(s_, targets), pred)
+        mse = zero if t_for_mse is None else masked_sum(mse_rows(s_, t_for_mse), real)
+        return weights[0] * kd + weights[1] * clm + weights[2] * mse, (kd, clm, mse)
+
+    grad, (kd, clm, mse) = torch.func.grad(weighted, has_aux=True)(s)
+    return kd, clm, mse, torch.where(real[:, None], grad, 0.0)
+
+
+def fused_chunk(spec: KdSpec, dtype, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, targets, real, pred,
+                weights, want_kd: bool, want_clm: bool, want_mse: bool):
+    """One row chunk: logits from hidden states, the terms, and the gradients for h, w and bias.
+
+    The matmuls run in `dtype` (the autocast dtype, as the model's own LM head would) and the loss math
+    in fp32. Returns (sums (3,), grad_h, grad_w, grad_bias or None).
+    """
+    s_logits = h.to(dtype) @ w.to(dtype).t()
+    if bias is not None:
+        s_logits = s_logits + bias.to(dtype)
+    s = s_logits.float()
+    t = None
+    if t_h is not None:
+        t = t_h.to(dtype) @ t_w.to(dtype).t()
+        t = (t if t_bias is None else t + t_bias.to(dtype)).float()
+    teacher = None
+    if want_kd:
+        teacher = ("logits", t) if topk_ids is None else ("topk", topk_ids, topk_logprobs)
+    kd, clm, mse, g = logit_terms_rows(spec, s, teacher, t if want_mse else None, targets if want_clm else None,
+                                       real, pred, weights)
+    g = g.to(dtype)
+    grad_h = g @ w.to(dtype)
+    grad_w = g.t() @ h.to(dtype)
+    grad_bias = g.sum(0) if bias is not None else None
+    return torch.stack([kd, clm, mse]), grad_h, grad_w, grad_bias
+
+
+class FusedLogitTerms(torch.autograd.Function):
+    """(KD, CLM, MSE) sums over real positions from hidden states and LM heads, gradient computed in forward.
+
+    The gradients for the student's hidden states, head weight and bias are accumulated chunk by chunk
+    while the terms are computed and kept for backward (hidden-state sized, and one fp32 head-sized
+    buffer); the logits of a chunk are dropped as soon as its gradient is taken. One combined gradient
+    is stored, so the caller's loss must use the sums as c * (weights . sums) for some scalar c (world
+    size, loss scale, normalisation: anything); backward reads c off the incoming gradient of the first
+    enabled term, on the device (no host synchronisation).
     """
 
     @staticmethod
-    def forward(ctx, s_logits, t_logits, input_ids, mask, temperature, w_ce, w_clm, chunk_fn, row_chunk):
-        batch, seq, vocab = s_logits.shape
-        want_kd, want_clm = w_ce > 0, w_clm > 0
-        w_max = max(w_ce, w_clm)
-        weights = torch.tensor([w_ce / w_max, w_clm / w_max], dtype=torch.float32, device=s_logits.device)
-        flat_s = s_logits.detach().reshape(-1, vocab)
-        flat_t = t_logits.detach().reshape(-1, vocab) if want_kd else None
-        no_next = torch.zeros_like(mask[:, :1])
-        has_next = torch.cat([mask[:, :-1] & mask[:, 1:], no_next], dim=1).reshape(-1)
-        targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
-        rows = mask.reshape(-1).nonzero().squeeze(1)
-        grad = torch.zeros_like(flat_s)
-        kd_sum = clm_sum = s_logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows.numel(), row_chunk):
-            idx = rows[start : start + row_chunk]
-            kd, clm, g = chunk_fn(
-                flat_s.index_select(0, idx), flat_t.index_select(0, idx) if want_kd else None,
-                targets.index_select(0, idx), has_next.index_select(0, idx).float(), weights,
-                temperature, want_kd, want_clm,
-            )
-            kd_sum, clm_sum = kd_sum + kd, clm_sum + clm
-            grad.index_copy_(0, idx, g.to(grad.dtype))
-        ctx.grad, ctx.shape, ctx.w = grad, s_logits.shape, (w_ce, w_clm, w_max)
-        return kd_sum, clm_sum
+    def forward(ctx, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, input_ids, lengths, weights, config):
+        spec, dtype, row_chunk, chunk_fn, enabled = config
+        want_kd, want_clm, want_mse = enabled
+        batch, seq, width = h.shape
+        real = real_mask(lengths, seq)
+        pred = predicted_mask(real).reshape(-1)
+        real, targets = real.reshape(-1), next_tokens(input_ids).reshape(-1)
+        flat = h.detach().reshape(-1, width)
+        t_flat = None if t_h is None else t_h.detach().reshape(-1, t_h.size(-1))
+        if topk_ids is not None:
+            topk_ids, topk_logprobs = topk_ids.reshape(-1, topk_ids.size(-1)), topk_logprobs.reshape(-1, topk_ids.size(-1))
+        grad_h = torch.empty_like(flat)
+        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        sums = torch.zeros(3, dtype=torch.float32, device=h.device)
+        w_c, t_w_c = w.detach().to(dtype), None if t_w is None else t_w.to(dtype)  # cast once, not per chunk
+        bias_c = None if bias is None else bias.detach().to(dtype)
+        t_bias_c = None if t_bias is None else t_bias.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            for rows in _row_chunks(flat.size(0), row_chunk):
+                out, g_h, g_w, g_b = chunk_fn(
+                    spec, dtype, flat[rows], w_c, bias_c, None if t_flat is None else t_flat[rows], t_w_c, t_bias_c,
+                    None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows],
+                    targets[rows], real[rows], pred[rows], weights, want_kd, want_clm, want_mse)
+                sums += out
+                grad_h[rows] = g_h
+                grad_w += g_w
+                if g_b is not None:
+                    grad_bias += g_b
+        ctx.grads = (grad_h.view(batch, seq, width), grad_w, grad_bias)
+        ctx.first = enabled.index(True)
+        ctx.save_for_backward(weights)
+        return sums
 
     @staticmethod
-    def backward(ctx, grad_kd, grad_clm):
-        w_ce, w_clm, w_max = ctx.w
-        c = grad_kd / w_ce if w_ce > 0 else grad_clm / w_clm
-        grad = ctx.grad.mul_(float(c) * w_max).view(ctx.shape)  # one sync per micro-batch; exact scale
-        del ctx.grad
-        return grad, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_sums):
+        (weights,) = ctx.saved_tensors
+        c = grad_sums[ctx.first] / weights[ctx.first]
+        grad_h, grad_w, grad_bias = (None if g is None else g.mul_(c.to(g.dtype)) for g in ctx.grads)
+        del ctx.grads
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None, None, None
 
 
-def kd_clm_loss_sums(s_logits, t_logits, input_ids, mask, temperature: float, w_ce: float, w_clm: float,
-                     chunk_fn=fused_rows, row_chunk: int = FUSED_ROW_CHUNK):
-    """Fused kd_loss_sum and clm_loss_sum (same values); see KdClmFused for how the weights are used.
+def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpec, t_h=None, t_head=None,
+                      teacher_topk=None, dtype=torch.float32, chunk_fn=fused_chunk, row_chunk=FUSED_ROW_CHUNK):
+    """(KD, CLM, MSE) sums of a micro-batch from final hidden states, without B x S x V logits.
 
-    Set w_ce (or w_clm) to 0 to skip that term (it is then returned as 0).
+    h: the student's final hidden states (B, S, d); head: (weight (V, d), bias or None) of its LM head.
+    t_h, t_head: the same for the teacher (its weight cut to the student's V rows), or None; teacher_topk:
+    (ids, log-probs), each (B, S, k), of an offline teacher instead. weights: float32 tensor (3,), the
+    loss weights of the terms (see FusedLogitTerms for how the caller must use them); enabled: three host
+    booleans saying which terms are on (an off term is returned as 0).
     """
-    if w_ce <= 0 and w_clm <= 0:
-        raise ValueError("kd_clm_loss_sums needs w_ce > 0 or w_clm > 0")
-    return KdClmFused.apply(s_logits, t_logits, input_ids, mask, float(temperature), float(w_ce), float(w_clm),
-                            chunk_fn, row_chunk)
+    if not any(enabled):
+        raise ValueError("fused_logit_terms needs at least one term")
+    t_w, t_bias = t_head if t_head is not None else (None, None)
+    ids, logprobs = teacher_topk if teacher_topk is not None else (None, None)
+    config = (spec, dtype, row_chunk, chunk_fn, tuple(bool(e) for e in enabled))
+    return FusedLogitTerms.apply(h, head[0], head[1], t_h, t_w, t_bias, ids, logprobs, input_ids, lengths,
+                                 weights, config)

@@ -4,9 +4,10 @@ The rule (README, "Scaling"):
 - Every node sees rank 0's folder (a shared file system, the same --dump_path): rank 0 writes
   everything, as on one node; every process adds its own `rank{R}.pt` to each checkpoint.
 - A node that does not see rank 0's folder (its own disk, or its own --dump_path): that node's first
-  process writes the node's copy of what its processes read back, that is parameters.json, the token
-  cache and each checkpoint's training_state.pt (the student is the same on every rank under DDP),
-  beside the node's own `rank{R}.pt`. --resume and torchrun's --max-restarts then work on every node.
+  process writes the node's copy of what its processes read back, that is parameters.json (and
+  teacher_logits.json), the token cache and each checkpoint's training_state.pt (the student is the
+  same on every rank under DDP), beside the node's own `rank{R}.pt`. --resume and torchrun's
+  --max-restarts then work on every node.
   What people read (the final student, tokenizer, metrics.jsonl, tensorboard, eval_results.json,
   git_log.json) is written once, in rank 0's folder.
 - The processes of one node share one folder; anything else is refused in one line.

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data_prep.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from distil_ja import shards
 from distil_ja.cli import DataError, UsageError, first_line
+from models import max_positions
 
 logger = logging.getLogger("distillation.evaluate")
 
@@ -115,15 +116,6 @@ def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, i
         prev_end, begin = end, begin + stride
 
 
-def model_max_length(model) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_window(max_length: int, stride: int) -> None:
     if max_length < 2:
         raise UsageError(f"--max_length must be >= 2, got {max_length}")
@@ -142,7 +134,7 @@ def perplexity(model, sequences, max_length: int | None = None, stride: int | No
     right-padded (causal attention: real positions never see the padding). The model's
     train/eval mode is restored afterwards.
     """
-    limit = model_max_length(model)
+    limit = max_positions(model.config)
     if max_length is None:
         max_length = limit or 1024
     if limit is not None and max_length > limit:

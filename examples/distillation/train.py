@@ -1,12 +1,13 @@
-"""Distil a GPT-2 teacher into a GPT-2 student (or train the student alone with --alpha_clm only).
+"""Distil a causal-LM teacher into a small student (or train the student alone with --alpha_clm only).
 
     torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4 --data_file DIR \
         --student_config CONFIG.json --teacher_name TEACHER
 
 The flags and their defaults (the recommended recipe) are in config.py; the loop in distiller.py.
-This file checks everything that can be checked (flags, dump path, tokenizer, models, data)
-before anything on disk changes, then trains. Exit status (distil_ja.cli): 0 done, 1 bad data,
-2 bad arguments or models, 3 training stopped (non-finite losses).
+Teacher and student may be of any causal-LM family (models.py), different ones too, as long
+as they share the tokenizer. This file checks everything that can be checked (flags, dump path,
+tokenizer, models, data) before anything on disk changes, then trains. Exit status
+(distil_ja.cli): 0 done, 1 bad data, 2 bad arguments or models, 3 training stopped (non-finite losses).
 """
 
 import json
@@ -22,7 +23,8 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from config import RESUMABLE_CHANGES, parse_config, saved_settings  # noqa: E402
+import teacher_logits  # noqa: E402
+from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
 from data_prep.tokenization import load_tokenizer, resolve_spiece, sha256_file  # noqa: E402
 from distil_ja import fileio, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
@@ -35,6 +37,7 @@ from token_cache import write_cache  # noqa: E402
 from utils import DumpPathLock, Runtime, git_log, init_distributed, logger, raise_first_error, set_seed, setup_logging  # noqa: E402
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
+TEACHER_LOGITS = "teacher_logits.json"  # in dump_path: the manifest of --teacher_logits, for --resume to compare
 
 
 def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
@@ -109,20 +112,23 @@ def load_student(params):
     student = models.build_student(config, params.student_type, params.student_pretrained_weights)
     if params.student_pretrained_weights is not None:
         logger.info("Student initialised from %s", params.student_pretrained_weights)
+    if params.freeze_pos_embs and models.position_embeddings(student) is None:
+        raise UsageError(f"--freeze_pos_embs: the {config.model_type!r} student has no learned position embeddings "
+                         "(its positions are rotary or fixed)")
+    models.check_split_forward(student, "student")
     return student
 
 
 def load_teacher(params):
-    """The frozen teacher (None without --teacher_name), held in the autocast dtype under bf16/fp16."""
+    """The frozen teacher (None without --teacher_name), read straight into the autocast dtype under
+    bf16/fp16 (a multi-billion-parameter teacher never exists in float32 in memory)."""
     if params.teacher_name is None:
         return None
-    teacher = models.load_pretrained(params.teacher_name, params.teacher_type, "teacher")
+    dtype = amp_dtype(params.precision) or torch.float32
+    teacher = models.load_pretrained(params.teacher_name, params.teacher_type, "teacher", dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    if params.precision == "bf16":
-        teacher.to(torch.bfloat16)
-    elif params.precision == "fp16":
-        teacher.to(torch.float16)
+    models.check_split_forward(teacher, "teacher")
     return teacher
 
 
@@ -141,13 +147,29 @@ def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, sequ
         if config.vocab_size < vocab_size:
             raise UsageError(f"{who} vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
         for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
-            if getattr(config, name, None) != expected:
+            if not models.special_id_agrees(getattr(config, name, None), expected):
                 raise UsageError(f"{who} config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
-    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
-        raise UsageError(f"student vocab_size {student.config.vocab_size} != teacher's {teacher.config.vocab_size}")
+    if teacher is not None:
+        check_shared_vocabulary(student.config.vocab_size, teacher.config.vocab_size, vocab_size)
     max_id = max((int(s.max()) for s in sequences if len(s)), default=-1)
     if max_id >= student.config.vocab_size:
         raise DataError(f"the data holds token id {max_id}, beyond the model vocabulary ({student.config.vocab_size})")
+
+
+def check_shared_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_size: int) -> None:
+    """tokenizer <= student <= teacher vocab_size (the first is checked for both models above).
+
+    A teacher whose embedding matrix is padded beyond the tokenizer (32,000 -> 32,128 for faster
+    matmuls) distils as it is: its rows from the student's vocab_size on are never a token of the
+    data (the student's vocab_size is at least the tokenizer's), and the distiller drops their
+    logits. A student with more rows than the teacher has ids the teacher cannot score.
+    """
+    if student_vocab > teacher_vocab:
+        raise UsageError(f"student vocab_size {student_vocab} > teacher's {teacher_vocab}: teacher and student "
+                         "must share the tokenizer")
+    if teacher_vocab > student_vocab:
+        logger.info("The teacher's vocabulary is padded to %d rows: its logits from %d on (beyond the tokenizer's %d "
+                    "tokens) are dropped", teacher_vocab, student_vocab, tokenizer_size)
 
 
 def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_source: str) -> None:
@@ -189,16 +211,46 @@ def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
         logger.warning("No spiece.model saved with the student (%s)", err)
 
 
+def context_length(student, teacher) -> int:
+    """The longest training sequence: the shorter context of the two models (longer data is split)."""
+    limits = [models.max_positions(m.config) for m in (student, teacher) if m is not None]
+    limits = [n for n in limits if n is not None]
+    if not limits:
+        raise UsageError(f"no model config names a context length ({', '.join(models.POSITION_LIMITS)})")
+    return min(limits)
+
+
+def open_teacher_logits(params, tokenizer, tokenizer_source: str, ids: SpecialIds, student):
+    """--teacher_logits, memory-mapped, once checked against this run: temperature, tokenizer, student
+    context, and on --resume the dump the run started from. None without it."""
+    if params.teacher_logits is None:
+        return None
+    manifest = teacher_logits.load_manifest(params.teacher_logits)
+    teacher_logits.check_training(manifest, params.teacher_logits, temperature=params.temperature,
+                                  tokenizer=teacher_logits.tokenizer_identity(tokenizer, tokenizer_source, ids),
+                                  student_context=models.max_positions(student.config))
+    saved = Path(params.dump_path) / TEACHER_LOGITS
+    if params.resume and saved.is_file():
+        teacher_logits.check_same_dump(json.loads(saved.read_text()), manifest, params.teacher_logits)
+    return teacher_logits.TopKLogits(params.teacher_logits, manifest)
+
+
 def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids: SpecialIds, student,
-                 teacher) -> LmSeqsDataset | DataError | UsageError:
-    """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it."""
+                 teacher, topk=None) -> LmSeqsDataset | DataError | UsageError:
+    """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it.
+    With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from."""
     try:
         sequences, manifest = shards.load_sequences(params.data_file)
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
-        max_len = min(m.config.n_positions for m in (student, teacher) if m is not None)
+        if topk is not None:  # the dump's cut (open_teacher_logits: within the student's context)
+            max_len = topk.manifest["max_len"]
+        else:
+            max_len = context_length(student, teacher)
         dataset = LmSeqsDataset(sequences, max_len, ids)
+        if topk is not None:
+            teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
         if len(dataset) < world_size:
@@ -230,7 +282,8 @@ def train(params) -> None:
     logger.info("Precision %s, compile %s, %d DataLoader worker(s) per process", params.precision,
                 "on" if params.compile else "off", params.num_workers)
 
-    tokenizer_source = params.tokenizer_name or params.teacher_name
+    tokenizer_source = params.tokenizer_name or params.teacher_name or \
+        str(Path(params.teacher_logits) / teacher_logits.TOKENIZER)
     try:
         tokenizer = load_tokenizer(tokenizer_source)
     except (OSError, ValueError) as err:
@@ -238,9 +291,10 @@ def train(params) -> None:
     ids = special_ids_of(tokenizer)
     teacher = load_teacher(params)
     student = load_student(params)
+    topk = open_teacher_logits(params, tokenizer, tokenizer_source, ids, student)
     dataset = None
     if runtime.is_master:
-        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
+        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
     if params.shard_teacher:
@@ -251,19 +305,23 @@ def train(params) -> None:
     with lock:  # checked above before anything on disk changes; locked from here
         cache = Path(params.dump_path) / TOKEN_CACHE
         if runtime.writes_node_copy:  # a node with a folder of its own reads the data itself
-            dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher)
+            dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher,
+                                   topk)
         raise_first_error(dataset if isinstance(dataset, Exception) else None)
-        if runtime.writes_training_state:
+        if runtime.writes_training_state:  # what a resume on this node reads back
             fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
             write_cache(cache, dataset.sequences)
+            if topk is not None:
+                fileio.write_json(Path(params.dump_path) / TEACHER_LOGITS, topk.manifest)
         if runtime.is_master:
             git_log(params.dump_path)
             save_tokenizer(tokenizer, tokenizer_source, params.dump_path)
         if runtime.is_distributed:
             torch.distributed.barrier()
-        dataset = LmSeqsDataset.from_cache(cache, ids)  # every rank of a node maps one file: one copy in memory
+        dataset = LmSeqsDataset.from_cache(cache, ids, topk)  # every rank of a node maps one file: one copy in memory
         check_same_sequences(dataset.lengths, runtime)
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
+                    f"offline, top {topk.top_k} from {params.teacher_logits}" if topk is not None else
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
         distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
         if params.resume and not distiller.resume():

@@ -4,6 +4,13 @@ The Distiller hands each optimizer step's loss sums and position counts to a Tra
 `log_interval` steps the window is reduced over the ranks, divided by its position counts (the
 same normalisation as the loss), written, and reset. The window is part of a checkpoint
 (state_dict), so a resumed run logs exactly what an uninterrupted one does.
+
+Each metrics.jsonl line and each evaluation carries `tokens_seen` (the Distiller's count: real tokens
+of every step so far, all ranks), so that runs with other batch shapes share one axis (plots.py draws
+them; `read_records` reads them back).
+
+Nothing here reads the device per step: a step's sums and counts are added on the device, and read
+when a line is written.
 """
 
 import json
@@ -16,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distil_ja import fileio
+from distil_ja.cli import DataError
 
 logger = logging.getLogger("distillation")
 
@@ -25,10 +33,12 @@ EVAL_RESULTS = "eval_results.json"
 
 
 class TrainingLog:
-    def __init__(self, dump_path, runtime, alphas: dict[str, float]):
+    def __init__(self, dump_path, runtime, alphas: dict[str, float], plots: bool = False):
         self.dump_path = Path(dump_path)
         self.runtime = runtime
         self.alphas = alphas
+        # DUMP_PATH/curves.png at each evaluation and at the end (--plots, rank 0 draws).
+        self.plots = plots and runtime.is_master
         self.writer = None
         if runtime.is_master:
             from tensorboardX import SummaryWriter
@@ -40,20 +50,18 @@ class TrainingLog:
         device = self.runtime.device
         self.sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # this rank's, unreduced
         self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (real, predicted), global
-        self.tokens = 0  # real tokens of every rank
         self.slots = self.real = 0  # this rank's positions with and without padding
         self.start = time.perf_counter()
 
     # ---- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_tokens": self.tokens,
-                "log_slots": self.slots, "log_real": self.real}
+        return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_slots": self.slots,
+                "log_real": self.real}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["log_sums"].to(self.runtime.device)
         self.counts = state["log_counts"].to(self.runtime.device)
-        self.tokens = state["log_tokens"]
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
 
     def truncate_metrics(self, step: int) -> None:
@@ -71,8 +79,8 @@ class TrainingLog:
 
     @property
     def empty(self) -> bool:
-        """No optimizer step since the last log line (skipped steps do not count)."""
-        return self.tokens == 0
+        """No optimizer step since the last log line (skipped steps do not count). Reads the device."""
+        return bool(self.counts[0] == 0)
 
     # ---- accumulation -------------------------------------------------------------------
 
@@ -84,11 +92,11 @@ class TrainingLog:
     def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor) -> None:
         self.sums += step_sums
         self.counts += counts
-        self.tokens += int(counts[0])
 
     # ---- writing ------------------------------------------------------------------------
 
-    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int) -> None:
+    def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int,
+              tokens_seen: int) -> None:
         """Reduce, write and reset the window (collective: every rank calls it)."""
         sums = self.sums.clone()
         if self.runtime.is_distributed:
@@ -97,7 +105,7 @@ class TrainingLog:
         terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real)
                  for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
-        tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.counts[0].item() / max(time.perf_counter() - self.start, 1e-9)  # real tokens, all ranks
         if self.writer is not None:
             scalars = {**{f"losses/{k}": v for k, v in terms.items()}, "global/lr": lr,
                        "global/tokens_per_s": tokens_per_s, "global/skipped_steps": skipped,
@@ -108,7 +116,8 @@ class TrainingLog:
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:
             with open(self.dump_path / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, **terms, "skipped_steps": skipped}) + "\n")
+                f.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **terms,
+                                    "skipped_steps": skipped}) + "\n")
             logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
                         " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, tokens_per_s)
         self.reset()
@@ -121,6 +130,7 @@ class TrainingLog:
             self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
         if self.runtime.is_master:
             fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "history": history})
+        self.plot()
 
     def padding_fraction(self) -> float:
         """Share of padding in this rank's micro-batches since the last log line."""
@@ -132,6 +142,54 @@ class TrainingLog:
             return torch.cuda.max_memory_allocated(device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
+    def plot(self) -> None:
+        """Redraw DUMP_PATH/curves.png from the files just written (when self.plots).
+
+        Without matplotlib (the GPU machine has none) the run warns once and goes on without plots.
+        """
+        if not self.plots:
+            return
+        import plots  # here, not at the top: plots reads what this module writes, and imports it
+
+        try:
+            plots.write_plot([self.dump_path], self.dump_path / plots.PLOT_FILE)
+        except (plots.PlotsUnavailable, DataError) as err:
+            logger.warning("No plots for this run: %s", err)
+            self.plots = False
+
     def close(self) -> None:
+        self.plot()
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(dump_path) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl lines and evaluations (eval_results.json's history), as written above.
+
+    A folder holding neither file is not a run: DataError, one line naming it.
+    """
+    dump_path = Path(dump_path)
+    metrics_file, eval_file = dump_path / METRICS, dump_path / EVAL_RESULTS
+    if not dump_path.is_dir():
+        raise DataError(f"{dump_path} is not a folder")
+    if not metrics_file.is_file() and not eval_file.is_file():
+        raise DataError(f"{dump_path} is not a training run: it holds neither {METRICS} nor {EVAL_RESULTS}")
+    metrics = []
+    if metrics_file.is_file():
+        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
+            if line.strip():
+                metrics.append(parse_json(line, f"{metrics_file}, line {number}"))
+    evaluations = []
+    if eval_file.is_file():
+        last = parse_json(eval_file.read_text(), str(eval_file))
+        if not isinstance(last, dict):
+            raise DataError(f"{eval_file} holds no evaluation record")
+        evaluations = last.get("history", [last])  # a file without history holds one evaluation
+    return metrics, evaluations
+
+
+def parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where} is not valid JSON ({err.msg})") from err

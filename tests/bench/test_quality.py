@@ -1,5 +1,6 @@
 """bench/quality.py: the raw text -> tokenizer -> teacher -> three students -> perplexity chain."""
 
+import importlib.util
 import json
 import lzma
 import math
@@ -12,6 +13,16 @@ import pytest
 from helpers import REPO
 
 QUALITY = REPO / "bench" / "quality.py"
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = load_quality()
 
 
 def path_of(text: str) -> Path:
@@ -59,9 +70,31 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path):
     table = (out / "results-default.md").read_text()
     for name in runs:
         assert f"| {name} |" in table
-    assert "ppl ÷ teacher" in table and "tensorboard" in table
+    assert "ppl ÷ teacher" in table and "tensorboard" in table and "tokens to no-KD ppl" in table
     assert (tmp_path / "report" / "results-default.json").is_file()
     assert (tmp_path / "report" / "kd" / "log").is_dir()
+
+    # every student was scored during training (smoke: every 2 of its 6 steps), on the dev set
+    histories = {n: json.loads((path_of(runs[n]["path"]) / "eval_results.json").read_text())["history"]
+                 for n in ("no_kd", "kd", "kd_init")}
+    assert all([h["step"] for h in history] == [2, 4, 6] for history in histories.values())
+    assert all(h["tokens"] == result["dev_tokens"] for history in histories.values() for h in history)
+    # token efficiency from those curves, against the reference function; no_kd reaches its own final at 1.0
+    for name in ("no_kd", "kd", "kd_init"):
+        efficiency = runs[name]["token_efficiency"]
+        assert efficiency["target_perplexity"] == histories["no_kd"][-1]["perplexity"]
+        assert efficiency["budget_tokens"] == histories["no_kd"][-1]["tokens_seen"] == runs["no_kd"]["tokens_seen"]
+        reached = reference_tokens_to_reach(histories[name], efficiency["target_perplexity"])
+        assert efficiency["tokens"] == (None if reached is None else pytest.approx(reached))
+        assert f"| {quality.efficiency_cell(efficiency)} |" in table.split(f"| {name} |")[1].splitlines()[0]
+    assert runs["no_kd"]["token_efficiency"]["fraction"] == pytest.approx(1.0)
+    assert "token_efficiency" not in runs["teacher"]
+    # the students' curves: a PNG shown by the report, copied with it
+    png = path_of(result["curves"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({png.name})" in table
+    assert (tmp_path / "report" / png.name).read_bytes() == png.read_bytes()
+    assert (tmp_path / "report" / "kd" / "curves.png").is_file()  # train.py's own picture of the run
     assert not (out / "text").exists()  # derived text is deleted once binarized
 
 
@@ -84,6 +117,12 @@ def test_dry_run_gpu_size_commands(tmp_path):
     assert all("--learning_rate 0.002" in line for line in kd)  # --kd_lr: the distilled students only
     assert sum("--learning_rate 0.001 " in line for line in lines) == 2  # the teacher (gpu size) and no_kd
     assert "evaluate.py" in proc.stdout and "--bf16" in proc.stdout.split("evaluate.py")[1]
+    # the re-sized budget: a longer teacher; students scored on the dev set every 200 of their 1,200 steps
+    teacher = next(line for line in no_teacher if "teacher.json" in line)
+    assert "--max_steps 4200" in teacher and "--eval_data" not in teacher
+    students = [line for line in lines if line is not teacher]
+    assert all("--max_steps 1200" in line and "--eval_interval 200" in line for line in students)
+    assert all(f"--eval_data {tmp_path / 'q' / 'data' / 'dev'}" in line for line in students)
 
 
 def test_missing_corpora_and_bad_arguments_exit_2(tmp_path):
@@ -93,3 +132,82 @@ def test_missing_corpora_and_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and "--recipe" in proc.stderr
     proc = run_quality("--size", "smoke", "--runs", "kd,other", "--out_dir", tmp_path / "q", timeout=60)
     assert proc.returncode == 2 and "--runs" in proc.stderr
+
+
+# ---- token efficiency --------------------------------------------------------------------------
+
+def reference_tokens_to_reach(history, target):
+    """Written out again for the tests: the first evaluation at or below target; before it, the log
+    perplexity on the straight line between the two evaluations around the crossing."""
+    for i, h in enumerate(history):
+        if h["perplexity"] <= target:
+            if i == 0:
+                return h["tokens_seen"]
+            a, b = history[i - 1], h
+            fraction = math.log(a["perplexity"] / target) / math.log(a["perplexity"] / b["perplexity"])
+            return a["tokens_seen"] + fraction * (b["tokens_seen"] - a["tokens_seen"])
+    return None
+
+
+def curve(*points):
+    return [{"step": i + 1, "tokens_seen": t, "perplexity": p} for i, (t, p) in enumerate(points)]
+
+
+def test_tokens_to_reach_interpolates_in_log_perplexity():
+    history = curve((100, 800.0), (200, 400.0), (300, 100.0))
+    # 200 lies halfway between 400 and 100 in log: half of the way from 200 to 300 tokens
+    assert quality.tokens_to_reach(history, 200.0) == (pytest.approx(250.0), True)
+    assert quality.tokens_to_reach(history, 400.0) == (200, True)  # reached exactly at an evaluation
+    assert quality.tokens_to_reach(history, 900.0) == (100, False)  # reached by the first: an upper bound
+    assert quality.tokens_to_reach(history, 50.0) is None  # never reached
+    assert quality.tokens_to_reach([{"step": 1, "perplexity": 5.0}], 9.0) is None  # recorded without tokens_seen
+
+
+def test_token_efficiency_is_a_fraction_of_the_no_kd_budget():
+    histories = {"no_kd": curve((100, 900.0), (200, 600.0), (400, 300.0)),
+                 "kd": curve((100, 600.0), (200, 200.0), (400, 150.0)),
+                 "kd_init": curve((100, 250.0), (200, 120.0), (400, 100.0)),
+                 "weak": curve((100, 950.0), (200, 700.0), (400, 500.0))}
+    result = quality.token_efficiency(histories)
+    expected = {"no_kd": 400.0, "kd": reference_tokens_to_reach(histories["kd"], 300.0), "kd_init": 100, "weak": None}
+    for name, tokens in expected.items():
+        assert result[name]["target_perplexity"] == 300.0 and result[name]["budget_tokens"] == 400
+        assert result[name]["tokens"] == (None if tokens is None else pytest.approx(tokens))
+    assert result["kd"]["fraction"] == pytest.approx(expected["kd"] / 400) and 0.25 < result["kd"]["fraction"] < 0.5
+    assert [quality.efficiency_cell(result[n]) for n in expected] == \
+        ["1.00", f"{expected['kd'] / 400:.2f}", "≤ 0.25", "not reached"]
+    assert quality.efficiency_cell(None) == "–"
+    assert quality.token_efficiency({"kd": histories["kd"]}) == {}  # no baseline, no efficiency
+
+
+def write_student(folder, history):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": h["step"], "tokens_seen": h["tokens_seen"], "clm": 7.0 / h["step"]}) + "\n" for h in history))
+    (folder / "eval_results.json").write_text(json.dumps({**history[-1], "history": history}))
+    return folder
+
+
+def test_report_without_matplotlib_says_the_plot_was_skipped(tmp_path, monkeypatch):
+    """The GPU machine has no matplotlib: the numbers are all there, the picture is named as skipped."""
+    students = [("no_kd", write_student(tmp_path / "no_kd", curve((10, 900.0), (20, 500.0)))),
+                ("kd", write_student(tmp_path / "kd", curve((10, 700.0), (20, 300.0))))]
+    (tmp_path / "curves-t.png").write_bytes(b"an older picture")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    curves = quality.students_curves(tmp_path, "t", students)
+    assert curves["png"] is None and curves["note"].startswith("plot skipped: matplotlib cannot be imported")
+    assert not (tmp_path / "curves-t.png").exists()
+    assert curves["token_efficiency"]["kd"]["fraction"] == pytest.approx(
+        reference_tokens_to_reach(curve((10, 700.0), (20, 300.0)), 500.0) / 20)
+    text = quality.report_markdown({"title": "T", "notes": "N", "curves": None, "curves_note": curves["note"]}, "|t|")
+    assert text.endswith(f"\n\nTraining curves: {curves['note']}.\n") and "pip install matplotlib" in text
+
+
+def test_report_with_matplotlib_shows_the_picture(tmp_path):
+    students = [("no_kd", write_student(tmp_path / "no_kd", curve((10, 900.0), (20, 500.0))))]
+    curves = quality.students_curves(tmp_path, "t", students)
+    png = path_of(curves["png"])
+    assert png == tmp_path / "curves-t.png" and png.read_bytes()[:4] == b"\x89PNG" and curves["note"] == ""
+    text = quality.report_markdown({"title": "T", "notes": "N", "curves": curves["png"], "curves_note": ""}, "|t|")
+    assert text.endswith("(curves-t.png)\n")

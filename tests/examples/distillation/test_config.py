@@ -40,7 +40,7 @@ def test_required_flags_alone_give_the_recipe_on_the_cpu():
     assert params.precision == "fp32"
     assert params.compile is False and params.num_workers == 0
     assert not hasattr(params, "bf16") and not hasattr(params, "fp16")
-    assert params.student_type == params.teacher_type == "gpt2"
+    assert params.student_type == params.teacher_type == "auto"
 
 
 def fake_cuda(monkeypatch, bf16: bool):

@@ -240,3 +240,42 @@ def test_ddp_syncs_gradients_only_on_the_last_micro_batch(make_distiller, proces
         made.optimize_step(micro_batches(made, [2, 2, 2, 2], start=8 * step))
     assert under_no_sync == [True, True, True, False] * 2
     assert reduced_on and sorted(set(reduced_on)) == [3, 7]
+
+
+# ---- no host-device synchronisation inside a step ------------------------------------------------
+
+class HostSync(AssertionError):
+    pass
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-fused_loss",), ("--kd_loss", "jsd"), ("--precision", "fp16")])
+def test_optimize_step_never_reads_a_tensor_on_the_host(make_distiller, monkeypatch, flags):
+    """Every way of reading a tensor's value on the host (what blocks the CPU until the GPU is done) raises
+    inside optimize_step; on the CPU this catches what on CUDA would be a synchronisation. The step must
+    still run, skip a non-finite update and give the same terms as with the reads allowed."""
+    made = make_distiller(1, "--gradient_accumulation_steps", "2", *flags)
+    window = micro_batches(made, [3, 2])
+    made.optimize_step(window)  # the first step builds the optimizer state (not what this checks)
+    second = micro_batches(made, [2, 3], start=5)
+
+    def refuse(*args, **kwargs):
+        raise HostSync("a tensor was read on the host inside optimize_step")
+
+    with monkeypatch.context() as patch:
+        # transformers >= 5 looks for packed sequences in the position ids of every eager forward without a
+        # mask (one read of the device; traced away under torch.compile, the default on a GPU). Our rows are
+        # never packed: stub it with the answer it gives them, so that everything else stays checked.
+        import transformers.masking_utils as masking_utils
+
+        if hasattr(masking_utils, "find_packed_sequence_indices"):
+            patch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+            patch.setattr(torch.Tensor, name, refuse)
+        with pytest.raises(HostSync):
+            bool(torch.ones(()))  # the patch is in force
+        terms = made.optimize_step(second)
+    assert made.n_steps == 2 and len(made.pending) == 2
+    made.settle(made.n_steps)
+    assert made.n_skipped == 0
+    assert made.tokens_seen == sum(int(lengths.sum()) for _, lengths in window + second)
+    assert all(torch.isfinite(v) for v in terms.values())

@@ -103,7 +103,8 @@ def test_cli_output_feeds_train_py(tiny_setup, tmp_path):
     proc = run_extract("--teacher", tiny_setup["teacher"], "--student_config", config, "--layers", "1",
                        "--dump_checkpoint", out)
     assert proc.returncode == 0, proc.stderr
-    params = argparse.Namespace(student_type="gpt2", student_config=str(config), student_pretrained_weights=str(out))
+    params = argparse.Namespace(student_type="gpt2", student_config=str(config), student_pretrained_weights=str(out),
+                                freeze_pos_embs=False)
     student = train.load_student(params)
     teacher = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"])
     assert torch.equal(student.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[1].mlp.c_fc.weight)
@@ -112,7 +113,7 @@ def test_cli_output_feeds_train_py(tiny_setup, tmp_path):
 
 
 @pytest.mark.parametrize("config_kwargs, layers, message", [
-    ({"n_layer": 1, "n_embd": 64}, None, "n_embd differs"),
+    ({"n_layer": 1, "n_embd": 64}, None, "hidden_size differs"),
     ({"n_layer": 2}, "0,5", "outside the teacher"),
     ({"n_layer": 2}, "0", "1 layer(s) chosen for a 2-layer student"),
     ({"n_layer": 2}, "a,b", "comma-separated"),

@@ -1,5 +1,5 @@
-"""models.py: a model of another family is refused in one line everywhere a model is loaded;
-configs, state-dict files and training checkpoints load with every key accounted for."""
+"""models.py: a model of another family than the one named is refused in one line everywhere a model
+is loaded; configs, state-dict files and training checkpoints load with every key accounted for."""
 
 import importlib.util
 import json
@@ -45,21 +45,29 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, key, what", [
-    ("--teacher_name", "dir", "teacher"),
-    ("--student_config", "config", "student config"),
-    ("--student_pretrained_weights", "dir", "--student_pretrained_weights"),
+@pytest.mark.parametrize("flag, key, what, expected", [
+    ("--teacher_name", "dir", "teacher", "but 'gpt2' was asked for"),
+    ("--student_config", "config", "student config", "but 'gpt2' was asked for"),
+    ("--student_pretrained_weights", "dir", "--student_pretrained_weights", "the student config is a 'gpt2' one"),
 ])
-def test_train_refuses_another_family(tiny_setup, llama, tmp_path, capsys, flag, key, what):
-    args = train_args(tiny_setup, tmp_path / "run")
+def test_train_refuses_another_family_than_named(tiny_setup, llama, tmp_path, capsys, flag, key, what, expected):
+    args = train_args(tiny_setup, tmp_path / "run", "--student_type", "gpt2", "--teacher_type", "gpt2")
     if flag in args:
         args[args.index(flag) + 1] = str(llama[key])
     else:
         args += [flag, str(llama[key])]
     assert train.main(args) == EXIT_USAGE
     line = one_error_line(capsys)
-    assert what in line and "is a 'llama' model" in line and "'gpt2' models only" in line
+    assert what in line and "is a 'llama' model" in line and expected in line
     assert not (tmp_path / "run").exists()
+
+
+def test_student_weights_of_another_family_are_refused_under_auto(tiny_setup, llama, tmp_path, capsys):
+    """auto takes the family from the student config; weights of another family would load as random."""
+    args = train_args(tiny_setup, tmp_path / "run", "--student_pretrained_weights", str(llama["dir"]))
+    assert train.main(args) == EXIT_USAGE
+    line = one_error_line(capsys)
+    assert "is a 'llama' model, but the student config is a 'gpt2' one" in line
 
 
 def test_transformers_alone_would_load_the_llama_teacher_as_a_random_gpt2(llama):
@@ -86,8 +94,13 @@ def test_extract_refuses_another_family(tiny_setup, llama, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_export_refuses_another_family(tiny_setup, llama, tmp_path, capsys):
-    code = export.main(["--checkpoint", str(llama["dir"]), "--tokenizer", str(tiny_setup["tokenizer"]),
+def test_export_refuses_another_family_than_the_run_named(tiny_setup, llama, tmp_path, capsys):
+    import shutil
+
+    dump = tmp_path / "dump"
+    shutil.copytree(llama["dir"], dump)
+    (dump / "parameters.json").write_text(json.dumps({"student_type": "gpt2"}))
+    code = export.main(["--checkpoint", str(dump), "--tokenizer", str(tiny_setup["tokenizer"]),
                         "--output_dir", str(tmp_path / "out")])
     assert code == EXIT_USAGE and "is a 'llama' model" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -100,9 +113,20 @@ def test_config_without_model_type_is_read_as_the_family(tmp_path):
     path.write_text(json.dumps(data))
     config = models.load_config(path, "gpt2")
     assert (config.model_type, config.n_layer, config.n_embd) == ("gpt2", 3, 48)
+    with pytest.raises(UsageError, match="names no model_type"):
+        models.load_config(path, "auto")
     path.write_text("[1, 2]")
     with pytest.raises(UsageError, match="unreadable student config"):
         models.load_config(path, "gpt2")
+
+
+def test_a_config_that_is_no_causal_lm_is_refused(tmp_path):
+    from transformers import T5Config
+
+    path = tmp_path / "t5.json"
+    path.write_text(json.dumps(T5Config(d_model=32).to_dict()))
+    with pytest.raises(UsageError, match="is a 't5' model, which is not a causal LM"):
+        models.load_config(path, "auto")
 
 
 def test_state_dict_files_and_training_checkpoints(tmp_path):

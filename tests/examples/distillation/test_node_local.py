@@ -23,7 +23,7 @@ def claimed(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, REPO / "examples" / "distillation"))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(WORKER), str(folder)], capture_output=True, text=True, env=env,
+                           free_port(), str(WORKER), str(folder)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder, [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

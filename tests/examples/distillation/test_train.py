@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from helpers import REPO, TRAIN_PY, assert_same_weights, read_scalars, train_args, weights
+from helpers import REPO, TRAIN_PY, assert_same_weights, free_port, read_scalars, train_args, weights
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE
 
 
@@ -158,7 +158,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
 def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
     train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

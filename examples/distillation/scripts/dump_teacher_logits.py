@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Run a teacher once over the training sequences and keep its top-k log-probabilities: an offline teacher.
+
+    python examples/distillation/scripts/dump_teacher_logits.py --teacher rinna/japanese-gpt2-medium \
+        --data_file data/binarized --output_dir data/teacher-top64 --top_k 64 --n_gpu 1
+    torchrun --nproc_per_node 4 examples/distillation/scripts/dump_teacher_logits.py --n_gpu 4 ...
+    python examples/distillation/train.py --teacher_logits data/teacher-top64 --alpha_cos 0 ...
+
+The sequences are exactly those train.py trains on: the --data_file shards, cut to --max_len (default:
+the teacher's context; train.py uses the dump's, and refuses a student with a shorter context) and
+filtered by the same code. Under torchrun each rank dumps a contiguous share of them into its own shard,
+and rank 0 writes the manifest last. The format is described in teacher_logits.py; the tokenizer is
+--tokenizer_name (default: the teacher's), saved into the output folder for train.py.
+
+Exit status: 0 done, 1 bad data, 2 bad arguments or models.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the repo root and examples/distillation importable (never on import)
+    sys.path[:0] = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[1])]
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+import teacher_logits  # noqa: E402
+from config import PRECISIONS, amp_dtype, resolve_precision  # noqa: E402
+from data_prep.tokenization import load_tokenizer  # noqa: E402
+from distil_ja import shards  # noqa: E402
+from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
+from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402
+from token_cache import write_cache  # noqa: E402
+from train import attempt, check_manifest, save_tokenizer, special_ids_of  # noqa: E402
+from utils import init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="Teacher causal LM: hub name or folder (any family).")
+    parser.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or folder (default: the teacher's).")
+    parser.add_argument("--data_file", nargs="+", required=True,
+                        help="What train.py's --data_file will be: a binarize.py output directory or .pickle shards.")
+    parser.add_argument("--output_dir", required=True, help="The dump (train.py --teacher_logits).")
+    parser.add_argument("--force", action="store_true", help="Delete an existing --output_dir first.")
+    parser.add_argument("--top_k", type=int, default=64, help="Token ids (and log-probabilities) kept per position.")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="Of the teacher's softmax; train.py must use the same --temperature.")
+    parser.add_argument("--max_len", type=int, default=None,
+                        help="Cut sequences to this many tokens, as train.py does (default: the teacher's context).")
+    parser.add_argument("--logprobs_dtype", choices=teacher_logits.LOGPROB_DTYPES, default="float16",
+                        help="float16 (rounded down; 2 bytes) or float32 (4 bytes) per log-probability.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Sequences per teacher forward, per process.")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="The teacher's dtype: auto (bf16 on a GPU that has it, else fp32), bf16, fp16, fp32.")
+    parser.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 runs on the CPU.")
+    return parser
+
+
+def check_arguments(args) -> None:
+    for name in ("top_k", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.temperature <= 0:
+        raise UsageError("--temperature must be > 0")
+    if args.max_len is not None and args.max_len < MIN_SEQ_LEN:
+        raise UsageError(f"--max_len must be >= {MIN_SEQ_LEN} (shorter sequences are dropped)")
+    if args.n_gpu < 0:
+        raise UsageError("--n_gpu must be >= 0")
+
+
+def check_output_dir(folder: Path, force: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output_dir {folder} is a file")
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise UsageError(f"{folder} exists and is not empty; pass --force to overwrite it")
+
+
+def load_teacher(args, ids, vocab_size: int, runtime):
+    """The frozen teacher in its dtype on this rank's device, its identity (rank 0) and the max_len."""
+    teacher = models.load_causal_lm(args.teacher, "teacher")
+    max_len = teacher_logits.check_teacher(teacher.config, ids, vocab_size, args.top_k, args.max_len)
+    identity = teacher_logits.teacher_identity(teacher, args.teacher) if runtime.is_master else None
+    teacher.requires_grad_(False)
+    teacher.eval()
+    dtype = amp_dtype(args.precision)
+    if dtype is not None:
+        teacher.to(dtype)
+    teacher.to(runtime.device)
+    return teacher, identity, max_len
+
+
+def load_sequences(args, tokenizer, source: str, ids, max_len: int):
+    """Rank 0: the sequences train.py trains on with this max_len, and the binarize manifest; returns
+    the error instead of raising it (every rank raises it)."""
+    try:
+        sequences, binarized = shards.load_sequences(args.data_file)
+        if binarized is not None:
+            check_manifest(binarized, ids, len(tokenizer), source)
+        dataset = LmSeqsDataset(sequences, max_len, ids)
+        if len(dataset) == 0:
+            raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
+        max_id = max(int(s.max()) for s in dataset.sequences)
+        if max_id >= len(tokenizer):
+            raise DataError(f"the data holds token id {max_id}, beyond the tokenizer's {len(tokenizer)} ids")
+        return dataset, binarized
+    except (DataError, UsageError) as err:
+        return err
+
+
+def prepare_output(folder: Path, force: bool, dataset, tokenizer, source: str) -> None:
+    """Rank 0, once everything is checked: empty the folder (--force), then the sequences and the tokenizer."""
+    if force and folder.exists():
+        logger.info("--force: deleting %s", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_cache(folder / teacher_logits.SEQUENCES, dataset.sequences)
+    save_tokenizer(tokenizer, source, str(folder / teacher_logits.TOKENIZER))
+
+
+def gather(entry: dict) -> list[dict]:
+    if not torch.distributed.is_initialized():
+        return [entry]
+    entries = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(entries, entry)
+    return entries
+
+
+def dump(args, runtime) -> None:
+    folder = Path(args.output_dir)
+    raise_first_error(attempt(lambda: check_output_dir(folder, args.force)))
+    source = args.tokenizer_name or args.teacher
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load tokenizer {source!r}: {first_line(err)}") from err
+    ids = special_ids_of(tokenizer)
+    teacher, identity, max_len = load_teacher(args, ids, len(tokenizer), runtime)
+
+    loaded = load_sequences(args, tokenizer, source, ids, max_len) if runtime.is_master else None
+    raise_first_error(loaded if isinstance(loaded, Exception) else None)
+    if runtime.is_master:
+        dataset, binarized = loaded
+        sequences_sha256 = teacher_logits.sequences_sha256(dataset.sequences)
+        prepare_output(folder, args.force, dataset, tokenizer, source)
+    if runtime.is_distributed:
+        torch.distributed.barrier()  # the sequences are on disk before any rank maps them
+    dataset = LmSeqsDataset.from_cache(folder / teacher_logits.SEQUENCES, ids)
+
+    settings = teacher_logits.DumpSettings(args.top_k, args.temperature, len(tokenizer), args.batch_size,
+                                           args.logprobs_dtype)
+    offsets = teacher_logits.offsets_of(dataset.lengths)
+    start, end = teacher_logits.rank_slice(offsets, args.batch_size, runtime.world_size, runtime.global_rank)
+    logger.info("Teacher %s (%s) on %s: top %d at temperature %g of %d sequences (%d tokens, max_len %d) over %d "
+                "process(es)", args.teacher, args.precision, runtime.device, args.top_k, args.temperature,
+                len(dataset), int(offsets[-1]), max_len, runtime.world_size)
+    t0 = time.perf_counter()
+    entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
+                                      runtime.device, progress=runtime.is_master)
+    entries = gather(entry)  # also waits for the slowest rank
+    seconds = time.perf_counter() - t0
+    if not runtime.is_master:
+        return
+    tokens = int(offsets[-1])
+    row_bytes = sum(e[k]["bytes"] for e in entries if e["sequences"] for k in ("ids", "logprobs"))
+    teacher_logits.write_manifest(folder, {
+        "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,
+        "sequences": len(dataset), "tokens": tokens, "sequences_sha256": sequences_sha256,
+        "ids_dtype": shards.dtype_for_vocab(len(tokenizer)).name, "logprobs_dtype": args.logprobs_dtype,
+        "logprobs_rounding": "down" if args.logprobs_dtype == "float16" else "none",
+        "precision": args.precision, "tokenizer": teacher_logits.tokenizer_identity(tokenizer, source, ids),
+        "teacher": identity, "data": teacher_logits.data_identity(args.data_file, binarized),
+        "world_size": runtime.world_size, "shards": [e for e in entries if e["sequences"]],
+        "bytes_per_token": row_bytes / tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    })
+    logger.info("Dumped %d tokens in %.1f s: %.0f tokens/s, %.1f bytes/token (top-%d ids %s, log-probs %s) in %s",
+                tokens, seconds, tokens / seconds, row_bytes / tokens, args.top_k,
+                shards.dtype_for_vocab(len(tokenizer)).name, args.logprobs_dtype, folder)
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    args.precision = resolve_precision(args.precision, False, False, args.n_gpu)
+    runtime = init_distributed(args.n_gpu)
+    setup_logging(runtime.global_rank)
+    try:
+        dump(args, runtime)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    setup_logging(int(os.environ.get("RANK", 0)))
+    return run_command(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,414 @@
+"""An offline teacher: its top-k next-token log-probabilities, computed once, read memory-mapped.
+
+`scripts/dump_teacher_logits.py` runs the teacher over exactly the sequences train.py trains on (the
+shards cut to max_len and filtered by LmSeqsDataset) and writes one folder:
+
+    manifest.json              written last, atomically, by rank 0: a folder without one is incomplete;
+                               what the rows are (top_k, temperature, max_len, dtypes) and what they
+                               are tied to: the sequences (count, tokens, sequences_sha256), the
+                               tokenizer, the teacher (weights_sha256), the data, the shards
+    sequences/                 the sequences, in token_cache.py's format (tokens.npy, offsets.npy):
+                               sequence i has rows offsets[i] .. offsets[i+1] of the arrays below
+    tokenizer/                 the tokenizer of the ids (train.py's default with --teacher_logits)
+    shard-RRRRR.ids.npy        (rows, k) the top-k token ids, most probable first: uint16 below
+                               65,536 ids (shards.dtype_for_vocab), else int32
+    shard-RRRRR.logprobs.npy   (rows, k) their log-probabilities: float16 rounded down (default),
+                               or float32
+
+Row j of a sequence is the teacher's distribution at position j, softmax(logits_j / T), which predicts
+token j + 1 (the last row predicts past </s>; the loss decides what to use). It is taken over the first
+len(tokenizer) ids only: a teacher whose embedding matrix is padded beyond its tokenizer has those
+extra logits dropped and the rest renormalised. Rank r of the dump writes shard r: the contiguous
+sequences [first_sequence, first_sequence + sequences) of the manifest's entry.
+
+Why float16, rounded towards -inf: 2 bytes instead of 4 per value (k = 64: 256 instead of 384 bytes a
+token). Its relative error, 2^-11, is under the teacher's own when it runs in bf16 (2^-8), and rounding
+down makes every stored probability at most the true one, so the tail mass 1 - sum(exp(top-k)) that
+the loss derives is never negative (it is over-estimated by at most about 1e-3 x the entropy, in nats).
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+from data_prep.tokenization import resolve_spiece, sha256_file
+from distil_ja import fileio, shards
+from distil_ja.cli import DataError, UsageError, first_line
+from token_cache import OFFSETS
+
+FORMAT = "distil-ja/teacher-topk/v1"
+MANIFEST = "manifest.json"
+SEQUENCES = "sequences"
+TOKENIZER = "tokenizer"
+LOGPROB_DTYPES = ("float16", "float32")
+SORT_WINDOW = 16  # batches: sorted by length together (less padding), and never split between ranks
+
+
+# ---- identities: what a dump is tied to -----------------------------------------------------
+
+
+def sequences_sha256(sequences) -> str:
+    """sha256 of the lengths (int64) then the tokens (int32), little-endian: the same for the same
+    sequences whatever their arrays' dtype (uint16 shards, a widened cache) or container."""
+    h = hashlib.sha256()
+    h.update(np.fromiter((len(s) for s in sequences), dtype="<i8", count=len(sequences)))
+    for seq in sequences:
+        h.update(np.ascontiguousarray(seq, dtype="<i4"))
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer, source, ids) -> dict:
+    """binarize.py's manifest fields for a tokenizer, vocab_size being len(tokenizer): the ids kept.
+
+    spiece_sha256 is None for a tokenizer without a sentencepiece model; vocab_sha256 (the
+    piece-to-id table) then tells tokenizers apart.
+    """
+    try:
+        spiece = sha256_file(resolve_spiece(str(source)))
+    except (OSError, UsageError):
+        spiece = None
+    table = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=False)
+    return {"name": str(source), "vocab_size": len(tokenizer), "special_ids": dataclasses.asdict(ids),
+            "spiece_sha256": spiece, "vocab_sha256": hashlib.sha256(table.encode()).hexdigest()}
+
+
+def context_of(config) -> int | None:
+    """A model's context in tokens, whatever its family calls it."""
+    return models.max_positions(config)
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the state dict as loaded (sorted names; each name, dtype, shape and bytes): ties the
+    logits to these weights, not just to an architecture (two fine-tunes share a config)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def teacher_identity(model, name) -> dict:
+    config = model.config
+    return {"name": str(name), "model_type": config.model_type, "vocab_size": config.vocab_size,
+            "context": context_of(config), "bos_token_id": getattr(config, "bos_token_id", None),
+            "eos_token_id": getattr(config, "eos_token_id", None), "weights_sha256": weights_sha256(model)}
+
+
+def data_identity(data_files, binarized: dict | None) -> dict:
+    """Where the sequences came from: the --data_file values, and the binarize manifest's tokenizer
+    and shard list (files, sizes, sha256) when they name a binarized directory."""
+    identity = {"data_file": [str(f) for f in data_files]}
+    if binarized is not None:
+        identity |= {"tokenizer": binarized.get("tokenizer"), "shards": binarized.get("shards")}
+    return identity
+
+
+# ---- checks --------------------------------------------------------------------------------
+
+
+def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None) -> int:
+    """Refuse a teacher that does not fit the tokenizer or the flags; returns the max_len to cut at
+    (default: the teacher's context)."""
+    if config.vocab_size < vocab_size:
+        raise UsageError(f"teacher vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
+    for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
+        if not models.special_id_agrees(getattr(config, name, None), expected):
+            raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
+    if top_k > vocab_size:
+        raise UsageError(f"--top_k {top_k} exceeds the tokenizer's {vocab_size} ids")
+    context = context_of(config)
+    if max_len is None:
+        if context is None:
+            raise UsageError("the teacher's config gives no context length: pass --max_len")
+        return context
+    if context is not None and max_len > context:
+        raise UsageError(f"--max_len {max_len} exceeds the teacher's context ({context})")
+    return max_len
+
+
+def check_tokenizer(recorded: dict, current: dict, folder) -> None:
+    """The run's tokenizer must be the dump's (spiece_sha256 compared when both have one, else
+    vocab_sha256)."""
+    keys = ["vocab_size", "special_ids"]
+    keys.append("spiece_sha256" if recorded.get("spiece_sha256") and current.get("spiece_sha256") else "vocab_sha256")
+    for key in keys:
+        if recorded.get(key) != current.get(key):
+            raise UsageError(f"{folder} was dumped with another tokenizer than {current['name']!r} "
+                             f"({key} {short(recorded.get(key))} vs {short(current.get(key))})")
+
+
+def check_training(manifest: dict, folder, *, temperature: float, tokenizer: dict, student_context: int) -> None:
+    """What train.py refuses before it loads the data: another temperature, tokenizer or context."""
+    if temperature != manifest["temperature"]:
+        raise UsageError(f"--temperature {temperature:g}, but {folder} holds the teacher's top {manifest['top_k']} at "
+                         f"temperature {manifest['temperature']:g}: its tail mass at another temperature cannot be "
+                         f"recovered; pass --temperature {manifest['temperature']:g} or dump again")
+    check_tokenizer(manifest["tokenizer"], tokenizer, folder)
+    if student_context < manifest["max_len"]:
+        raise UsageError(f"the student's context ({student_context}) is shorter than the max_len "
+                         f"{manifest['max_len']} of {folder}, whose sequences are cut to it: dump again with "
+                         f"--max_len {student_context}")
+
+
+def check_sequences(manifest: dict, folder, sequences) -> None:
+    """The training sequences (after cutting and filtering) must be the dump's, token for token."""
+    found = {"sequences": len(sequences), "tokens": int(sum(len(s) for s in sequences))}
+    found["sequences_sha256"] = sequences_sha256(sequences)
+    if any(found[k] != manifest[k] for k in found):
+        raise DataError(f"--data_file gives {found['sequences']} sequences, {found['tokens']} tokens (sha256 "
+                        f"{short(found['sequences_sha256'])}) cut to max_len {manifest['max_len']}, but {folder} was "
+                        f"dumped from {manifest['sequences']} sequences, {manifest['tokens']} tokens (sha256 "
+                        f"{short(manifest['sequences_sha256'])}): not the same data")
+
+
+IDENTITY = ("teacher", "tokenizer", "sequences_sha256", "top_k", "temperature", "max_len", "precision",
+            "logprobs_dtype", "dump_id")
+
+
+def check_same_dump(saved: dict, manifest: dict, folder) -> None:
+    """A resumed run must read the dump it started with (saved in its dump path): another teacher,
+    or even the same one dumped again (bf16 rows may differ in their last bits), would break exact resume."""
+    for key in IDENTITY:
+        old, new = saved.get(key), manifest.get(key)
+        if old != new:
+            raise UsageError(f"cannot resume: {folder} is no longer the dump this run started from ({key} "
+                             f"{describe(key, old)}, now {describe(key, new)}); resume with that dump, or start afresh")
+
+
+def describe(key: str, value) -> str:
+    """A manifest value in one short phrase: a teacher or tokenizer by name and hash."""
+    if key in ("teacher", "tokenizer") and isinstance(value, dict):
+        digest = value.get("weights_sha256") or value.get("spiece_sha256") or value.get("vocab_sha256")
+        return f"{value.get('name')!r} ({short(digest)})"
+    return short(value)
+
+
+def short(value) -> str:
+    """Hashes cut to 12 characters in messages; other values as repr."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "…"
+    return repr(value)
+
+
+# ---- computing and writing ------------------------------------------------------------------
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """Where each sequence's rows start (and, last, the total): token_cache.py's offsets."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def rank_slice(offsets: np.ndarray, batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The contiguous sequences [start, end) that `rank` dumps: whole sort windows, about the same
+    number of tokens per rank. Windows (hence batches) do not depend on the world size, so any
+    number of ranks computes the very same batches and writes the same rows."""
+    n, total = len(offsets) - 1, int(offsets[-1])
+    bounds = np.arange(0, n, batch_size * SORT_WINDOW)
+    owners = np.minimum(offsets[bounds] * world_size // max(total, 1), world_size - 1)
+    bounds = np.append(bounds, n)
+    return int(bounds[np.searchsorted(owners, rank)]), int(bounds[np.searchsorted(owners, rank + 1)])
+
+
+def window_batches(lengths: np.ndarray, start: int, end: int, batch_size: int) -> list[np.ndarray]:
+    """The batches of the window [start, end): longest first (out of memory, if at all, at once)."""
+    order = start + np.argsort(-lengths[start:end], kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int, top_k: int,
+                  temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row of a right-padded batch, the (ids, log-probs) of the top k at its real positions.
+
+    Right padding and causal attention leave the real positions untouched, so no attention mask
+    (as in training). log_softmax runs in fp32 row by row: one (S, V) copy at a time.
+    """
+    logits = model(input_ids=token_ids, use_cache=False).logits
+    rows = []
+    for row, length in enumerate(lengths.tolist()):
+        logprobs = torch.log_softmax(logits[row, :length, :vocab_size].float() / temperature, dim=-1)
+        values, indices = logprobs.topk(top_k, dim=-1)
+        rows.append((indices.cpu(), values.cpu()))
+    return rows
+
+
+def stored_logprobs(logprobs: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 log-probs in the storage dtype; float16 rounded towards -inf, so that no stored
+    probability exceeds the true one (the tail mass 1 - sum stays >= 0)."""
+    if dtype == "float32":
+        return logprobs.astype(np.float32, copy=False)
+    half = logprobs.astype(np.float16)
+    up = half.astype(np.float32) > logprobs
+    half[up] = np.nextafter(half[up], np.float16(-np.inf))
+    return half
+
+
+class _NpyStream:
+    """One .npy file written front to back (header, then row blocks), atomically, hashed on the way."""
+
+    def __init__(self, stack: contextlib.ExitStack, path: Path, dtype: np.dtype, shape: tuple):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.file = stack.enter_context(fileio.atomic_open(path, "wb"))
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self, header)
+
+    def write(self, data) -> None:
+        data = data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=self.dtype).tobytes()
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self.file.write(data)
+
+    def entry(self) -> dict:
+        return {"file": self.path.name, "bytes": self.bytes, "sha256": self.sha256.hexdigest()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpSettings:
+    top_k: int
+    temperature: float
+    vocab_size: int  # the ids kept: len(tokenizer)
+    batch_size: int
+    logprobs_dtype: str = "float16"
+
+
+def shard_files(rank: int) -> tuple[str, str]:
+    return f"shard-{rank:05d}.ids.npy", f"shard-{rank:05d}.logprobs.npy"
+
+
+def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
+               device: torch.device, progress: bool = True) -> dict:
+    """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
+    its own pad_tokens, as in training). Returns its manifest entry.
+
+    Each sort window is computed whole, then its rows are appended in sequence order: the files are
+    written front to back, and at most one window of rows is held in memory.
+    """
+    folder = Path(folder)
+    offsets = offsets_of(dataset.lengths)
+    rows = int(offsets[end] - offsets[start])
+    entry = {"rank": rank, "first_sequence": start, "sequences": end - start, "tokens": rows}
+    if rows == 0:
+        return entry
+    ids_dtype = shards.dtype_for_vocab(settings.vocab_size)
+    shape = (rows, settings.top_k)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack, tqdm(total=rows, unit="tok", unit_scale=True, desc=f"Rank {rank}",
+                                               disable=not progress) as bar:
+        ids_file, logprobs_file = (_NpyStream(stack, folder / name, dtype, shape)
+                                   for name, dtype in zip(shard_files(rank), (ids_dtype, settings.logprobs_dtype)))
+        window = settings.batch_size * SORT_WINDOW
+        for w_start in range(start, end, window):
+            w_end = min(w_start + window, end)
+            base = offsets[w_start]
+            ids = np.empty((offsets[w_end] - base, settings.top_k), dtype=ids_dtype)
+            logprobs = np.empty(ids.shape, dtype=np.float32)
+            for batch in window_batches(dataset.lengths, w_start, w_end, settings.batch_size):
+                token_ids, lengths = dataset.pad_tokens([dataset.sequences[i] for i in batch])
+                results = topk_logprobs(model, token_ids.to(device), lengths, settings.vocab_size,
+                                        settings.top_k, settings.temperature)
+                for i, (top_ids, top_logprobs) in zip(batch, results):
+                    a, b = offsets[i] - base, offsets[i + 1] - base
+                    ids[a:b] = top_ids.numpy()
+                    logprobs[a:b] = top_logprobs.numpy()
+                bar.update(int(lengths.sum()))
+            ids_file.write(ids)
+            logprobs_file.write(stored_logprobs(logprobs, settings.logprobs_dtype))
+    return entry | {"ids": ids_file.entry(), "logprobs": logprobs_file.entry(), "seconds": time.perf_counter() - t0}
+
+
+def write_manifest(folder, manifest: dict) -> dict:
+    """The manifest, last and atomically: its presence marks a complete dump."""
+    written = {"format": FORMAT, **{k: v for k, v in manifest.items() if k != "format"}}
+    fileio.write_json(Path(folder) / MANIFEST, written)
+    return written
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def load_manifest(folder) -> dict:
+    """The manifest of a dump (DataError when missing, unreadable or foreign)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{folder} has no {MANIFEST}: not a dump_teacher_logits.py output, or an incomplete one")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable manifest ({first_line(err)})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _open_rows(path: Path, shape: tuple, dtype: str) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: missing or unreadable shard ({first_line(err)})") from err
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        raise DataError(f"{path}: {array.shape} {array.dtype}, the manifest says {shape} {dtype} (replaced or damaged)")
+    return array
+
+
+class TopKLogits:
+    """A dump, memory-mapped read-only: item i is (top-k ids, log-probs) of sequence i, (L_i, k) each.
+
+    Every rank and DataLoader worker maps the same files: the rows sit once in the page cache.
+    Opening checks that the shards are those of the manifest and cover every sequence (DataError).
+    """
+
+    def __init__(self, folder, manifest: dict | None = None):
+        self.folder = Path(folder)
+        self.manifest = manifest if manifest is not None else load_manifest(folder)
+        self.top_k = self.manifest["top_k"]
+        self.temperature = self.manifest["temperature"]  # of softmax(logits / T) that the rows hold
+        self.vocab_size = self.manifest["tokenizer"]["vocab_size"]  # the ids the teacher's softmax ran over
+        offsets_path = self.folder / SEQUENCES / OFFSETS
+        try:
+            self.offsets = np.load(offsets_path)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{offsets_path}: missing or unreadable ({first_line(err)})") from err
+        if len(self.offsets) != self.manifest["sequences"] + 1 or self.offsets[-1] != self.manifest["tokens"]:
+            raise DataError(f"{offsets_path}: {len(self.offsets) - 1} sequences, {self.offsets[-1]} tokens; "
+                            f"the manifest says {self.manifest['sequences']}, {self.manifest['tokens']}")
+        self.first, self.ids, self.logprobs = [], [], []
+        covered = 0
+        for entry in sorted(self.manifest["shards"], key=lambda e: e["first_sequence"]):
+            if entry["first_sequence"] != covered:
+                raise DataError(f"{self.folder}: no shard holds sequence {covered} (the manifest's shards leave a gap)")
+            covered += entry["sequences"]
+            rows = int(self.offsets[covered] - self.offsets[entry["first_sequence"]])
+            self.first.append(entry["first_sequence"])
+            self.ids.append(_open_rows(self.folder / entry["ids"]["file"], (rows, self.top_k),
+                                       self.manifest["ids_dtype"]))
+            self.logprobs.append(_open_rows(self.folder / entry["logprobs"]["file"], (rows, self.top_k),
+                                            self.manifest["logprobs_dtype"]))
+        if covered != self.manifest["sequences"]:
+            raise DataError(f"{self.folder}: the shards hold {covered} of {self.manifest['sequences']} sequences")
+        self.first = np.array(self.first, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index) -> tuple[np.ndarray, np.ndarray]:
+        shard = int(np.searchsorted(self.first, index, side="right")) - 1
+        base = self.offsets[self.first[shard]]
+        a, b = self.offsets[index] - base, self.offsets[index + 1] - base
+        return self.ids[shard][a:b], self.logprobs[shard][a:b]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)

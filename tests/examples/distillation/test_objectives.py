@@ -1,0 +1,176 @@
+"""The KD objectives (--kd_loss) against their textbook formulas, written here again in float64 from
+probabilities (not log-probabilities), differentiated by autograd: values and gradients of the plain path
+(whole logits) and of the fused path (hidden states and LM head, chunk by chunk), padding included, for the
+full teacher distribution and for an offline teacher's top k plus a tail bucket."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+from losses import KD_LOSSES, KdSpec, fused_logit_terms, kd_loss_sum
+
+B, S, D, V, K = 2, 7, 5, 17, 4
+LENGTHS = [7, 3]
+TEMPERATURE = 1.7  # not 1, so that a missing T or T^2 shows
+BETA, SKEW = 0.3, 0.2
+
+
+def textbook(kind, p_s, p_t):
+    """Divergence per row from probabilities, the formulas as papers write them."""
+    if kind == "fkl":
+        return (p_t * (p_t / p_s).log()).sum(-1)
+    if kind == "rkl":
+        return (p_s * (p_s / p_t).log()).sum(-1)
+    if kind == "jsd":
+        m = BETA * p_t + (1 - BETA) * p_s
+        return BETA * (p_t * (p_t / m).log()).sum(-1) + (1 - BETA) * (p_s * (p_s / m).log()).sum(-1)
+    if kind == "skew_fkl":
+        m = SKEW * p_t + (1 - SKEW) * p_s
+        return (p_t * (p_t / m).log()).sum(-1)
+    if kind == "skew_rkl":
+        m = SKEW * p_s + (1 - SKEW) * p_t
+        return (p_s * (p_s / m).log()).sum(-1)
+    assert kind == "tvd"
+    return 0.5 * (p_s - p_t).abs().sum(-1)
+
+
+def buckets(p, ids):
+    """(B, S, K + 1): the probabilities of the ids, then everything else."""
+    top = p.gather(-1, ids)
+    return torch.cat([top, 1 - top.sum(-1, keepdim=True)], dim=-1)
+
+
+def reference(kind, s_logits, t_logits, lengths, topk=False):
+    """Sum over real positions of T^2 * divergence, float64 (padding rows are never computed)."""
+    real = losses.real_mask(lengths, S)
+    p_s = torch.softmax(s_logits[real].double() / TEMPERATURE, dim=-1)
+    p_t = torch.softmax(t_logits[real].double() / TEMPERATURE, dim=-1)
+    if topk:
+        ids = p_t.topk(K, dim=-1).indices
+        p_s, p_t = buckets(p_s, ids), buckets(p_t, ids)
+    return (textbook(kind, p_s, p_t) * TEMPERATURE**2).sum()
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, t_h = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+    w, t_w = torch.randn(V, D, generator=g) * 0.8, torch.randn(V, D, generator=g) * 0.8
+    ids = torch.randint(0, V, (B, S), generator=g)
+    lengths = torch.tensor(LENGTHS)
+    pad = ~losses.real_mask(lengths, S)
+    h[pad], t_h[pad] = 30.0, -30.0  # padding must not count, whatever it holds
+    return h, w, t_h, t_w, ids, lengths
+
+
+def offline_topk(t_h, t_w):
+    """What dump_teacher_logits stores: the top-k ids and their log-probabilities at the temperature."""
+    logp = torch.log_softmax(F.linear(t_h, t_w) / TEMPERATURE, dim=-1)
+    top = logp.topk(K, dim=-1)
+    return top.indices, top.values
+
+
+def spec(kind):
+    return KdSpec(kind, TEMPERATURE, BETA, SKEW)
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_plain_path_is_the_textbook_value_and_gradient(kind, topk):
+    h, w, t_h, t_w, ids, lengths = data()
+    s_logits = F.linear(h, w).detach().requires_grad_(True)
+    t_logits = F.linear(t_h, t_w)
+    mask = losses.real_mask(lengths, S)
+    got = kd_loss_sum(s_logits, None if topk else t_logits, mask, TEMPERATURE, spec(kind),
+                      teacher_topk=offline_topk(t_h, t_w) if topk else None)
+    got.backward()
+    s64 = s_logits.detach().double().requires_grad_(True)
+    want = reference(kind, s64, t_logits, lengths, topk)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s_logits.grad, s64.grad.float(), rtol=1e-4, atol=1e-6)
+    assert s_logits.grad[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_fused_path_is_the_textbook_value_and_gradient(kind, topk):
+    """Gradients for the hidden states and the head weight, with CLM on beside KD (their weights combine)."""
+    h, w, t_h, t_w, ids, lengths = data(1)
+    weights = torch.tensor([0.7, 0.2, 0.0])
+    h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    sums = fused_logit_terms(h_, (w_, None), ids, lengths, weights, (True, True, False), spec(kind),
+                             t_h=None if topk else t_h, t_head=None if topk else (t_w, None),
+                             teacher_topk=offline_topk(t_h, t_w) if topk else None, row_chunk=3)
+    (2.0 * (weights * sums).sum()).backward()
+
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    s64 = F.linear(h64, w64)
+    kd = reference(kind, s64, F.linear(t_h, t_w).double(), lengths, topk)
+    pred = losses.predicted_mask(losses.real_mask(lengths, S))
+    clm = F.cross_entropy(s64[:, :-1][pred[:, :-1]], ids[:, 1:][pred[:, :-1]], reduction="sum")
+    (2.0 * (0.7 * kd + 0.2 * clm)).backward()
+    assert sums[0].item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
+    assert sums[1].item() == pytest.approx(clm.item(), rel=1e-5)
+    torch.testing.assert_close(h_.grad, h64.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_.grad, w64.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_bf16_fused_path_within_the_stated_tolerance(kind):
+    """bf16 matmuls, fp32 loss math. Stated tolerance against float64: the value within 2e-2 relative, every
+    gradient entry within 2e-2 of the largest gradient entry (bf16 keeps 8 bits of mantissa)."""
+    h, w, t_h, t_w, ids, lengths = data(2)
+    weights = torch.tensor([1.0, 0.0, 0.0])
+    h_ = h.clone().requires_grad_(True)
+    sums = fused_logit_terms(h_, (w, None), ids, lengths, weights, (True, False, False), spec(kind),
+                             t_h=t_h, t_head=(t_w.bfloat16(), None), dtype=torch.bfloat16)
+    sums[0].backward()
+    h64 = h.double().requires_grad_(True)
+    want = reference(kind, F.linear(h64, w.double()), F.linear(t_h, t_w).double(), lengths)
+    want.backward()
+    assert sums[0].item() == pytest.approx(want.item(), rel=2e-2, abs=1e-3)
+    scale = h64.grad.abs().max().item()
+    assert (h_.grad.double() - h64.grad).abs().max().item() <= 2e-2 * scale
+
+
+def test_fkl_keeps_the_previous_formulas_bit_for_bit():
+    """The default objective's chunk math is the one before --kd_loss existed: its KD value and gradient,
+    restated here as that code had them, equal it exactly."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, V, generator=g) * 3, torch.randn(6, V, generator=g) * 3
+    targets = torch.randint(0, V, (6,), generator=g)
+    real = torch.ones(6, dtype=torch.bool)
+    pred = torch.tensor([True] * 5 + [False])
+    weights = torch.tensor([0.3, 0.45, 0.0])
+    kd, clm, _, grad = losses.fkl_clm_mse_rows(s, t, targets, real, pred, weights, TEMPERATURE)
+
+    ls_t, lt_t = torch.log_softmax(s / TEMPERATURE, dim=-1), torch.log_softmax(t / TEMPERATURE, dim=-1)
+    pt = lt_t.exp()
+    old_grad = (weights[0] * TEMPERATURE) * (ls_t.exp() - pt)
+    ls = torch.log_softmax(s, dim=-1)
+    row_w = (weights[1] * pred.float())[:, None]
+    old_grad = old_grad + (ls.exp() * row_w).scatter_add(1, targets[:, None], -row_w)
+    assert torch.equal(grad, old_grad)
+    assert kd.item() == pytest.approx(((pt * (lt_t - ls_t)).sum() * TEMPERATURE**2).item(), rel=1e-6)
+
+
+def test_topk_with_every_id_is_the_full_objective():
+    """k = V leaves an empty tail on both sides: the top-k term is then the full-vocabulary term."""
+    h, w, t_h, t_w, ids, lengths = data(4)
+    s_logits, t_logits = F.linear(h, w), F.linear(t_h, t_w)
+    logp = torch.log_softmax(t_logits / TEMPERATURE, dim=-1)
+    every = logp.topk(V, dim=-1)
+    mask = losses.real_mask(lengths, S)
+    for kind in KD_LOSSES:
+        full = kd_loss_sum(s_logits, t_logits, mask, TEMPERATURE, spec(kind))
+        top = kd_loss_sum(s_logits, None, mask, TEMPERATURE, spec(kind), teacher_topk=(every.indices, every.values))
+        assert top.item() == pytest.approx(full.item(), rel=1e-4, abs=1e-5), kind
+
+
+def test_identical_distributions_give_zero():
+    h, w, t_h, t_w, ids, lengths = data(5)
+    s_logits = F.linear(h, w)
+    mask = losses.real_mask(lengths, S)
+    for kind in KD_LOSSES:
+        assert abs(kd_loss_sum(s_logits, s_logits, mask, TEMPERATURE, spec(kind)).item()) < 1e-5, kind
