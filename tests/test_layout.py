@@ -14,6 +14,7 @@ COMMANDS = [
     "examples/distillation/train.py", "examples/distillation/evaluate.py", "examples/distillation/export.py",
     "examples/distillation/generate.py", "examples/distillation/scripts/extract.py",
     "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
+    "bench/logit_memory.py", "bench/gpu_check_table.py",
 ]
 
 
