@@ -6,7 +6,8 @@
 Both sides start from the same random weights and see the same random batch. The first step of
 each side runs with dropout off and its loss terms are printed side by side (they must agree
 within the precision's tolerance); then dropout is on, `--warmup` steps are run (compilation)
-and `--steps` steps are timed.
+and `--steps` steps are timed. (--no-comparison_step, project side only: the first step runs with
+dropout on too, which spares a compiled student its second compilation.)
 
 - reference: what the seed model was trained with (huggingface/transformers
   examples/distillation, 2019): fp32, eager attention with an attention mask, masked_select
@@ -206,7 +207,8 @@ def measure(name, builder, args, device, teacher_cfg, student_cfg, states, batch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     keep, step, student = builder(args, device, teacher_cfg, student_cfg, states, batch)
-    student.eval()  # the comparison step: no dropout, so both sides compute the same function
+    if args.comparison_step:
+        student.eval()  # the comparison step: no dropout, so both sides compute the same function
     terms = {k: float(v) for k, v in step().items()}
     student.train()
     for _ in range(args.warmup):
@@ -285,11 +287,17 @@ def main(argv=None):
                         help="Project side: train.py's --kd_loss; the 2019 reference has fkl only, so another "
                              "objective needs --skip_reference.")
     parser.add_argument("--skip_reference", action="store_true", help="Time the project side only.")
+    parser.add_argument("--comparison_step", action=argparse.BooleanOptionalAction, default=True,
+                        help="Run the first step with dropout off, the one whose loss terms are compared (on). "
+                             "--no-comparison_step (with --skip_reference) runs it in training mode: a compiled "
+                             "student is then compiled once, not twice (eval, then train).")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="Peak dense TFLOP/s for MFU (989: H100/H200 bf16).")
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of 3 project steps.")
     parser.add_argument("--json", default=None, help="Write the results here as JSON.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     args = parser.parse_args(argv)
+    if not args.comparison_step and not args.skip_reference:
+        parser.error("--no-comparison_step leaves nothing to compare the reference with: add --skip_reference")
     if args.kd_loss != "fkl" and not args.skip_reference:
         parser.error(f"--kd_loss {args.kd_loss}: the 2019 reference computes forward KL only; add --skip_reference")
 
@@ -369,6 +377,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({
             "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "argv": sys.argv[1:] if argv is None else argv, "flops_per_token": flops, "peak_tflops": args.peak_tflops,
+            "comparison_step": args.comparison_step,
             "batch": [args.batch_size, seq], "real_tokens": int(batch[1].sum()), "recipe": RECIPE, "match": match,
             "project_settings": {"precision": "bf16" if args.bf16 else "fp32", "fused_loss": args.fused_loss,
                                  "compile": by_compile(args, device), "compile_mode": args.compile_mode,

@@ -87,3 +87,16 @@ def test_table_reports_timeouts_failures_and_skips(tmp_path):
     assert train[2] == "? × ≤ 1024"  # no parameters.json in this work folder
     assert train[3] == "200,000" and "1 recompiles" in train[8] and "1.00× the bench step" in train[8]
     assert (out / "summary.md").exists() and json.loads((out / "results.json").read_text())["mode"] == "gpu"
+
+
+def test_gpu_mode_out_of_time_skips_every_step_and_still_prints_every_row(tmp_path):
+    """The budget caps every step: with none left, nothing runs, and the table still has all its rows."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET": "0"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = table_rows(proc.stdout)
+    assert [r[0] for r in rows] == list(ROWS)
+    assert all(r[7].startswith("skipped: ") and r[3] == "–" for r in rows), rows
+    assert "a_bs8 skipped: time budget spent" in proc.stderr
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
