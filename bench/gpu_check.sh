@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
 # Issue 12's speed check: one command, at most 8 minutes on one H100/H200, ending with one table.
 #
-#   bash bench/gpu_check.sh --prepare [DIR]   # CPU, beforehand: real Japanese shards + 32,000-piece tokenizer in
-#                                             # DIR (default checkpoints/gpu_check, git-ignored; ~7 MB; 3-6 min on
-#                                             # 2 cores); carry DIR to the device. Corpora: $CORPORA (../shared/corpora)
+#   bash bench/gpu_check.sh --prepare [DIR]   # CPU, beforehand: real Japanese shards + a 32,000-piece tokenizer in
+#                                             # DIR (default checkpoints/gpu_check, git-ignored, 7.2 MB; 1.5-6 min
+#                                             # on 2 cores, the tokenizer is most of it) from $CORPORA
+#                                             # (../shared/corpora); carry checkpoints/gpu_check to the device
 #   bash bench/gpu_check.sh                   # GPU: the steps below; results in $OUT (./gpu_check_out without $OUT)
-#   bash bench/gpu_check.sh --cpu             # the same steps at tiny sizes on the CPU (CI: tests/bench/test_gpu_check.py)
+#   bash bench/gpu_check.sh --cpu             # the same steps at tiny sizes on the CPU, about 1 min on 2 idle cores
+#                                             # (CI: tests/bench/test_gpu_check.py)
 #
-# Steps, in this order, with what they cost on one H200 (a fresh machine: no compile cache at the start):
+# Steps, in this order, with what each should take on one H200 (a fresh machine: no compile cache):
 #   imports   the modules every step needs; missing ones are installed from .device/whl when it
 #             exists (no registry on the device), else named in one line and nothing runs        ~10 s
-#   a_bs8     distill_step.py --profile: 2019 reference vs project at bs 8 x 1024, and a profile
-#             of 3 project steps with the GPU's busy share (compilation is most of it)         ~150 s
-#   c_plain   the project at bs 8 with --no-fused_loss (the models' graphs come from a_bs8's cache) ~40 s
+#   a_bs8     distill_step.py --profile: the 2019 reference vs the project at bs 8 x 1024, and a
+#             profile of 3 project steps with the GPU's busy share; compiling is most of it      ~150 s
+#   c_plain   the project at bs 8, --no-fused_loss (the models' graphs come from a_bs8's cache)   ~30 s
+#   b_bs16    the project at bs 16 x 1024 (its own compilation)                                  ~55 s
+#   b_bs32    the project at bs 32 x 1024                                                        ~55 s
 #   teacher   a random 24x1024 teacher, vocab 32,000, made on the GPU and saved (save_pretrained) ~15 s
 #   d_train   train.py, 300 steps x 8 sequences of the prepared shards, the design card's defaults
 #             (bf16, compile, fused loss, --pad_multiple 64): start-up and loading ~20 s, compiling
 #             and recompiling for new lengths ~50 s, 300 steps ~10 s, the final save ~10 s        ~90 s
-#   c_pad1    the same run with --pad_multiple 1 (the dynamic-length graph comes from the cache)   ~60 s
-#   b_bs16    the project at bs 16 x 1024 (its own compilation)                                   ~60 s
-#   b_bs32    the project at bs 32 x 1024                                                          ~60 s
-#                                                                                          total ~485 s
-# Every step runs under `timeout`, capped by what is left of BUDGET (470 s; $GPU_CHECK_BUDGET): a step that finds under
-# 20 s left is skipped, so the script ends within 8 minutes whatever happens, and the table says which
-# steps ran out (timeout), failed (exit status) or were skipped. The train runs' tokens/s are their own
-# log lines (the windows after the first, which holds the compilation), next to a_bs8's bench step.
+#   c_pad1    the same run with --pad_multiple 1: the models' dynamic-length graph comes from the
+#             cache, the loss chunk recompiles for new row counts (up to torch's limit of 8)   ~60-100 s
+#                                                                                   total ~465-505 s
+# Every step runs under `timeout`, capped by what is left of BUDGET (465 s; $GPU_CHECK_BUDGET sets it):
+# a step that finds under 20 s left is skipped, so the script ends within 8 minutes whatever happens,
+# and the table says which steps ran out (timeout), failed (exit status) or were skipped; a train run
+# cut short still reports the log windows it wrote. The train runs' tokens/s are their own log lines
+# (the windows after the first, which holds the compilation), next to a_bs8's bench step.
 #
 # $OUT gets at most 8 files, no folder: env.txt, step_bs8.txt (bench table + profile), train_pad64.txt,
 # train_pad1.txt (the runs' logs), stderr.txt (each step's last lines), results.json, summary.md.
-# The last thing printed is the table (bench/gpu_check_table.py). Exit status 0 when every step ran.
+# The last thing printed is the table (bench/gpu_check_table.py). Exit status: 0 every step ran, 1 one
+# did not, 2 a Python package is missing.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -95,7 +100,7 @@ W=$(mktemp -d) || die "no temporary folder"
 trap 'rm -rf "$W"' EXIT
 : > "$W/status.tsv"
 if [ "$MODE" = gpu ]; then
-    BUDGET=${GPU_CHECK_BUDGET:-470}
+    BUDGET=${GPU_CHECK_BUDGET:-465}
     BENCH=()                                   # distill_step.py's full size on CUDA
     DEVICE=cuda; TRAIN_DEV=(--n_gpu 1); TRAIN_STEPS=300; LOG_EVERY=100
     TEACHER=(32000 1024 1024 24 16 0)          # vocab, context, width, layers, heads; student: the design card's
@@ -172,10 +177,16 @@ if [ -n "$missing" ]; then
     exit 2
 fi
 
-# ---- (a) reference vs project at bs 8, with the profile; (c) the project without the fused loss --
+# ---- (a) reference vs project at bs 8, with the profile; (c) the project without the fused loss ---
 step a_bs8 210 python bench/distill_step.py "${BENCH[@]}" --batch_size 8 --profile --json "$W/a_bs8.json"
 step c_plain_bs8 90 python bench/distill_step.py "${BENCH[@]}" --batch_size 8 --skip_reference --no-comparison_step \
     --no-fused_loss --json "$W/c_plain_bs8.json"
+
+# ---- (b) the project at bs 16 and 32 -------------------------------------------------------------
+for bs in 16 32; do
+    step b_bs$bs 90 python bench/distill_step.py "${BENCH[@]}" --batch_size $bs --skip_reference --no-comparison_step \
+        --steps 8 --json "$W/b_bs$bs.json"
+done
 
 # ---- (d) end to end: train.py on the real shards; (c) --pad_multiple 1 against the default 64 ----
 TEACHER_PY='import json, sys, torch
@@ -216,12 +227,6 @@ for run in "d_train_pad64 150 64" "c_train_pad1 120 1"; do
     else
         skip "$1" "$why"
     fi
-done
-
-# ---- (b) the project at bs 16 and 32 -------------------------------------------------------------
-for bs in 16 32; do
-    step b_bs$bs 90 python bench/distill_step.py "${BENCH[@]}" --batch_size $bs --skip_reference --no-comparison_step \
-        --steps 8 --json "$W/b_bs$bs.json"
 done
 
 summarise
