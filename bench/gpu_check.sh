@@ -9,21 +9,24 @@
 #   bash bench/gpu_check.sh --cpu             # the same steps at tiny sizes on the CPU, about 1 min on 2 idle cores
 #                                             # (CI: tests/bench/test_gpu_check.py)
 #
-# Steps, in this order, with what each should take on one H200 (a fresh machine: no compile cache):
+# Steps, most telling first, with what each should take on one H200. The machine starts with no
+# compile cache: a compilation costs ~30 s per model and shape class (the 11-27 session: ~100 s for a
+# cold distill_step.py process), a cached one a few seconds (its train run compiled in ~2 s).
 #   imports   the modules every step needs; missing ones are installed from .device/whl when it
 #             exists (no registry on the device), else named in one line and nothing runs        ~10 s
 #   a_bs8     distill_step.py --profile: the 2019 reference vs the project at bs 8 x 1024, and a
-#             profile of 3 project steps with the GPU's busy share; compiling is most of it      ~150 s
-#   c_plain   the project at bs 8, --no-fused_loss (the models' graphs come from a_bs8's cache)   ~30 s
-#   b_bs16    the project at bs 16 x 1024 (its own compilation)                                  ~55 s
-#   b_bs32    the project at bs 32 x 1024                                                        ~55 s
+#             profile of 3 project steps with the GPU's busy share; compiling is most of it      ~120 s
+#   c_plain   the project at bs 8, --no-fused_loss (the models' graphs come from a_bs8's cache) ~20 s
 #   teacher   a random 24x1024 teacher, vocab 32,000, made on the GPU and saved (save_pretrained) ~15 s
 #   d_train   train.py, 300 steps x 8 sequences of the prepared shards, the design card's defaults
-#             (bf16, compile, fused loss, --pad_multiple 64): start-up and loading ~20 s, compiling
-#             and recompiling for new lengths ~50 s, 300 steps ~10 s, the final save ~10 s        ~90 s
-#   c_pad1    the same run with --pad_multiple 1: the models' dynamic-length graph comes from the
-#             cache, the loss chunk recompiles for new row counts (up to torch's limit of 8)   ~60-100 s
-#                                                                                   total ~465-505 s
+#             (bf16, compile, fused loss, --pad_multiple 64): start-up and loading ~20 s; the first
+#             batch is 8 x 1024 (a_bs8's graphs, cached), the second recompiles both models with a
+#             dynamic length ~50 s; 300 steps ~10 s; the final save ~10 s                     ~100 s
+#   b_bs32    the project at bs 32 x 1024 (its own compilation)                                   ~70 s
+#   c_pad1    d_train with --pad_multiple 1: the dynamic-length graphs come from the cache, the
+#             loss chunk recompiles for new row counts up to torch's limit (8)                   ~60 s
+#   b_bs16    the project at bs 16 x 1024, last: it lies between bs 8 and 32                      ~70 s
+#                                                                            total ~465 s (+-25%)
 # Every step runs under `timeout`, capped by what is left of BUDGET (465 s; $GPU_CHECK_BUDGET sets it):
 # a step that finds under 20 s left is skipped, so the script ends within 8 minutes whatever happens,
 # and the table says which steps ran out (timeout), failed (exit status) or were skipped; a train run
@@ -182,13 +185,7 @@ step a_bs8 210 python bench/distill_step.py "${BENCH[@]}" --batch_size 8 --profi
 step c_plain_bs8 90 python bench/distill_step.py "${BENCH[@]}" --batch_size 8 --skip_reference --no-comparison_step \
     --no-fused_loss --json "$W/c_plain_bs8.json"
 
-# ---- (b) the project at bs 16 and 32 -------------------------------------------------------------
-for bs in 16 32; do
-    step b_bs$bs 90 python bench/distill_step.py "${BENCH[@]}" --batch_size $bs --skip_reference --no-comparison_step \
-        --steps 8 --json "$W/b_bs$bs.json"
-done
-
-# ---- (d) end to end: train.py on the real shards; (c) --pad_multiple 1 against the default 64 ----
+# ---- (d) end to end: train.py on the real shards; (b) bs 32; (c) --pad_multiple 1; (b) bs 16 ------
 TEACHER_PY='import json, sys, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 out, device = sys.argv[1], sys.argv[2]
@@ -220,14 +217,24 @@ fi
 TRAIN=(python examples/distillation/train.py "${TRAIN_DEV[@]}" --data_file "$DATA/shards" --student_config "$STUDENT"
        --teacher_name "$W/teacher" --tokenizer_name "$DATA/tokenizer" --max_steps "$TRAIN_STEPS" --batch_size 8
        --gradient_accumulation_steps 1 --log_interval "$LOG_EVERY" --checkpoint_interval 0)
-for run in "d_train_pad64 150 64" "c_train_pad1 120 1"; do
-    set -- $run
+# train NAME LIMIT PAD_MULTIPLE: one run, its recompilations logged (TORCH_LOGS=recompiles)
+train() {
     if (( teacher_ok )); then
         step "$1" "$2" env TORCH_LOGS=recompiles "${TRAIN[@]}" --pad_multiple "$3" --dump_path "$W/run_pad$3"
     else
         skip "$1" "$why"
     fi
-done
+}
+# bench BATCH: the project side alone at that batch size (b)
+bench() {
+    step "b_bs$1" 100 python bench/distill_step.py "${BENCH[@]}" --batch_size "$1" --skip_reference \
+        --no-comparison_step --steps 8 --json "$W/b_bs$1.json"
+}
+
+train d_train_pad64 160 64
+bench 32
+train c_train_pad1 120 1
+bench 16
 
 summarise
 awk -F '\t' '$2 != "0" { failed = 1 } END { exit failed }' "$W/status.tsv"
