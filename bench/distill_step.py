@@ -253,9 +253,13 @@ def profile_steps(step, device, n=3):
         table = averages.table(sort_by="self_" + key.replace("cuda", "device"), row_limit=25) \
             if "cuda" in key else f"profile unavailable ({err})"
     busy = None
-    if device.type == "cuda":  # kernels only: the CPU-side events report no device time of their own
-        kernel_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                        for e in averages)
+    if device.type == "cuda":
+        # The device's own events (kernels, copies), as the table's "Self CUDA time total": the CPU-side
+        # operators report their kernels' time too, so counting every event would count it twice.
+        from torch.autograd import DeviceType
+
+        kernel_us = sum(e.self_device_time_total for e in averages
+                        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
         busy = {"steps": n, "wall_ms": 1e3 * wall, "kernel_ms": kernel_us / 1e3,
                 "busy": kernel_us / 1e6 / wall}
     return table, busy
