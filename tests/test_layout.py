@@ -16,6 +16,7 @@ COMMANDS = [
     "examples/distillation/scripts/dump_teacher_logits.py",
     "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
     "bench/dump_teacher_logits_bench.py", "bench/plot_runs.py",
+    "bench/logit_memory.py", "bench/gpu_check_table.py",
 ]
 
 
