@@ -6,7 +6,8 @@
 Both sides start from the same random weights and see the same random batch. The first step of
 each side runs with dropout off and its loss terms are printed side by side (they must agree
 within the precision's tolerance); then dropout is on, `--warmup` steps are run (compilation)
-and `--steps` steps are timed.
+and `--steps` steps are timed. (--no-comparison_step, project side only: the first step runs with
+dropout on too, which spares a compiled student its second compilation.)
 
 - reference: what the seed model was trained with (huggingface/transformers
   examples/distillation, 2019): fp32, eager attention with an attention mask, masked_select
@@ -14,6 +15,12 @@ and `--steps` steps are timed.
   ignore_index, CosineEmbeddingLoss, a per-parameter AdamW loop. Written here, on purpose.
 - project: examples/distillation/distiller.py's Distiller.optimize_step, the real training
   code path, with train.py's own settings (config.parse_config) and defaults.
+  --fused_loss/--no-fused_loss, --compile/--no-compile, --compile_mode and --kd_loss are passed
+  to parse_config as train.py's flags of the same names. (--pad_multiple has no meaning here: the
+  batch is given, it does not come through the DataLoader.)
+
+--profile prints a torch.profiler table of 3 project steps and, on a GPU, how busy it was: the
+kernels' time over the steps' wall time (also in the JSON, results[].gpu_busy).
 
 Both sides use the project's recipe (config.RECIPE): its temperature, loss weights and learning
 rate, so the loss terms they compare are the same ones; the JSON records it.
@@ -44,7 +51,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import RECIPE, parse_config  # noqa: E402
+from config import COMPILE_MODES, RECIPE, parse_config  # noqa: E402
+from losses import KD_LOSSES  # noqa: E402
 
 STUDENT_CONFIG = REPO / "examples" / "distillation" / "training_configs" / "distilgpt2-ja.json"
 # The loss terms of the 2019 GPT-2 step that the recipe weighs (its MSE term is not part of that step).
@@ -153,6 +161,8 @@ def project_config(args, device, dump_path):
             "--precision", "bf16" if args.bf16 else "fp32"]
     argv += [] if args.compile is None else (["--compile"] if args.compile else ["--no-compile"])
     argv += [] if args.fused_loss else ["--no-fused_loss"]
+    argv += [] if args.compile_mode is None else ["--compile_mode", args.compile_mode]
+    argv += ["--kd_loss", args.kd_loss]
     return parse_config(argv)
 
 
@@ -197,7 +207,8 @@ def measure(name, builder, args, device, teacher_cfg, student_cfg, states, batch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     keep, step, student = builder(args, device, teacher_cfg, student_cfg, states, batch)
-    student.eval()  # the comparison step: no dropout, so both sides compute the same function
+    if args.comparison_step:
+        student.eval()  # the comparison step: no dropout, so both sides compute the same function
     terms = {k: float(v) for k, v in step().items()}
     student.train()
     for _ in range(args.warmup):
@@ -214,28 +225,44 @@ def measure(name, builder, args, device, teacher_cfg, student_cfg, states, batch
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, both sides so far
-    profile = None
+    profile = gpu_busy = None
     if args.profile and name == "project":
-        profile = profile_steps(step, device)
+        profile, gpu_busy = profile_steps(step, device)
     del keep, step, student
     return {"name": name, "tokens_per_s": tokens / elapsed, "step_s": elapsed / args.steps, "peak_gib": peak,
-            "terms": terms, "profile": profile}
+            "terms": terms, "profile": profile, "gpu_busy": gpu_busy}
 
 
 def profile_steps(step, device, n=3):
+    """(table of the n steps' top operators, how busy the GPU was: kernel time / wall time)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(n):
             step()
         sync(device)
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     try:
-        return prof.key_averages().table(sort_by=key, row_limit=25)
+        table = averages.table(sort_by=key, row_limit=25)
     except Exception as err:  # the column name moved between torch versions
-        return prof.key_averages().table(sort_by="self_" + key.replace("cuda", "device"), row_limit=25) \
+        table = averages.table(sort_by="self_" + key.replace("cuda", "device"), row_limit=25) \
             if "cuda" in key else f"profile unavailable ({err})"
+    busy = None
+    if device.type == "cuda":
+        # The device's own events (kernels, copies), as the table's "Self CUDA time total": the CPU-side
+        # operators report their kernels' time too, so counting every event would count it twice.
+        from torch.autograd import DeviceType
+
+        kernel_us = sum(e.self_device_time_total for e in averages
+                        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        busy = {"steps": n, "wall_ms": 1e3 * wall, "kernel_ms": kernel_us / 1e3,
+                "busy": kernel_us / 1e6 / wall}
+    return table, busy
 
 
 def close(a, b, rtol, atol):
@@ -256,13 +283,27 @@ def main(argv=None):
                         help="Project side in bf16 (default: on with CUDA, off on the CPU).")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="Project side compiled (train.py's default: on with CUDA, off on the CPU).")
-    parser.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fused_loss", action=argparse.BooleanOptionalAction, default=True,
+                        help="Project side: train.py's --fused_loss (on) or --no-fused_loss (whole logits).")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default=None,
+                        help="Project side: train.py's --compile_mode (default: torch's default mode).")
+    parser.add_argument("--kd_loss", choices=KD_LOSSES, default="fkl",
+                        help="Project side: train.py's --kd_loss; the 2019 reference has fkl only, so another "
+                             "objective needs --skip_reference.")
     parser.add_argument("--skip_reference", action="store_true", help="Time the project side only.")
+    parser.add_argument("--comparison_step", action=argparse.BooleanOptionalAction, default=True,
+                        help="Run the first step with dropout off, the one whose loss terms are compared (on). "
+                             "--no-comparison_step (with --skip_reference) runs it in training mode: a compiled "
+                             "student is then compiled once, not twice (eval, then train).")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="Peak dense TFLOP/s for MFU (989: H100/H200 bf16).")
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of 3 project steps.")
     parser.add_argument("--json", default=None, help="Write the results here as JSON.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     args = parser.parse_args(argv)
+    if not args.comparison_step and not args.skip_reference:
+        parser.error("--no-comparison_step leaves nothing to compare the reference with: add --skip_reference")
+    if args.kd_loss != "fkl" and not args.skip_reference:
+        parser.error(f"--kd_loss {args.kd_loss}: the 2019 reference computes forward KL only; add --skip_reference")
 
     import logging
 
@@ -304,7 +345,8 @@ def main(argv=None):
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     project_label = "project (Distiller: " + ", ".join(
         [("bf16" if args.bf16 else "fp32"), "sdpa", ("fused loss" if args.fused_loss else "chunked loss")]
-        + (["compile"] if by_compile(args, device) else [])) + ")"
+        + ([] if args.kd_loss == "fkl" else [args.kd_loss])
+        + ([f"compile {args.compile_mode}" if args.compile_mode else "compile"] if by_compile(args, device) else [])) + ")"
     labels = {"reference": "reference (2019: fp32, eager, masked_select)", "project": project_label}
     lines = [
         f"distill step | {card} | torch {torch.__version__} | teacher {teacher_cfg.n_layer}x{teacher_cfg.n_embd} "
@@ -329,12 +371,21 @@ def main(argv=None):
                      f"tolerance {atol:g} + {rtol:g} x |reference|: {'MATCH' if match else 'MISMATCH'}")
     print("\n".join(lines))
     if by_name["project"]["profile"]:
+        busy = by_name["project"]["gpu_busy"]
+        if busy:
+            lines.append(f"profile: {busy['kernel_ms']:.1f} ms of GPU kernels in {busy['steps']} steps of "
+                         f"{busy['wall_ms'] / busy['steps']:.1f} ms: the GPU is busy {100 * busy['busy']:.0f}% of the time")
+            print(lines[-1])
         print("\nprofile of 3 project steps:\n" + by_name["project"]["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps({
             "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "argv": sys.argv[1:] if argv is None else argv, "flops_per_token": flops, "peak_tflops": args.peak_tflops,
+            "comparison_step": args.comparison_step,
             "batch": [args.batch_size, seq], "real_tokens": int(batch[1].sum()), "recipe": RECIPE, "match": match,
+            "project_settings": {"precision": "bf16" if args.bf16 else "fp32", "fused_loss": args.fused_loss,
+                                 "compile": by_compile(args, device), "compile_mode": args.compile_mode,
+                                 "kd_loss": args.kd_loss},
             "results": [{k: v for k, v in r.items() if k != "profile"} for r in results], "table": lines,
         }, indent=2))
     return 0 if match in (None, True) else 1

@@ -216,8 +216,8 @@ class Distiller:
             if self.teacher_body is not None and not sharded_teacher:  # FSDP2's hooks break the graph at every block
                 self.teacher_body.compile(mode=mode)
             # CUDA graphs (reduce-overhead) would recycle the chunk's outputs while they are accumulated.
-            self.chunk_fn = torch.compile(losses.fused_chunk, dynamic=False,
-                                          mode=None if mode == "reduce-overhead" else mode)
+            # Shapes: static for the first (the full 1024-row chunk), dynamic from the second on (remainders).
+            self.chunk_fn = torch.compile(losses.fused_chunk, mode=None if mode == "reduce-overhead" else mode)
 
     # ---- loss of one micro-batch ----------------------------------------------------------
 

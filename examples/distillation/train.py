@@ -25,16 +25,18 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
-from data_prep.tokenization import load_tokenizer, resolve_spiece, sha256_file  # noqa: E402
+from data_prep.tokenization import load_tokenizer  # noqa: E402
 from distil_ja import fileio, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
+from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
 from perplexity import load_eval_sequences  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
 from token_cache import write_cache  # noqa: E402
-from utils import DumpPathLock, Runtime, git_log, init_distributed, logger, raise_first_error, set_seed, setup_logging  # noqa: E402
+from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
+                   set_seed, setup_logging)
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
 TEACHER_LOGITS = "teacher_logits.json"  # in dump_path: the manifest of --teacher_logits, for --resume to compare
@@ -89,14 +91,6 @@ def prepare_dump_path(params, runtime: Runtime) -> tuple[Runtime, DumpPathLock]:
     return runtime, lock
 
 
-def attempt(action) -> UsageError | None:
-    try:
-        action()
-    except UsageError as err:
-        return err
-    return None
-
-
 def remove_leftovers(dump_path: Path) -> None:
     """What a killed run left half-written: `checkpoint_stepN.tmp/` folders and `NAME.tmp` files."""
     for path in sorted(dump_path.rglob(f"*{fileio.TMP_SUFFIX}")):
@@ -132,14 +126,6 @@ def load_teacher(params):
     return teacher
 
 
-def special_ids_of(tokenizer) -> SpecialIds:
-    ids = SpecialIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
-                     pad=tokenizer.pad_token_id, unk=tokenizer.unk_token_id)
-    if None in (ids.bos, ids.eos, ids.pad, ids.unk):
-        raise UsageError(f"the tokenizer must define <s>, </s>, [PAD] and <unk>; got {ids}")
-    return ids
-
-
 def check_compatibility(student, teacher, ids: SpecialIds, vocab_size: int, sequences) -> None:
     """Refuse models, tokenizer and data that disagree on the vocabulary or the special ids."""
     configs = {"student": student.config} | ({"teacher": teacher.config} if teacher is not None else {})
@@ -172,25 +158,6 @@ def check_shared_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_si
                     "tokens) are dropped", teacher_vocab, student_vocab, tokenizer_size)
 
 
-def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_source: str) -> None:
-    """The tokenizer recorded by binarize.py must be the one this run uses."""
-    data_tok = manifest.get("tokenizer", {})
-    if data_tok.get("vocab_size") not in (None, vocab_size):
-        raise UsageError(f"the data was binarized with vocab_size {data_tok['vocab_size']}, the tokenizer has {vocab_size}")
-    data_ids = data_tok.get("special_ids", {})
-    for name in ("unk", "bos", "eos", "pad"):
-        if data_ids.get(name) not in (None, getattr(ids, name)):
-            raise UsageError(f"the data's {name} id is {data_ids[name]}, the tokenizer's is {getattr(ids, name)}")
-    if data_tok.get("spiece_sha256"):
-        try:
-            ours = sha256_file(resolve_spiece(tokenizer_source))
-        except OSError:
-            return  # a tokenizer without its sentencepiece file: the checks above are all we can do
-        if ours != data_tok["spiece_sha256"]:
-            raise UsageError(f"the data was binarized with another sentencepiece model than {tokenizer_source!r} "
-                             f"(sha256 {data_tok['spiece_sha256'][:12]}… vs {ours[:12]}…)")
-
-
 def load_eval_data(params, tokenizer_source: str):
     """--eval_data as token sequences (perplexity.py's loader, as evaluate.py), or None."""
     if not params.eval_data:
@@ -199,16 +166,6 @@ def load_eval_data(params, tokenizer_source: str):
         return load_eval_sequences(params.eval_data, tokenizer_source)
     except (DataError, UsageError) as err:
         raise type(err)(f"--eval_data: {err}") from err
-
-
-def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
-    """The tokenizer beside the student, with its sentencepiece model so binarize.py and
-    evaluate.py can use DUMP_PATH as a tokenizer too."""
-    tokenizer.save_pretrained(dump_path)
-    try:
-        shutil.copyfile(resolve_spiece(source), Path(dump_path) / "spiece.model")
-    except OSError as err:
-        logger.warning("No spiece.model saved with the student (%s)", err)
 
 
 def context_length(student, teacher) -> int:

@@ -228,3 +228,12 @@ def inject_fault(point: str, step: int) -> None:
     if want_point == point and int(want_step) == step and (not want_rank or int(want_rank[0]) == rank):
         logger.warning("DISTIL_FAULT: killing rank %d at %s of step %d", rank, point, step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def attempt(action) -> UsageError | None:
+    """The UsageError that action() raised, or None: collect it for raise_first_error."""
+    try:
+        action()
+    except UsageError as err:
+        return err
+    return None

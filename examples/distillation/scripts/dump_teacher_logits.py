@@ -36,8 +36,8 @@ from distil_ja import shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
 from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402
 from token_cache import write_cache  # noqa: E402
-from train import attempt, check_manifest, save_tokenizer, special_ids_of  # noqa: E402
-from utils import init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
+from utils import attempt, init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
+from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from distil_ja.cli import EXIT_DATA, EXIT_USAGE, DataError
 from distil_ja.shards import load_sequences
 from helpers import DUMP_PY, REPO, dump_args, dump_script, free_port, random_sequences, write_shard
 from lm_seqs_dataset import LmSeqsDataset
-from train import special_ids_of
+from vocab import special_ids_of
 
 DUMP = dump_script()
 MAX_LEN = 32  # dump_args: under the tiny teacher's 64 positions, so the longer sequences are cut into chunks
