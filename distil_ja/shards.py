@@ -14,7 +14,6 @@ tokenizer check). Every reading error is a DataError naming the file.
 """
 
 import hashlib
-import json
 import pickle
 from pathlib import Path
 
@@ -67,14 +66,8 @@ def write_shard(path, sequences: list[np.ndarray]) -> dict:
 
 
 def write_manifest(directory, manifest: dict) -> dict:
-    """The manifest, last: its presence marks a complete directory. Returns what was written.
-
-    "format" is always FORMAT (first), whatever manifest holds: this module writes the
-    shards, so it alone says which format they are in.
-    """
-    written = {"format": FORMAT, **{key: value for key, value in manifest.items() if key != "format"}}
-    fileio.write_json(Path(directory) / MANIFEST, written)
-    return written
+    """The manifest, last: its presence marks a complete directory. Returns what was written."""
+    return fileio.write_manifest(Path(directory) / MANIFEST, FORMAT, manifest)
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -83,15 +76,7 @@ def write_manifest(directory, manifest: dict) -> dict:
 def load_manifest(directory) -> dict:
     """The manifest of a binarized directory (DataError when missing, unreadable or foreign)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{directory} has no {MANIFEST}: not a binarize.py output, or an incomplete one")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable manifest ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    manifest = fileio.read_manifest(path, FORMAT, "binarize.py")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
                                                for s in shards):

@@ -80,14 +80,21 @@ def dump_args(setup, output_dir, *extra):
             "--max_len", "32", "--batch_size", "2", "--n_gpu", "0", *extra]
 
 
-def dump_script():
-    """scripts/dump_teacher_logits.py as a module (scripts/ is no package)."""
+def load_script(relative_path: str):
+    """A command (bench/, examples/distillation/scripts/: no packages) as a module, imported without running
+    its `__main__` block, so it edits no sys.path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dump_teacher_logits", DUMP_PY)
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def dump_script():
+    """scripts/dump_teacher_logits.py as a module."""
+    return load_script("examples/distillation/scripts/dump_teacher_logits.py")
 
 
 def weights(dump_path):

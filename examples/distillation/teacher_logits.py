@@ -331,9 +331,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
 
 def write_manifest(folder, manifest: dict) -> dict:
     """The manifest, last and atomically: its presence marks a complete dump."""
-    written = {"format": FORMAT, **{k: v for k, v in manifest.items() if k != "format"}}
-    fileio.write_json(Path(folder) / MANIFEST, written)
-    return written
+    return fileio.write_manifest(Path(folder) / MANIFEST, FORMAT, manifest)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -341,17 +339,7 @@ def write_manifest(folder, manifest: dict) -> dict:
 
 def load_manifest(folder) -> dict:
     """The manifest of a dump (DataError when missing, unreadable or foreign)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{folder} has no {MANIFEST}: not a dump_teacher_logits.py output, or an incomplete one")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable manifest ({first_line(err)})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
-    return manifest
+    return fileio.read_manifest(Path(folder) / MANIFEST, FORMAT, "dump_teacher_logits.py")
 
 
 def _open_rows(path: Path, shape: tuple, dtype: str) -> np.ndarray:

@@ -1,15 +1,12 @@
 """bench/dump_teacher_logits_bench.py runs end to end on tiny shapes and reports what it promises."""
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import REPO
+from helpers import load_script
 
-_spec = importlib.util.spec_from_file_location("dump_teacher_logits_bench", REPO / "bench" / "dump_teacher_logits_bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("bench/dump_teacher_logits_bench.py")
 
 
 def test_tiny_bench_reports_speed_size_and_float16_error(tmp_path, capsys):

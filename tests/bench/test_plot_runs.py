@@ -1,26 +1,18 @@
 """bench/plot_runs.py: runs in, one PNG out; a folder that is not a run, a bad --out or no matplotlib is
 one line `error: ...` with the exit table's status."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SCRIPT = REPO / "bench" / "plot_runs.py"
 
 
-def load_command():
-    spec = importlib.util.spec_from_file_location("plot_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_runs = load_command()
+plot_runs = load_script("bench/plot_runs.py")
 
 
 def make_run(folder, scale=1.0):

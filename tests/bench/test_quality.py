@@ -1,6 +1,5 @@
 """bench/quality.py: the raw text -> tokenizer -> teacher -> three students -> perplexity chain."""
 
-import importlib.util
 import json
 import lzma
 import math
@@ -10,19 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 QUALITY = REPO / "bench" / "quality.py"
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = load_quality()
+quality = load_script("bench/quality.py")
 
 
 def path_of(text: str) -> Path:

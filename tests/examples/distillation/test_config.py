@@ -4,13 +4,12 @@ The benchmarks take their recipe from config.RECIPE, and --precision resolves as
 run_distill.sh passes a recipe flag only when its user sets one (tests/test_run_distill.py).
 """
 
-import importlib.util
 
 import pytest
 import torch
 
 import config
-from helpers import REPO
+from helpers import REPO, load_script
 from distil_ja.cli import UsageError
 
 # The recommended recipe as written here, independently of config.py: changing it is a decision
@@ -84,10 +83,7 @@ def test_amp_dtype_of_each_precision():
 
 def load_bench(name: str):
     """bench/NAME.py as a module, without running it as a script (so it edits no sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"bench/{name}.py")
 
 
 def test_quality_default_recipe_is_the_recipe():

@@ -1,7 +1,6 @@
 """scripts/extract.py: layer choice, exact copy, a useful start, clear errors, train.py integration."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, TINY_VOCAB, gpt2_config
+from helpers import REPO, TINY_VOCAB, gpt2_config, load_script
 from distil_ja.cli import EXIT_USAGE, UsageError
 
-EXTRACT = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")
-extract = importlib.util.module_from_spec(EXTRACT)
-EXTRACT.loader.exec_module(extract)
+extract = load_script("examples/distillation/scripts/extract.py")
 
 EXTRACT_PY = REPO / "examples" / "distillation" / "scripts" / "extract.py"
 

@@ -2,7 +2,6 @@
 forward the fused loss relies on, a shared vocabulary, layer extraction, a few KD steps with exact
 resume, export, evaluation and sampling. The models are tiny and random, built here with save_pretrained."""
 
-import importlib.util
 import json
 import shutil
 
@@ -14,16 +13,14 @@ import export
 import models
 import train
 from distil_ja.cli import EXIT_USAGE, UsageError
-from helpers import REPO, TINY_VOCAB, family_config, train_args, weights
+from helpers import TINY_VOCAB, family_config, load_script, train_args, weights
 
 FAMILIES = models.TESTED_FAMILIES
 BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "llama": "model.layers", "qwen2": "model.layers"}
 CLASSES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
            "qwen2": "Qwen2ForCausalLM"}
 
-spec = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")
-extract = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(extract)
+extract = load_script("examples/distillation/scripts/extract.py")
 
 
 def random_model(family, seed=0, **config_kwargs):

@@ -1,7 +1,6 @@
 """models.py: a model of another family than the one named is refused in one line everywhere a model
 is loaded; configs, state-dict files and training checkpoints load with every key accounted for."""
 
-import importlib.util
 import json
 
 import pytest
@@ -10,12 +9,10 @@ import torch
 import export
 import models
 import train
-from helpers import REPO, TINY_VOCAB, gpt2_config, train_args
+from helpers import TINY_VOCAB, gpt2_config, load_script, train_args
 from distil_ja.cli import EXIT_USAGE, UsageError
 
-spec = importlib.util.spec_from_file_location("extract", REPO / "examples" / "distillation" / "scripts" / "extract.py")
-extract = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(extract)
+extract = load_script("examples/distillation/scripts/extract.py")
 
 
 def llama_config():
