@@ -41,7 +41,9 @@ needs matplotlib; without it (the GPU machine has none) the report says the plot
 A step whose command and output are unchanged is not rerun (its wall time is the one recorded
 when it ran), so recipe sweeps reuse the tokenizer, the data and the teacher: `--recipe
 T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students (and the no-KD student when
---student_lr changes).  --fresh reruns everything.
+--student_lr changes).  --fresh reruns everything.  Two invocations may share --out_dir once the
+steps they both need exist (the teacher, the dumps, a no_kd student of the same seed), with
+--keep_text so that neither deletes the text the other's corpus steps check.
 
 The corpora (../shared/corpora; see its README) are read in place; text derived from them is
 written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "config.RECIPE).")
     parser.add_argument("--student_lr", type=float, default=None, help="Learning rate of the students (default: per size).")
     parser.add_argument("--kd_lr", type=float, default=None,
-                        help="Learning rate of the two distilled students only (default: --student_lr).")
+                        help="Learning rate of the distilled students only (default: --student_lr).")
     parser.add_argument("--student_steps", type=int, default=None, help="Optimizer steps of each student.")
     parser.add_argument("--teacher_steps", type=int, default=None)
     parser.add_argument("--eval_interval", type=int, default=None,
