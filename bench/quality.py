@@ -13,12 +13,19 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
  3. data_prep/binarize.py       train and dev text -> token shards
  4. train.py (no teacher)       pretrain the teacher
  5. scripts/extract.py          student init from evenly spread teacher layers
- 6. train.py x 3, one student architecture, the same steps/batch/seed/data (= the same tokens),
+ 6. scripts/dump_teacher_logits.py, once per k, for the kd_topK students only
+ 7. train.py per student (--runs), one student architecture, the same steps/batch/seed/data (= the same tokens),
     each scored on the dev set every --eval_interval steps (--eval_data):
       no_kd      random init, no teacher (--alpha_ce 0 --alpha_clm 1 --alpha_cos 0)
       kd         random init, distilled with the recipe (--recipe, default: train.py's, config.RECIPE)
       kd_init    distilled with the same recipe, initialised from teacher layers
- 7. evaluate.py --json          perplexity of the four models on the held-out dev paragraphs
+      kd_topK    as kd, from the teacher's top-K log-probabilities dumped in step 6 (--teacher_logits;
+                 the dump has no hidden states, so the recipe needs cos=0), e.g. kd_top8, kd_top64
+ 8. evaluate.py --json          perplexity of the models on the held-out dev paragraphs
+
+--recipe also picks the KD term's objective (kd=fkl|rkl|jsd|skew_fkl|skew_rkl|tvd, train.py's
+--kd_loss), and --student_width a narrower student than the teacher (the same head size, fewer
+heads; its cosine term then trains train.py's projection to the teacher's width; no kd_init).
 
 Output (in --out_dir, default checkpoints/quality/SIZE): results-TAG.json and results-TAG.md
 (the table: perplexity, student/teacher perplexity ratio, tokens seen, token efficiency, wall
@@ -34,7 +41,9 @@ needs matplotlib; without it (the GPU machine has none) the report says the plot
 A step whose command and output are unchanged is not rerun (its wall time is the one recorded
 when it ran), so recipe sweeps reuse the tokenizer, the data and the teacher: `--recipe
 T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students (and the no-KD student when
---student_lr changes).  --fresh reruns everything.
+--student_lr changes).  --fresh reruns everything.  Two invocations may share --out_dir once the
+steps they both need exist (the teacher, the dumps, a no_kd student of the same seed), with
+--keep_text so that neither deletes the text the other's corpus steps check.
 
 The corpora (../shared/corpora; see its README) are read in place; text derived from them is
 written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
@@ -48,6 +57,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -67,11 +77,15 @@ if __name__ == "__main__":  # run as a script: the repo root and examples/distil
 import config  # noqa: E402  (train.py's flags; its defaults are the project's recipe)
 import plots  # noqa: E402
 from distil_ja.cli import DataError  # noqa: E402
+from losses import KD_LOSSES  # noqa: E402
 from training_log import read_records  # noqa: E402
 
 # The KD students' default loss settings: the project's recipe, as train.py's defaults hold it.
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
-                  "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"]}
+                  "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
+                  "kd": config.build_parser().get_default("kd_loss")}
+RUNS = ("no_kd", "kd", "kd_init")  # and kd_topK (TOPK_RUN)
+TOPK_RUN = re.compile(r"kd_top([1-9][0-9]*)")
 # Runs without a teacher: the data's next-token loss only (no KD, no cosine term).
 CLM_ONLY = ["--alpha_ce", 0, "--alpha_clm", 1, "--alpha_cos", 0]
 
@@ -86,7 +100,8 @@ class Model:
 
 @dataclass
 class Size:
-    """One experiment scale. Teacher and student share the width, so layers can be copied (extract.py)."""
+    """One experiment scale. Teacher and student share the width, so layers can be copied (extract.py);
+    --student_width narrows the student for one invocation."""
     vocab: int
     tokenizer_lines: int  # make_tokenizer.py --max_sentences
     n_positions: int
@@ -140,14 +155,38 @@ class StepFailed(Exception):
 
 
 def parse_recipe(text: str) -> dict:
-    """'T=1,ce=0.9,clm=0.1' -> the default recipe with those values changed."""
+    """'T=1,ce=0.9,clm=0.1,kd=rkl' -> the default recipe with those values changed (kd: the objective)."""
     recipe = dict(DEFAULT_RECIPE)
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, _, value = item.partition("=")
         if key not in recipe or not value:
             raise argparse.ArgumentTypeError(f"--recipe: {item!r}; keys are {', '.join(recipe)}")
-        recipe[key] = float(value)
+        if key == "kd" and value not in KD_LOSSES:
+            raise argparse.ArgumentTypeError(f"--recipe: {item!r}; kd is one of {', '.join(KD_LOSSES)}")
+        recipe[key] = value if key == "kd" else float(value)
     return recipe
+
+
+def recipe_text(recipe: dict) -> str:
+    return "T={T:g} ce={ce:g} clm={clm:g} cos={cos:g} kd={kd}".format(**recipe)
+
+
+def topk_of(run: str) -> int | None:
+    """kd_top8 -> 8; None for the other runs."""
+    match = TOPK_RUN.fullmatch(run)
+    return int(match[1]) if match else None
+
+
+def arch(model: Model) -> str:
+    return f"{model.n_layer}x{model.n_embd}"
+
+
+def narrower(model: Model, width: int) -> Model | None:
+    """The model at another width with the same head size (fewer heads); None if the heads do not divide it."""
+    head = model.n_embd // model.n_head
+    if width < head or width % head:
+        return None
+    return replace(model, n_embd=width, n_head=width // head)
 
 
 def gpt2_config(model: Model, vocab: int, n_positions: int) -> dict:
@@ -199,6 +238,13 @@ class Runner:
         stamp.write_text(json.dumps(record, indent=1) + "\n")
         self.say(f"{name}: done in {wall:.1f} s")
         return {**record, "cached": False}
+
+
+def write_config(path: Path, config: dict) -> None:
+    """Written only when it changes: invocations sharing --out_dir may be reading it."""
+    text = json.dumps(config, indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def write_slice(src: Path, dst: Path, megabytes: float, blank_line_docs: bool) -> None:
@@ -272,14 +318,32 @@ def tokens_seen(dump_path: Path) -> int | None:
     return int(state["loop_state"]["tokens_seen"])
 
 
-def student_runs(recipe: dict) -> dict:
+def student_runs(recipe: dict, names: list[str]) -> dict:
+    """Each wanted student's init, teacher (topk: K for a top-K offline teacher) and loss flags."""
     kd = ["--temperature", recipe["T"], "--alpha_ce", recipe["ce"], "--alpha_clm", recipe["clm"],
-          "--alpha_cos", recipe["cos"]]
-    return {
+          "--alpha_cos", recipe["cos"], "--kd_loss", recipe["kd"]]
+    fixed = {
         "no_kd": {"init": "random", "teacher": False, "args": CLM_ONLY},
         "kd": {"init": "random", "teacher": True, "args": kd},
         "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
     }
+    return {name: {"topk": topk_of(name), **fixed.get(name, fixed["kd"])} for name in names}
+
+
+def topk_dump(out: Path, k: int, temperature: float) -> Path:
+    return out / "teacher_logits" / f"top{k}-T{temperature:g}"
+
+
+def runs_problem(runs_wanted: list[str], recipe: dict, size: Size) -> str | None:
+    """Why these --runs cannot run with this recipe and student (None: they can)."""
+    bad = [r for r in runs_wanted if r not in RUNS and topk_of(r) is None]
+    if bad or not runs_wanted:
+        return f"--runs takes {', '.join(RUNS)} and kd_topK (e.g. kd_top8); got {','.join(runs_wanted)!r}"
+    if recipe["cos"] and any(topk_of(r) for r in runs_wanted):
+        return "kd_topK: an offline teacher has no hidden states; pass --recipe cos=0"
+    if "kd_init" in runs_wanted and size.student.n_embd != size.teacher.n_embd:
+        return "kd_init copies teacher layers, so it needs the teacher's width: drop --student_width or kd_init"
+    return None
 
 
 def short_hash(obj) -> str:
@@ -297,11 +361,17 @@ def markdown_table(result: dict) -> str:
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in rows.items():
         recipe = r.get("recipe_text", "")
-        lines.append(f"| {name} | {r['model']} | {r['init']} | {'yes' if r['teacher'] else 'no'} | {recipe} | "
+        lines.append(f"| {name} | {r['model']} | {r['init']} | {teacher_cell(r)} | {recipe} | "
                      f"{r['lr']:g} | {r['steps']} | {fmt(r['tokens_seen'], ',')} | {fmt(r['wall_s'], '.0f')}"
                      f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | "
                      f"{fmt(r['ratio'], '.3f')} | {efficiency_cell(r.get('token_efficiency'))} | `{r['tensorboard']}` |")
     return "\n".join(lines)
+
+
+def teacher_cell(row: dict) -> str:
+    if row.get("teacher_topk"):
+        return f"top-{row['teacher_topk']} offline"
+    return "yes" if row["teacher"] else "no"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,16 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Folder of the .xz corpora (default: ../shared/corpora, else shared/corpora).")
     parser.add_argument("--out_dir", default=None, help="Work and output folder (default: checkpoints/quality/SIZE).")
     parser.add_argument("--recipe", type=parse_recipe, default=parse_recipe(""),
-                        help="KD students' loss settings, e.g. 'T=1,ce=0.9,clm=0.1,cos=0' "
-                             f"(default {DEFAULT_RECIPE}: train.py's, config.RECIPE).")
+                        help="KD students' loss settings, e.g. 'T=1,ce=0.9,clm=0.1,cos=0,kd=rkl' (kd: train.py's "
+                             f"--kd_loss, one of {', '.join(KD_LOSSES)}; default {DEFAULT_RECIPE}: train.py's, "
+                             "config.RECIPE).")
     parser.add_argument("--student_lr", type=float, default=None, help="Learning rate of the students (default: per size).")
     parser.add_argument("--kd_lr", type=float, default=None,
-                        help="Learning rate of the two distilled students only (default: --student_lr).")
+                        help="Learning rate of the distilled students only (default: --student_lr).")
     parser.add_argument("--student_steps", type=int, default=None, help="Optimizer steps of each student.")
     parser.add_argument("--teacher_steps", type=int, default=None)
     parser.add_argument("--eval_interval", type=int, default=None,
                         help="Students' steps between dev evaluations, their curves (default: per size; 0: at the end only).")
-    parser.add_argument("--runs", default="no_kd,kd,kd_init", help="Which students to train (comma-separated).")
+    parser.add_argument("--runs", default="no_kd,kd,kd_init",
+                        help="Which students to train (comma-separated): no_kd, kd, kd_init, kd_topK (an offline "
+                             "top-K teacher, e.g. kd_top8; needs --recipe cos=0).")
+    parser.add_argument("--student_width", type=int, default=None,
+                        help="The students' width (default: the teacher's): fewer heads of the same size. "
+                             "Narrower than the teacher, the cosine term learns a projection; no kd_init.")
     parser.add_argument("--tag", default="default", help="Names results-TAG.json/.md (keep one per sweep point).")
     parser.add_argument("--jobs", type=int, default=None, help="Students trained at once (default: per size).")
     parser.add_argument("--seed", type=int, default=0, help="Students' seed (the teacher keeps seed 0).")
@@ -343,11 +419,17 @@ def main(argv=None) -> int:
         size.teacher_steps = args.teacher_steps
     if args.eval_interval is not None:
         size.eval_interval = args.eval_interval
+    if args.student_width is not None:
+        size.student = narrower(size.student, args.student_width)
+        if size.student is None:
+            print(f"quality.py: --student_width must be a multiple of the head size, "
+                  f"{SIZES[args.size].student.n_embd // SIZES[args.size].student.n_head}", file=sys.stderr)
+            return 2
     jobs = args.jobs or size.jobs
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
-    bad = sorted(set(runs_wanted) - {"no_kd", "kd", "kd_init"})
-    if bad or not runs_wanted:
-        print(f"quality.py: --runs takes no_kd, kd, kd_init; got {args.runs!r}", file=sys.stderr)
+    problem = runs_problem(runs_wanted, args.recipe, size)
+    if problem:
+        print(f"quality.py: {problem}", file=sys.stderr)
         return 2
     corpora = Path(args.corpora) if args.corpora else default_corpora()
     if not size.sample:
@@ -380,7 +462,8 @@ def main(argv=None) -> int:
     Path(f"{stem}.md").write_text(report_markdown(result, table))
     with open(out / "sweep.jsonl", "a") as f:
         f.write(json.dumps({"tag": args.tag, "date": result["date"], "recipe": result["recipe"],
-                            "student_lr": size.student_lr, "kd_lr": args.kd_lr, "student_steps": size.student_steps,
+                            "student": arch(size.student), "student_lr": size.student_lr, "kd_lr": args.kd_lr,
+                            "student_steps": size.student_steps,
                             "perplexity": {k: v["perplexity"] for k, v in result["runs"].items()},
                             "tokens_to_no_kd_ppl": {k: v["token_efficiency"]["fraction"] for k, v in result["runs"].items()
                                                     if "token_efficiency" in v}}) + "\n")
@@ -419,21 +502,23 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
 
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
-    teacher_cfg, student_cfg = configs / "teacher.json", configs / "student.json"
-    teacher_cfg.write_text(json.dumps(gpt2_config(size.teacher, size.vocab, size.n_positions), indent=2) + "\n")
-    student_cfg.write_text(json.dumps(gpt2_config(size.student, size.vocab, size.n_positions), indent=2) + "\n")
+    teacher_cfg, student_cfg = configs / "teacher.json", configs / f"student-{arch(size.student)}.json"
+    write_config(teacher_cfg, gpt2_config(size.teacher, size.vocab, size.n_positions))
+    write_config(student_cfg, gpt2_config(size.student, size.vocab, size.n_positions))
     common = ["--n_gpu", size.n_gpu, *size.precision, "--data_file", data, "--tokenizer_name", tok,
               "--batch_size", size.batch_size, "--gradient_accumulation_steps", size.grad_accum,
               "--warmup_prop", size.warmup_prop, "--weight_decay", size.weight_decay,
               "--log_interval", size.log_interval, "--checkpoint_interval", 0, "--keep_checkpoints", 1, "--force"]
     train = [py, DIST / "train.py"]
-    # Keys also carry the data's and configs' identity, so new data or models retrain.
-    data_key = [tok_hash, None if args.dry_run else (data / "manifest.json").read_text(),
-                teacher_cfg.read_text(), student_cfg.read_text()]
+    # Keys also carry the data's and configs' identity, so new data or models retrain (the teacher
+    # only for its own config: another student width keeps it).
+    teacher_data_key = [tok_hash, None if args.dry_run else (data / "manifest.json").read_text(), teacher_cfg.read_text()]
+    data_key = teacher_data_key + [student_cfg.read_text()]
 
     teacher = out / "teacher"
     init = out / "student_init.pth"
-    specs = student_runs(args.recipe)
+    specs = student_runs(args.recipe, runs_wanted)
+    dumps = {k: topk_dump(out, k, args.recipe["T"]) for k in sorted({s["topk"] for s in specs.values() if s["topk"]})}
     jobs_list = []
     for name in runs_wanted:
         spec = specs[name]
@@ -442,7 +527,9 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         cmd = train + common + ["--student_config", student_cfg, "--max_steps", size.student_steps,
                                 "--learning_rate", lr, "--seed", args.seed, *spec["args"],
                                 "--eval_data", dev, "--eval_interval", size.eval_interval]
-        if spec["teacher"]:
+        if spec["topk"]:
+            cmd += ["--teacher_logits", dumps[spec["topk"]]]
+        elif spec["teacher"]:
             cmd += ["--teacher_name", teacher]
         if spec["init"] != "random":
             cmd += ["--student_pretrained_weights", init]
@@ -462,14 +549,23 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         steps["teacher"] = runner.run("teacher", train + common + [
             "--dump_path", teacher, "--student_config", teacher_cfg, *CLM_ONLY,
             "--max_steps", size.teacher_steps, "--learning_rate", size.teacher_lr, "--seed", 0],
-            teacher / "model.safetensors", key_extra=data_key)
+            teacher / "model.safetensors", key_extra=teacher_data_key)
         teacher_key = [data_key, steps["teacher"].get("date")]
         if "kd_init" in runs_wanted:
             steps["extract"] = runner.run(
                 "extract", [py, DIST / "scripts" / "extract.py", "--teacher", teacher,
                             "--student_config", student_cfg, "--dump_checkpoint", init], init, key_extra=teacher_key)
         futures.update({name: submit(pool, name, dump, cmd, teacher_key)
-                        for name, dump, cmd, needs_teacher in jobs_list if needs_teacher})
+                        for name, dump, cmd, needs_teacher in jobs_list if needs_teacher and not specs[name]["topk"]})
+        for k, folder in dumps.items():  # the offline teachers, one dump per k over all the training data
+            steps[f"dump_top{k}"] = runner.run(
+                f"dump_{folder.name}", [py, DIST / "scripts" / "dump_teacher_logits.py", "--teacher", teacher,
+                                        "--tokenizer_name", tok, "--data_file", data, "--output_dir", folder,
+                                        "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu,
+                                        "--force"],
+                folder / "manifest.json", key_extra=[teacher_data_key, steps["teacher"].get("date")])
+            futures.update({name: submit(pool, name, dump, cmd, teacher_key + [steps[f"dump_top{k}"].get("date")])
+                            for name, dump, cmd, _ in jobs_list if specs[name]["topk"] == k})
         for name, _, _, _ in jobs_list:
             steps[f"student_{name}"] = futures[name].result()
 
@@ -489,8 +585,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     ppl = json.loads(ppl_json.read_text())
     details = ppl["details"]
     t_ppl = ppl["perplexity"]["teacher"]
-    recipe_text = "T={T:g} ce={ce:g} clm={clm:g} cos={cos:g}".format(**args.recipe)
-    arch = lambda m: f"{m.n_layer}x{m.n_embd}"  # noqa: E731
+    recipe = recipe_text(args.recipe)
     runs = {"teacher": {"model": arch(size.teacher), "init": "random", "teacher": False, "recipe_text": "clm only",
                         "lr": size.teacher_lr, "steps": size.teacher_steps, "tokens_seen": tokens_seen(teacher),
                         "wall_s": steps["teacher"]["wall_s"], "cached": steps["teacher"]["cached"],
@@ -499,7 +594,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         spec = specs[name]
         p = ppl["perplexity"][name]
         runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
-                      "recipe_text": recipe_text if spec["teacher"] else "clm only",
+                      "teacher_topk": spec["topk"], "recipe_text": recipe if spec["teacher"] else "clm only",
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, "tensorboard": rel(dump / "log"), "path": rel(dump),
@@ -511,9 +606,9 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     date = time.strftime("%a %b %d %H:%M %Z %Y")
     title = (f"quality --size {args.size} ({date}): teacher {arch(size.teacher)}, student {arch(size.student)}, "
              f"vocab {size.vocab}, context {size.n_positions}, batch {size.batch_size}x{size.grad_accum}, "
-             f"recipe {recipe_text}, student lr {size.student_lr:g}"
+             f"recipe {recipe}, student lr {size.student_lr:g}"
              + (f" (KD students {args.kd_lr:g})" if args.kd_lr is not None else ""))
-    kd_names = [n for n in ("kd", "kd_init") if n in runs]
+    kd_names = [n for n in runs if n not in ("teacher", "no_kd")]
     verdicts = []
     if "no_kd" in runs:
         for n in kd_names:

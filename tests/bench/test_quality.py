@@ -27,9 +27,15 @@ def run_quality(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    """One --out_dir for the smoke runs of this module: the later ones reuse the tokenizer, data and teacher."""
+    return tmp_path_factory.mktemp("smoke") / "quality"
+
+
 @pytest.mark.slow
-def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path):
-    out = tmp_path / "quality"
+def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
+    out = smoke_out
     proc = run_quality("--size", "smoke", "--out_dir", out, "--report_dir", tmp_path / "report")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -104,7 +110,8 @@ def test_dry_run_gpu_size_commands(tmp_path):
     no_teacher = [line for line in lines if "--teacher_name" not in line]  # the teacher and no_kd
     assert len(no_teacher) == 2 and all("--alpha_ce 0 --alpha_clm 1 --alpha_cos 0" in line for line in no_teacher)
     kd = [line for line in lines if "--teacher_name" in line]
-    assert len(kd) == 2 and all("--temperature 1.0 --alpha_ce 0.9 --alpha_clm 0.1 --alpha_cos 0.0" in line for line in kd)
+    assert len(kd) == 2 and all("--temperature 1.0 --alpha_ce 0.9 --alpha_clm 0.1 --alpha_cos 0.0 --kd_loss fkl" in line
+                                  for line in kd)
     assert sum("--student_pretrained_weights" in line for line in lines) == 1
     assert all("--learning_rate 0.002" in line for line in kd)  # --kd_lr: the distilled students only
     assert sum("--learning_rate 0.001 " in line for line in lines) == 2  # the teacher (gpu size) and no_kd
@@ -115,6 +122,65 @@ def test_dry_run_gpu_size_commands(tmp_path):
     students = [line for line in lines if line is not teacher]
     assert all("--max_steps 1200" in line and "--eval_interval 200" in line for line in students)
     assert all(f"--eval_data {tmp_path / 'q' / 'data' / 'dev'}" in line for line in students)
+
+
+@pytest.mark.slow
+def test_smoke_objective_offline_top_k_and_narrower_student(smoke_out):
+    """One objective and one top-k offline teacher at cos=0, then a narrower student whose cosine term projects."""
+    proc = run_quality("--size", "smoke", "--out_dir", smoke_out, "--runs", "no_kd,kd,kd_top8",
+                       "--recipe", "cos=0,kd=rkl", "--tag", "topk")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((smoke_out / "results-topk.json").read_text())
+    runs = result["runs"]
+    assert list(runs) == ["teacher", "no_kd", "kd", "kd_top8"] and result["recipe"]["kd"] == "rkl"
+    assert len({runs[n]["tokens_seen"] for n in ("no_kd", "kd", "kd_top8")}) == 1  # one token budget
+    assert all(math.isfinite(runs[n]["perplexity"]) and "token_efficiency" in runs[n] for n in ("kd", "kd_top8"))
+    params = {n: json.loads((path_of(runs[n]["path"]) / "parameters.json").read_text()) for n in ("kd", "kd_top8")}
+    dump = smoke_out / "teacher_logits" / "top8-T1"
+    assert params["kd_top8"]["teacher_logits"] == str(dump) and params["kd_top8"]["teacher_name"] is None
+    assert params["kd"]["teacher_name"] == str(smoke_out / "teacher") and params["kd"]["teacher_logits"] is None
+    for p in params.values():
+        assert (p["kd_loss"], p["alpha_cos"], p["temperature"]) == ("rkl", 0, 1)
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert (manifest["top_k"], manifest["temperature"]) == (8, 1)
+    table = (smoke_out / "results-topk.md").read_text()
+    assert "| kd_top8 | 1x32 | random | top-8 offline | T=1 ce=5 clm=2 cos=0 kd=rkl |" in table
+
+    # a narrower student (the same head size, one head of 16) under the 2 x 32 teacher, with the cosine term
+    proc = run_quality("--size", "smoke", "--out_dir", smoke_out, "--runs", "kd", "--student_width", 16,
+                       "--tag", "w16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "teacher: unchanged, reused" in proc.stdout  # another student width keeps the teacher
+    runs = json.loads((smoke_out / "results-w16.json").read_text())["runs"]
+    assert [runs[n]["model"] for n in runs] == ["2x32", "1x16"]
+    config = json.loads((smoke_out / "configs" / "student-1x16.json").read_text())
+    assert (config["n_embd"], config["n_head"]) == (16, 1)
+    kd = path_of(runs["kd"]["path"])
+    assert json.loads((kd / "parameters.json").read_text())["alpha_cos"] == quality.DEFAULT_RECIPE["cos"] > 0
+    assert "a learned 16 -> 32 projection" in Path(json.loads((smoke_out / "stamps" / f"student_{kd.name}.json")
+                                                             .read_text())["log"]).read_text()
+    assert math.isfinite(runs["kd"]["perplexity"])  # evaluate.py read the exported student (no projection in it)
+
+
+def test_recipe_objective_top_k_runs_and_width_are_checked(capsys):
+    assert quality.parse_recipe("kd=jsd,cos=0") == {**quality.DEFAULT_RECIPE, "kd": "jsd", "cos": 0.0}
+    assert quality.DEFAULT_RECIPE["kd"] == "fkl"  # train.py's default --kd_loss
+    assert quality.recipe_text(quality.parse_recipe("kd=tvd")) == "T=1 ce=5 clm=2 cos=1 kd=tvd"
+    assert [quality.topk_of(r) for r in ("kd_top8", "kd_top64", "kd", "kd_top0", "kd_top")] == [8, 64, None, None, None]
+    tiny = quality.SIZES["tiny"]
+    assert quality.narrower(tiny.student, 64) == quality.Model(1, 64, 2)  # heads of 32, as the teacher's
+    assert quality.narrower(tiny.student, 48) is None
+    assert quality.main(["--size", "smoke", "--recipe", "cos=1", "--runs", "kd,kd_top8"]) == 2
+    assert "--recipe cos=0" in capsys.readouterr().err
+    assert quality.main(["--size", "smoke", "--student_width", "16", "--runs", "kd_init"]) == 2
+    assert "teacher's width" in capsys.readouterr().err
+    assert quality.main(["--size", "smoke", "--student_width", "24"]) == 2
+    assert "head size" in capsys.readouterr().err
+    assert quality.main(["--size", "smoke", "--runs", "kd_top0"]) == 2
+    assert "kd_topK" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--size", "smoke", "--recipe", "kd=kl"])
+    assert exit_info.value.code == 2 and "kd is one of fkl, rkl" in capsys.readouterr().err
 
 
 def test_missing_corpora_and_bad_arguments_exit_2(tmp_path):

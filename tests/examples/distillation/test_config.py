@@ -89,14 +89,14 @@ def load_bench(name: str):
 def test_quality_default_recipe_is_the_recipe():
     quality = load_bench("quality")
     expected = {"T": RECOMMENDED["temperature"], "ce": RECOMMENDED["alpha_ce"], "clm": RECOMMENDED["alpha_clm"],
-                "cos": RECOMMENDED["alpha_cos"]}
+                "cos": RECOMMENDED["alpha_cos"], "kd": config.parse_config(REQUIRED).kd_loss}
     assert quality.DEFAULT_RECIPE == expected
     assert quality.build_parser().parse_args([]).recipe == expected
     # the students' loss flags are valid train.py settings: with a teacher, and without one
-    runs = quality.student_runs(quality.DEFAULT_RECIPE)
+    runs = quality.student_runs(quality.DEFAULT_RECIPE, ["no_kd", "kd"])
     kd = config.parse_config(REQUIRED + ["--n_gpu", "0", *map(str, runs["kd"]["args"])])
-    assert {k: getattr(kd, k) for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")} == \
-        {k: RECOMMENDED[k] for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")}
+    assert {k: getattr(kd, k) for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos", "kd_loss")} == \
+        {**{k: RECOMMENDED[k] for k in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos")}, "kd_loss": "fkl"}
     alone = ["--data_file", "data", "--student_config", "s.json", "--tokenizer_name", "tok", "--n_gpu", "0"]
     no_kd = config.parse_config(alone + [str(a) for a in runs["no_kd"]["args"]])
     assert (no_kd.alpha_ce, no_kd.alpha_clm, no_kd.alpha_mse, no_kd.alpha_cos) == (0, 1, 0, 0)
