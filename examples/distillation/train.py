@@ -31,12 +31,12 @@ from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
-from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
 from perplexity import load_eval_sequences  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
 from token_cache import write_cache  # noqa: E402
 from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
                    set_seed, setup_logging)
+from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
 TEACHER_LOGITS = "teacher_logits.json"  # in dump_path: the manifest of --teacher_logits, for --resume to compare
