@@ -20,7 +20,8 @@ from config import amp_dtype
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum, real_mask
+from losses import (LOGIT_TERMS, KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
+                    real_mask)
 from perplexity import shared_perplexity
 from sharding import is_sharded
 from training_log import LOSS_TERMS, TrainingLog
@@ -248,11 +249,11 @@ class Distiller:
         if want["ce"] or want["clm"] or want["mse"]:
             if self.fused_loss:
                 enabled = (want["ce"], want["clm"], want["mse"])
-                out = fused_logit_terms(
-                    s_hidden, head, token_ids, lengths, self.step_weights[:3], enabled, self.kd,
+                out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
+                    s_hidden, head, token_ids, lengths, self.step_weights[:len(LOGIT_TERMS)], enabled, self.kd,
                     t_h=t_hidden if want["ce"] and topk is None or want["mse"] else None, t_head=t_head,
                     teacher_topk=topk, dtype=self.amp_dtype or torch.float32, chunk_fn=self.chunk_fn)
-                sums = {k: out[i] for i, k in enumerate(LOSS_TERMS[:3]) if want[k]}
+                sums = {k: out[i] for i, k in enumerate(LOGIT_TERMS) if want[k]}
             else:
                 sums = self.plain_logit_terms(s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want)
         if want["cos"]:
