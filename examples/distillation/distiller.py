@@ -1,6 +1,7 @@
 """The training loop: a frozen teacher, a student, and the weighted sum of the loss terms."""
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -86,27 +87,6 @@ def head_of(lm, vocab_size: int):
     return head.weight[:vocab_size], bias
 
 
-class PadToMultiple:
-    """Collate, then pad the sequence dimension up to a multiple of `multiple` (at most `cap`).
-
-    Fewer distinct shapes, so compiled graphs are reused instead of recompiled. `cap` is the longest
-    sequence of the dataset, so padding never goes beyond the model context. A top-level class, so that
-    DataLoader workers can pickle it; padding happens before pinning, so the copy stays asynchronous.
-    """
-
-    def __init__(self, collate, multiple: int, cap: int, pad_id: int):
-        self.collate, self.multiple, self.cap, self.pad_id = collate, multiple, cap, pad_id
-
-    def __call__(self, items):
-        batch = self.collate(items)
-        seq = batch[0].size(1)
-        extra = min(-(-seq // self.multiple) * self.multiple, self.cap) - seq
-        if extra <= 0:
-            return batch
-        token_ids = F.pad(batch[0], (0, extra), value=self.pad_id)
-        return (token_ids, batch[1], *(F.pad(x, (0, 0, 0, extra)) for x in batch[2:]))
-
-
 @dataclass
 class PendingStep:
     """What the host learns of a step once the device has done it: read one step late (see settle)."""
@@ -162,8 +142,8 @@ class Distiller:
         else:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
-        collate = PadToMultiple(dataset.batch_sequences, params.pad_multiple, int(dataset.lengths.max()),
-                                dataset.ids.pad)
+        # Padded to --pad_multiple in the collate itself (before pinning, so the copy stays asynchronous).
+        collate = functools.partial(dataset.batch_sequences, multiple=params.pad_multiple)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
         self.dataloader = DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=collate,

@@ -5,6 +5,7 @@ writes, and what the upstream example's binarized_data.py wrote), each one `<s> 
 sequence; here they are cut to the model context, filtered and padded into batches.
 """
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +85,16 @@ class LmSeqsDataset(Dataset):
             return self.sequences[index]
         return (self.sequences[index], *self.teacher_topk[index])
 
-    def batch_sequences(self, batch: list) -> tuple[torch.Tensor, ...]:
-        """Pad to the longest sequence: (token_ids (B, S) int64, lengths (B,) int64), and with an offline
-        teacher also (topk_ids (B, S, k) int64, topk_logprobs (B, S, k) float32), padded with 0
+    def batch_sequences(self, batch: list, multiple: int = 1) -> tuple[torch.Tensor, ...]:
+        """Pad to the longest sequence, its length rounded up to a multiple of `multiple` (but never beyond
+        the dataset's longest sequence, so never beyond the model context): fewer distinct shapes, so
+        compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), and with an
+        offline teacher also (topk_ids (B, S, k) int64, topk_logprobs (B, S, k) float32), padded with 0
         (padded positions are beyond `lengths`: masked)."""
         if self.teacher_topk is None:
-            return self.pad_tokens(batch)
+            return self.pad_tokens(batch, multiple)
         sequences, topk_ids, topk_logprobs = zip(*batch)
-        token_ids, lengths = self.pad_tokens(sequences)
+        token_ids, lengths = self.pad_tokens(sequences, multiple)
         shape = (*token_ids.shape, self.teacher_topk.top_k)
         ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.float32)
         for row, (row_ids, row_logprobs) in enumerate(zip(topk_ids, topk_logprobs)):
@@ -99,9 +102,16 @@ class LmSeqsDataset(Dataset):
             logprobs[row, : len(row_logprobs)] = torch.from_numpy(row_logprobs.astype(np.float32))
         return token_ids, lengths, ids, logprobs
 
-    def pad_tokens(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_tokens(self, batch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
-        token_ids = torch.full((len(batch), int(lengths.max())), self.ids.pad, dtype=torch.long)
+        longest = int(lengths.max())
+        width = max(longest, min(-(-longest // multiple) * multiple, self.longest))
+        token_ids = torch.full((len(batch), width), self.ids.pad, dtype=torch.long)
         for row, seq in enumerate(batch):
             token_ids[row, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
         return token_ids, lengths
+
+    @functools.cached_property
+    def longest(self) -> int:
+        """The longest sequence of the dataset (every sequence fits the model context)."""
+        return int(self.lengths.max()) if len(self.lengths) else 0

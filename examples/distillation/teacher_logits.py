@@ -80,11 +80,6 @@ def tokenizer_identity(tokenizer, source, ids) -> dict:
             "spiece_sha256": spiece, "vocab_sha256": hashlib.sha256(table.encode()).hexdigest()}
 
 
-def context_of(config) -> int | None:
-    """A model's context in tokens, whatever its family calls it."""
-    return models.max_positions(config)
-
-
 def weights_sha256(model) -> str:
     """sha256 over the state dict as loaded (sorted names; each name, dtype, shape and bytes): ties the
     logits to these weights, not just to an architecture (two fine-tunes share a config)."""
@@ -99,7 +94,7 @@ def weights_sha256(model) -> str:
 def teacher_identity(model, name) -> dict:
     config = model.config
     return {"name": str(name), "model_type": config.model_type, "vocab_size": config.vocab_size,
-            "context": context_of(config), "bos_token_id": getattr(config, "bos_token_id", None),
+            "context": models.max_positions(config), "bos_token_id": getattr(config, "bos_token_id", None),
             "eos_token_id": getattr(config, "eos_token_id", None), "weights_sha256": weights_sha256(model)}
 
 
@@ -125,7 +120,7 @@ def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None)
             raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
     if top_k > vocab_size:
         raise UsageError(f"--top_k {top_k} exceeds the tokenizer's {vocab_size} ids")
-    context = context_of(config)
+    context = models.max_positions(config)
     if max_len is None:
         if context is None:
             raise UsageError("the teacher's config gives no context length: pass --max_len")
