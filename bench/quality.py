@@ -78,7 +78,7 @@ import config  # noqa: E402  (train.py's flags; its defaults are the project's r
 import plots  # noqa: E402
 from distil_ja.cli import DataError  # noqa: E402
 from losses import KD_LOSSES  # noqa: E402
-from training_log import read_records  # noqa: E402
+from records import read_records  # noqa: E402
 
 # The KD students' default loss settings: the project's recipe, as train.py's defaults hold it.
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],

@@ -4,7 +4,7 @@
     python data_prep/binarize.py --input corpus/jawiki/doc_data corpus/cc100/doc_data \
         --tokenizer rinna/japanese-gpt2-medium --output_dir data/binarized --num_workers 16
 
-Tokenization is exactly the teacher's training recipe (data_prep.tokenization.DocumentEncoder):
+Tokenization is exactly the teacher's training recipe (distil_ja.tokenization.DocumentEncoder):
 NFKC + explicit lowercasing (transformers ignores rinna's do_lower_case), each line encoded
 separately and the ids concatenated, and each document (--unit doc, rinna, default) or each
 line (--unit line, knok) wrapped in <s> ... </s>.  No </s> is appended by a tokenizer call
@@ -68,7 +68,7 @@ from tqdm import tqdm
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
+from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
 from distil_ja import shards
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 

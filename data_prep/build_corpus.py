@@ -50,7 +50,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.text_clean import clean_wiki_text, has_math, normalize_line, split_sentences
-from data_prep.tokenization import find_inputs, open_binary
+from distil_ja.tokenization import find_inputs, open_binary
 from distil_ja import fileio
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 

@@ -8,7 +8,7 @@ The output directory loads with ``AutoTokenizer.from_pretrained(dir)`` and with
 
 Normalization is sentencepiece's ``nmt_nfkc``; the training text is NFKC-normalized
 and lowercased first, so the vocabulary is lowercase (as rinna's).  Text must be
-lowercased before encoding with it (``data_prep.tokenization.DocumentEncoder`` does).
+lowercased before encoding with it (``distil_ja.tokenization.DocumentEncoder`` does).
 
 Usage:
     python data_prep/make_tokenizer.py --input doc_data/ --vocab_size 32000 --output_dir tok/
@@ -28,7 +28,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
+from distil_ja.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
 from distil_ja import fileio
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 

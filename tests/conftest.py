@@ -59,7 +59,7 @@ def tiny_setup(tmp_path_factory, tiny_tokenizer):
 def offline_setup(tiny_setup, tmp_path_factory):
     """The tiny setup with data in the tokenizer's ids (the teacher's 192 logits are padded beyond its
     vocabulary, "vocab"), many sequences longer than the dumps' max_len of 32."""
-    from data_prep.tokenization import load_tokenizer
+    from distil_ja.tokenization import load_tokenizer
 
     vocab = len(load_tokenizer(str(tiny_setup["tokenizer"])))
     folder = tmp_path_factory.mktemp("offline")

@@ -40,7 +40,7 @@ def grow_vocabulary(model_bytes: bytes, lines: list[str]) -> bytes:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    from data_prep.tokenization import normalize_text
+    from distil_ja.tokenization import normalize_text
 
     proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -94,7 +94,7 @@ def plain_shard_sequences(data_dir) -> list[np.ndarray]:
 
 
 def test_binarize_writes_int32_shards_with_ids_above_uint16(large):
-    from data_prep.tokenization import DocumentEncoder, iter_documents
+    from distil_ja.tokenization import DocumentEncoder, iter_documents
 
     manifest = json.loads((large["data"] / "manifest.json").read_text())
     assert manifest["dtype"] == "int32"

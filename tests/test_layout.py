@@ -67,3 +67,50 @@ def test_the_shared_base_imports_nothing_above_it():
         assert not above & set(imported_roots(path)), path
     for path in (REPO / "data_prep").glob("*.py"):
         assert not (above - {"data_prep"}) & set(imported_roots(path)), path
+
+
+def local_import_graph():
+    """Module name -> the project modules it imports anywhere in its body (function-level imports too)."""
+    files = {p.stem: p for p in (REPO / "examples" / "distillation").glob("*.py")}
+    files |= {f"{folder}.{p.stem}": p for folder in ("distil_ja", "data_prep") for p in (REPO / folder).glob("*.py")
+              if p.stem != "__init__"}
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = sorted(deps & set(files) - {name})
+    return graph
+
+
+def test_no_import_cycle():
+    """An import cycle (plots <-> training_log was one) makes import order matter and hides a shared concern."""
+    graph = local_import_graph()
+    assert "training_log" in graph["plots"] or "records" in graph["plots"]  # the graph sees imports
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in graph[node]:
+            if state.get(dep) == "open":
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_tokenization_lives_in_the_shared_base():
+    """Training and data preparation share tokenization through distil_ja, not through data_prep/."""
+    assert (REPO / "distil_ja" / "tokenization.py").is_file()
+    assert not (REPO / "data_prep" / "tokenization.py").exists()
+    for path in (REPO / "examples" / "distillation").rglob("*.py"):
+        assert "data_prep" not in set(imported_roots(path)), path

@@ -24,8 +24,9 @@ from lm_seqs_dataset import LmSeqsDataset
 from losses import (LOGIT_TERMS, KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
                     real_mask)
 from perplexity import shared_perplexity
+from records import LOSS_TERMS
 from sharding import is_sharded
-from training_log import LOSS_TERMS, TrainingLog
+from training_log import TrainingLog
 from utils import Runtime, inject_fault
 
 logger = logging.getLogger("distillation")

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from checkpoint import STATE_FILE, list_checkpoints  # noqa: E402
-from data_prep.tokenization import DocumentEncoder, load_tokenizer, resolve_spiece  # noqa: E402
+from distil_ja.tokenization import DocumentEncoder, load_tokenizer, resolve_spiece  # noqa: E402
 from distil_ja import fileio  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
 
@@ -132,7 +132,7 @@ def export_tokenizer(source: str, output_dir: Path, model_max_length: int | None
 
     backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
     if "Lowercase" not in json.dumps(json.loads(backend.to_str()).get("normalizer")):
-        steps = [normalizers.NFKC(), normalizers.Lowercase()]  # = data_prep.tokenization.normalize_text
+        steps = [normalizers.NFKC(), normalizers.Lowercase()]  # = distil_ja.tokenization.normalize_text
         backend.normalizer = normalizers.Sequence(steps + ([backend.normalizer] if backend.normalizer else []))
     backend.post_processor = processors.TemplateProcessing(
         single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B", special_tokens=[(tok.bos_token, tok.bos_token_id)])

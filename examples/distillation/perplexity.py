@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_prep.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
+from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from distil_ja import shards
 from distil_ja.cli import DataError, UsageError, first_line
 from models import max_positions

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from distil_ja import fileio
 from distil_ja.cli import DataError, UsageError, first_line
-from training_log import LOSS_TERMS, read_records
+from records import LOSS_TERMS, read_records
 
 PLOT_FILE = "curves.png"  # train.py's picture in DUMP_PATH
 PANEL_INCHES = (4.0, 2.9)

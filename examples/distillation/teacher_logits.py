@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from data_prep.tokenization import resolve_spiece, sha256_file
+from distil_ja.tokenization import resolve_spiece, sha256_file
 from distil_ja import fileio, shards
 from distil_ja.cli import DataError, UsageError, first_line
 from token_cache import OFFSETS

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
-from data_prep.tokenization import load_tokenizer  # noqa: E402
+from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distil_ja import fileio, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distiller import Distiller  # noqa: E402

@@ -7,7 +7,7 @@ same normalisation as the loss), written, and reset. The window is part of a che
 
 Each metrics.jsonl line and each evaluation carries `tokens_seen` (the Distiller's count: real tokens
 of every step so far, all ranks), so that runs with other batch shapes share one axis (plots.py draws
-them; `read_records` reads them back).
+them; `records.read_records` reads them back).
 
 Nothing here reads the device per step: a step's sums and counts are added on the device, and read
 when a line is written.
@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import plots
 from distil_ja import fileio
 from distil_ja.cli import DataError
+from records import EVAL_RESULTS, LOSS_TERMS, METRICS
 
 logger = logging.getLogger("distillation")
 
-LOSS_TERMS = ("ce", "clm", "mse", "cos")  # the order of the sums in a step's tensor; "ce" is the KD term
-METRICS = "metrics.jsonl"
-EVAL_RESULTS = "eval_results.json"
 
 
 class TrainingLog:
@@ -149,8 +148,6 @@ class TrainingLog:
         """
         if not self.plots:
             return
-        import plots  # here, not at the top: plots reads what this module writes, and imports it
-
         try:
             plots.write_plot([self.dump_path], self.dump_path / plots.PLOT_FILE)
         except (plots.PlotsUnavailable, DataError) as err:
@@ -161,35 +158,3 @@ class TrainingLog:
         self.plot()
         if self.writer is not None:
             self.writer.close()
-
-
-def read_records(dump_path) -> tuple[list[dict], list[dict]]:
-    """A run's metrics.jsonl lines and evaluations (eval_results.json's history), as written above.
-
-    A folder holding neither file is not a run: DataError, one line naming it.
-    """
-    dump_path = Path(dump_path)
-    metrics_file, eval_file = dump_path / METRICS, dump_path / EVAL_RESULTS
-    if not dump_path.is_dir():
-        raise DataError(f"{dump_path} is not a folder")
-    if not metrics_file.is_file() and not eval_file.is_file():
-        raise DataError(f"{dump_path} is not a training run: it holds neither {METRICS} nor {EVAL_RESULTS}")
-    metrics = []
-    if metrics_file.is_file():
-        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
-            if line.strip():
-                metrics.append(parse_json(line, f"{metrics_file}, line {number}"))
-    evaluations = []
-    if eval_file.is_file():
-        last = parse_json(eval_file.read_text(), str(eval_file))
-        if not isinstance(last, dict):
-            raise DataError(f"{eval_file} holds no evaluation record")
-        evaluations = last.get("history", [last])  # a file without history holds one evaluation
-    return metrics, evaluations
-
-
-def parse_json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where} is not valid JSON ({err.msg})") from err

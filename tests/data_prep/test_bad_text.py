@@ -8,7 +8,7 @@ import os
 import pytest
 
 from data_prep import binarize as binarize_mod
-from data_prep.tokenization import iter_documents
+from distil_ja.tokenization import iter_documents
 from data_prep_fixtures import tiny_tokenizer_dir, training_text
 
 HANGUL = "한국어로 쓴 문장입니다. 학교에 갔습니다."  # the tiny tokenizer has no Hangul: half <unk>

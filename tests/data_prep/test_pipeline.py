@@ -12,7 +12,7 @@ import pytest
 from data_prep import binarize as binarize_mod
 from data_prep import build_corpus
 from data_prep.binarize import binarize
-from data_prep.tokenization import iter_documents
+from distil_ja.tokenization import iter_documents
 from distil_ja.cli import DataError
 from distil_ja.shards import dtype_for_vocab, load_manifest, read_shard
 from helpers import REPO as REPO_PATH

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer, T5Tokenizer
 
 from data_prep import make_tokenizer
-from data_prep.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
+from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from data_prep_fixtures import sentence, tiny_tokenizer_dir, training_text
 
 LAYOUT = ["<unk>", "<s>", "</s>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]

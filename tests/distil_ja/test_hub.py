@@ -57,7 +57,7 @@ def test_a_cached_name_needs_no_hub(no_hub, tmp_path):
 
 
 def test_tokenizer_loading_does_not_fall_back_to_an_empty_tokenizer(no_hub):
-    from data_prep.tokenization import load_tokenizer
+    from distil_ja.tokenization import load_tokenizer
 
     with pytest.raises(UsageError, match="cannot be reached"):
         load_tokenizer("someorg/somemodel")

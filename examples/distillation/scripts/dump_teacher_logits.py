@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import PRECISIONS, amp_dtype, resolve_precision  # noqa: E402
-from data_prep.tokenization import load_tokenizer  # noqa: E402
+from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distil_ja import shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
 from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402

@@ -13,7 +13,7 @@ import plots
 import train
 from distil_ja.cli import DataError
 from helpers import random_sequences, train_args, write_shard
-from training_log import read_records
+from records import read_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

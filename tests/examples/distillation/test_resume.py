@@ -219,7 +219,7 @@ def _bad_inputs(setup, tmp):
     other_model = tmp / "other_model_dir"
     other_model.mkdir()
     write_shard(other_model / "00000.pickle", good)
-    from data_prep.tokenization import load_tokenizer
+    from distil_ja.tokenization import load_tokenizer
 
     (other_model / "manifest.json").write_text(json.dumps({"format": "distil-ja/binarized/v1",
         "tokenizer": {"vocab_size": len(load_tokenizer(str(setup["tokenizer"]))), "spiece_sha256": "0" * 64},

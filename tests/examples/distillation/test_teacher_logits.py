@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import teacher_logits
-from data_prep.tokenization import load_tokenizer
+from distil_ja.tokenization import load_tokenizer
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, DataError
 from distil_ja.shards import load_sequences
 from helpers import DUMP_PY, REPO, dump_args, dump_script, free_port, random_sequences, write_shard

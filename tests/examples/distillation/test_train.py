@@ -72,7 +72,7 @@ def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tmp_path):
     train.run(second)
     assert (tmp_path / "second" / "model.safetensors").is_file()
 
-    from data_prep.tokenization import DocumentEncoder
+    from distil_ja.tokenization import DocumentEncoder
 
     text = ["今日はPythonで電車の本を読んだ。"]
     assert DocumentEncoder(str(tmp_path / "second")).encode_document(text) == \
