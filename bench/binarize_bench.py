@@ -30,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil_ja.tokenization import iter_documents, load_tokenizer, normalize_text  # noqa: E402
 from distil_ja.shards import load_manifest, load_sequences  # noqa: E402
+from distil_ja.tokenization import iter_documents, load_tokenizer, normalize_text  # noqa: E402
 
 
 def write_docs(docs, path):

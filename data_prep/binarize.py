@@ -68,9 +68,9 @@ from tqdm import tqdm
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
-from distil_ja import shards
+from distil_ja import outputs, shards
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
 
 logger = logging.getLogger("binarize")
 
@@ -301,22 +301,17 @@ class ShardWriter:
 
 
 def prepare_output_dir(output_dir, overwrite):
-    """An empty output folder, or (--overwrite) one cleared of an earlier output's files.
+    """An empty output folder, or (--overwrite) an earlier output of this toolkit, emptied.
 
-    The old manifest goes first, so an interrupted overwrite never looks complete again.
+    What --overwrite may delete is distil_ja.outputs' rule (checked by check_output_dir before
+    anything is read). The old manifest goes first, so an interrupted overwrite never looks complete again.
     """
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UsageError(f"{output_dir} exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not overwrite:
-            raise UsageError(f"{output_dir} is not empty; pass --overwrite to replace its shards")
+    if outputs.will_replace(output_dir, overwrite, "--overwrite", "--output_dir"):
         manifest = os.path.join(output_dir, shards.MANIFEST)
         if os.path.exists(manifest):
             os.remove(manifest)
-        for name in os.listdir(output_dir):
-            if name.endswith((".pickle", ".pickle.tmp", ".json.tmp")):
-                os.remove(os.path.join(output_dir, name))
-    os.makedirs(output_dir, exist_ok=True)
+        outputs.empty(output_dir)
+    outputs.claim(output_dir, "binarize.py")
 
 
 def check_options(unit, shard_size, lines_per_chunk, num_workers):
@@ -401,6 +396,7 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
     re-raised saying the output is incomplete.
     """
     check_options(unit, shard_size, lines_per_chunk, num_workers)
+    outputs.will_replace(output_dir, overwrite, "--overwrite", "--output_dir")  # refused before any reading
     files = find_inputs(inputs)
     encoder = load_encoder(tokenizer, lowercase)
     t0 = time.time()

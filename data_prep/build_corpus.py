@@ -39,7 +39,6 @@ import logging
 import lzma
 import os
 import random
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -50,9 +49,9 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.text_clean import clean_wiki_text, has_math, normalize_line, split_sentences
-from distil_ja.tokenization import find_inputs, open_binary
-from distil_ja import fileio
+from distil_ja import fileio, outputs
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.tokenization import find_inputs, open_binary
 
 logger = logging.getLogger("build_corpus")
 
@@ -202,15 +201,23 @@ def check_options(source, lines_per_file):
 
 
 def prepare_output(output_dir, overwrite):
-    """(train_dir, dev_dir): an earlier run's folders are refused (UsageError) or, with
-    overwrite, removed, so no file of an earlier run is mixed into this one."""
+    """(train_dir, dev_dir): an earlier run's folders are refused (UsageError) or, with overwrite,
+    emptied, so no file of an earlier run is mixed into this one. Each is deleted only under
+    distil_ja.outputs' rule (it holds this toolkit's marker, or nothing): a doc_data/ of your own
+    is refused, however it got there."""
     dirs = (os.path.join(output_dir, "doc_data"), os.path.join(output_dir, "dev_data"))
     for d in dirs:
-        if os.path.exists(d):
-            if not overwrite:
-                raise UsageError(f"{d} exists; pass --overwrite to replace it")
-            shutil.rmtree(d)
+        if outputs.will_replace(d, overwrite, "--overwrite"):
+            outputs.empty(d)
+        outputs.claim(d, "build_corpus.py")
     return dirs
+
+
+def check_output(output_dir, overwrite):
+    """Everything prepare_output would refuse, refused before anything is read or written."""
+    outputs.check_folder(output_dir, "--output_dir")
+    for d in ("doc_data", "dev_data"):
+        outputs.will_replace(os.path.join(output_dir, d), overwrite, "--overwrite")
 
 
 def iter_source_docs(source, files, stats, *, doc_per_line, split, min_chars, max_chars):
@@ -287,6 +294,7 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
     for damaged inputs or inputs without a document.
     """
     check_options(source, lines_per_file)
+    check_output(output_dir, overwrite)
     files = find_inputs(inputs, suffixes=INPUT_SUFFIXES)
     stats = Stats()
     stats_path = os.path.join(output_dir, "stats.json")

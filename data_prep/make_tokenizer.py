@@ -28,9 +28,9 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil_ja.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
-from distil_ja import fileio
+from distil_ja import fileio, outputs
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
 
 logger = logging.getLogger("make_tokenizer")
 
@@ -71,7 +71,7 @@ def _iter_training_lines(paths, max_lines, seed):
 
 def write_tokenizer_files(model_path_or_bytes, output_dir, model_max_length=1024):
     """Write spiece.model + tokenizer_config.json + special_tokens_map.json to output_dir."""
-    os.makedirs(output_dir, exist_ok=True)
+    outputs.claim(output_dir, "make_tokenizer.py")  # marked when new or empty (--overwrite's rule)
     target = os.path.join(output_dir, "spiece.model")
     if isinstance(model_path_or_bytes, (bytes, bytearray)):
         fileio.write_bytes(target, model_path_or_bytes)
@@ -196,8 +196,11 @@ def build_parser():
 
 def run(argv):
     args = build_parser().parse_args(argv)
-    if os.path.exists(os.path.join(args.output_dir, "spiece.model")) and not args.overwrite:
-        raise UsageError(f"{args.output_dir} already holds a tokenizer; pass --overwrite")
+    outputs.check_folder(args.output_dir, "--output_dir")
+    if os.path.exists(os.path.join(args.output_dir, "spiece.model")):
+        if not args.overwrite:
+            raise UsageError(f"{args.output_dir} already holds a tokenizer; pass --overwrite")
+        outputs.will_replace(args.output_dir, True, "--overwrite", "--output_dir")  # only a folder this toolkit wrote
     train_tokenizer(
         args.input, args.vocab_size, args.output_dir,
         character_coverage=args.character_coverage, max_sentences=args.max_sentences,

@@ -25,6 +25,7 @@ Exit status: 0 done, 2 bad arguments or unusable inputs.
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from checkpoint import STATE_FILE, list_checkpoints  # noqa: E402
-from distil_ja.tokenization import DocumentEncoder, load_tokenizer, resolve_spiece  # noqa: E402
-from distil_ja import fileio  # noqa: E402
+from distil_ja import fileio, outputs  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
+from distil_ja.tokenization import DocumentEncoder, load_tokenizer, resolve_spiece  # noqa: E402
 
 logger = logging.getLogger("distillation.export")
 
@@ -199,7 +200,24 @@ def architecture(model) -> str:
     return f"{type(model).__name__} ({c.model_type}; {', '.join(shape)})"
 
 
-def model_card(model, params: dict | None, perplexities: dict[str, float], eval_data: str | None, name: str) -> str:
+def public_path(value, dump_path: Path | None):
+    """A path as the card shows it: relative to the dump path when inside it, else its name alone.
+
+    The card is published with the model: the folders of the machine it was trained on (a home
+    folder, a user name) are not. Hub names (org/name that is no local path) and non-paths stay.
+    """
+    if isinstance(value, list):
+        return [public_path(v, dump_path) for v in value]
+    if not isinstance(value, str) or not (os.path.isabs(value) or os.path.exists(value)):
+        return value
+    path = Path(value).resolve()
+    if dump_path is not None and path.is_relative_to(dump_path.resolve()):
+        return str(path.relative_to(dump_path.resolve())) or "."
+    return path.name
+
+
+def model_card(model, params: dict | None, perplexities: dict[str, float], eval_data: str | None, name: str,
+               dump_path: Path | None = None) -> str:
     c = model.config
     lines = [
         "---", "language: ja", "library_name: transformers", "pipeline_tag: text-generation",
@@ -223,12 +241,14 @@ def model_card(model, params: dict | None, perplexities: dict[str, float], eval_
                 "gradient_accumulation_steps", "n_epoch", "max_steps", "warmup_prop", "weight_decay",
                 "world_size", "precision", "fp16", "bf16", "seed"]
         lines += ["## Training recipe", "", "| parameter | value |", "|---|---|"]
-        lines += [f"| {k} | {json.dumps(params[k], ensure_ascii=False)} |" for k in keys if k in params]
+        lines += [f"| {k} | {json.dumps(public_path(params[k], dump_path), ensure_ascii=False)} |"
+                  for k in keys if k in params]
         lines += [""]
     if perplexities:
         lines += ["## Perplexity", ""]
         if eval_data:
-            lines += [f"Held-out data: {eval_data}. Token-weighted perplexity (examples/distillation/evaluate.py).", ""]
+            lines += [f"Held-out data: {public_path(eval_data, dump_path)}. Token-weighted perplexity "
+                      "(examples/distillation/evaluate.py).", ""]
         lines += ["| model | perplexity |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in perplexities.items() if isinstance(v, (int, float))]
         lines += [""]
@@ -242,8 +262,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
            perplexity_files: list[str] = (), eval_data: str | None = None, dtype: str = "float32",
            force: bool = False, name: str | None = None) -> Path:
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out} exists and is not empty; pass --force to overwrite it")
+    replaces = outputs.will_replace(out, force, "--force", "--output_dir")  # the deletion rule (distil_ja.outputs)
     model, dump_path, params = load_student(checkpoint, config)
     if tokenizer is None:
         tokenizer = params.get("tokenizer_name") or params.get("teacher_name")
@@ -251,9 +270,10 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
             raise UsageError("name the tokenizer with --tokenizer (no parameters.json says which)")
         logger.info("Tokenizer from parameters.json: %s", tokenizer)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if replaces:
+        logger.info("--force: deleting what %s holds (an earlier export)", out)
+        outputs.empty(out)
+    outputs.claim(out, "export.py")
     tok = export_tokenizer(tokenizer, out, models.max_positions(model.config))
     if len(tok) > model.config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tok)} tokens, the model's vocabulary {model.config.vocab_size}")
@@ -271,7 +291,7 @@ def export(checkpoint: str, tokenizer: str | None, output_dir: str, config: str 
     model.to(getattr(torch, dtype)).save_pretrained(str(out), safe_serialization=True)
 
     perplexities = read_perplexities(list(perplexity_files), dump_path)
-    card = model_card(model, params, perplexities, eval_data, name or out.name)
+    card = model_card(model, params, perplexities, eval_data, name or out.name, dump_path)
     (out / "README.md").write_text(card + "\n", encoding="utf-8")
     logger.info("Exported %s to %s (%s)", checkpoint, out, ", ".join(sorted(p.name for p in out.iterdir())))
     return out

@@ -18,8 +18,8 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 
 import torch  # noqa: E402
 
-from distil_ja.tokenization import load_tokenizer, normalize_text  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, first_line, run_command, setup_logging  # noqa: E402
+from distil_ja.tokenization import load_tokenizer, normalize_text  # noqa: E402
 from models import load_causal_lm  # noqa: E402
 from utils import silence_attention_mask_advice  # noqa: E402
 

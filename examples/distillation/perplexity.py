@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from distil_ja import shards
 from distil_ja.cli import DataError, UsageError, first_line
+from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from models import max_positions
 
 logger = logging.getLogger("distillation.evaluate")

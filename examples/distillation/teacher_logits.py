@@ -39,9 +39,9 @@ import torch
 from tqdm import tqdm
 
 import models
-from distil_ja.tokenization import resolve_spiece, sha256_file
 from distil_ja import fileio, shards
 from distil_ja.cli import DataError, UsageError, first_line
+from distil_ja.tokenization import resolve_spiece, sha256_file
 from token_cache import OFFSETS
 
 FORMAT = "distil-ja/teacher-topk/v1"

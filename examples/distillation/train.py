@@ -25,9 +25,9 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
-from distil_ja.tokenization import load_tokenizer  # noqa: E402
-from distil_ja import fileio, shards  # noqa: E402
+from distil_ja import fileio, outputs, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
+from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
@@ -46,6 +46,7 @@ def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
     """Refuse a dump path that a live run holds, an overwrite, or a resume with settings the run
     cannot continue under. Changes nothing (collective: every rank checks its own lock)."""
     dump_path = Path(params.dump_path)
+    outputs.check_folder(dump_path, "--dump_path")
     raise_first_error(attempt(DumpPathLock(dump_path, runtime.global_rank).check))
     if params.resume:
         if not (dump_path / "parameters.json").is_file():
@@ -60,8 +61,10 @@ def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
                              f"{', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'force'}))} may change")
         for k in sorted(set(changed) - {"resume", "force"}):
             logger.info("Resuming with --%s changed from %r to %r", k, *changed[k])
-    elif dump_path.exists() and any(dump_path.iterdir()) and not params.force:
+    elif not params.force and dump_path.is_dir() and outputs.is_marked(dump_path) and outputs.entries(dump_path):
         raise UsageError(f"{dump_path} exists and is not empty; pass --resume to continue it or --force to overwrite it")
+    else:  # what --force may delete: distil_ja.outputs' rule, for every command
+        outputs.will_replace(dump_path, params.force, "--force", "--dump_path")
 
 
 def prepare_dump_path(params, runtime: Runtime) -> tuple[Runtime, DumpPathLock]:
@@ -80,10 +83,10 @@ def prepare_dump_path(params, runtime: Runtime) -> tuple[Runtime, DumpPathLock]:
     runtime = replace(runtime, writes_node_copy=writes and not runtime.is_master)
     if writes:
         forget_marker(dump_path)
-        if params.force:
-            logger.info("--force: deleting %s", dump_path)
-            shutil.rmtree(dump_path)
-            dump_path.mkdir(parents=True)
+        if params.force and outputs.entries(dump_path):
+            logger.info("--force: deleting what %s holds (an earlier output of this toolkit)", dump_path)
+            outputs.empty(dump_path)
+        outputs.claim(dump_path, "train.py", adopt=params.resume)  # a resumed run predating markers
         remove_leftovers(dump_path)
     if runtime.is_distributed:
         torch.distributed.barrier()  # the folder exists (and --force emptied it) before any rank locks it

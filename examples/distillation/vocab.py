@@ -6,8 +6,8 @@ Used by train.py and scripts/dump_teacher_logits.py, which must read and check t
 import shutil
 from pathlib import Path
 
-from distil_ja.tokenization import resolve_spiece, sha256_file
 from distil_ja.cli import UsageError
+from distil_ja.tokenization import resolve_spiece, sha256_file
 from lm_seqs_dataset import SpecialIds
 from utils import logger
 

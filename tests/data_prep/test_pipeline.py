@@ -12,9 +12,9 @@ import pytest
 from data_prep import binarize as binarize_mod
 from data_prep import build_corpus
 from data_prep.binarize import binarize
-from distil_ja.tokenization import iter_documents
 from distil_ja.cli import DataError
 from distil_ja.shards import dtype_for_vocab, load_manifest, read_shard
+from distil_ja.tokenization import iter_documents
 from helpers import REPO as REPO_PATH
 from data_prep_fixtures import (plain_text_bytes, tiny_tokenizer_dir, write_cc100_xz, write_cirrus_dump,
                                 write_truncated_xz)

@@ -17,7 +17,6 @@ Exit status: 0 done, 1 bad data, 2 bad arguments or models.
 
 import argparse
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -31,9 +30,9 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import PRECISIONS, amp_dtype, resolve_precision  # noqa: E402
-from distil_ja.tokenization import load_tokenizer  # noqa: E402
-from distil_ja import shards  # noqa: E402
+from distil_ja import outputs, shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
+from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402
 from token_cache import write_cache  # noqa: E402
 from utils import attempt, init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
@@ -75,10 +74,8 @@ def check_arguments(args) -> None:
 
 
 def check_output_dir(folder: Path, force: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--output_dir {folder} is a file")
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise UsageError(f"{folder} exists and is not empty; pass --force to overwrite it")
+    """The deletion rule of every --force (distil_ja.outputs): a marked earlier output or an empty folder."""
+    outputs.will_replace(folder, force, "--force", "--output_dir")
 
 
 def load_teacher(args, ids, vocab_size: int, runtime):
@@ -115,10 +112,10 @@ def load_sequences(args, tokenizer, source: str, ids, max_len: int):
 
 def prepare_output(folder: Path, force: bool, dataset, tokenizer, source: str) -> None:
     """Rank 0, once everything is checked: empty the folder (--force), then the sequences and the tokenizer."""
-    if force and folder.exists():
-        logger.info("--force: deleting %s", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if force and folder.is_dir() and outputs.entries(folder):
+        logger.info("--force: deleting what %s holds (an earlier dump)", folder)
+        outputs.empty(folder)
+    outputs.claim(folder, "dump_teacher_logits.py")
     write_cache(folder / teacher_logits.SEQUENCES, dataset.sequences)
     save_tokenizer(tokenizer, source, str(folder / teacher_logits.TOKENIZER))
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import teacher_logits
-from distil_ja.tokenization import load_tokenizer
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, DataError
 from distil_ja.shards import load_sequences
+from distil_ja.tokenization import load_tokenizer
 from helpers import DUMP_PY, REPO, dump_args, dump_script, free_port, random_sequences, write_shard
 from lm_seqs_dataset import LmSeqsDataset
 from vocab import special_ids_of
