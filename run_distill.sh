@@ -40,33 +40,23 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 
 # ---- demo ------------------------------------------------------------------------------------------
-# What the demo writes in OUT_DIR: the marker first, then these entries. A rerun replaces them, nothing else.
-DEMO_MARKER=.distil-ja-demo
+# What the demo writes in OUT_DIR (a folder it marks as its own first); a rerun replaces these, nothing else.
 DEMO_ENTRIES=(tokenizer data teacher student_kd student_no_kd perplexity.json results.json curves.png export)
 
-# The demo writes into a new or empty folder, a previous demo output (it holds $DEMO_MARKER), or, with
-# --force, any other folder. Everything is checked here, before anything is deleted or run.
-check_demo_dir() {  # check_demo_dir OUT FORCE
-    local out=$1 force=$2 abs home
-    if [[ -e "$out" && ! -d "$out" ]]; then
-        die 2 "demo output $out exists and is not a folder"
-    fi
-    [[ -d "$out" ]] || return 0
-    abs=$(cd "$out" && pwd)
-    home=$(cd ~ 2>/dev/null && pwd || true)
-    # never this repository (the demo reads its sample there) or a folder above it, nor the home folder
-    if [[ "$REPO/" == "$abs/"* || "$abs" == "$home" ]]; then
-        die 2 "demo output $out is $abs: give the demo a folder of its own (e.g. checkpoints/demo)"
-    fi
-    if [[ $force == 0 && ! -e "$out/$DEMO_MARKER" && -n "$(ls -A "$out")" ]]; then
-        die 2 "demo output $out is not empty and is not a previous demo output (it has no $DEMO_MARKER);" \
-              "nothing was deleted: choose a new or empty folder, or add --force to write the demo into it" \
-              "(replacing only its own ${DEMO_ENTRIES[*]})"
-    fi
+# outputs ARGS...: distil_ja.outputs, the deletion rule every command follows (one line and exit 2 when it refuses)
+outputs() {
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m distil_ja.outputs "$@" > /dev/null || exit 2
 }
 
-run_demo() {  # run_demo OUT
-    local out=$1
+# The demo writes into a new or empty folder or a previous output of this toolkit (a rerun replaces the demo's
+# entries there, --force everything). A folder it did not write is refused, --force or not, and so are the
+# repository, the home folder, the current folder and the folders above them. Checked before anything runs.
+check_demo_dir() {  # check_demo_dir OUT
+    outputs "$1" --replace --what "demo output"
+}
+
+run_demo() {  # run_demo OUT FORCE
+    local out=$1 force=$2
     local scripts=$REPO/examples/distillation cfg=$REPO/examples/distillation/training_configs
     local train_txt=$REPO/data_prep/sample/ja_train.txt dev_txt=$REPO/data_prep/sample/ja_dev.txt
     # Demo settings (overridable): small models, a few hundred optimizer steps in all.
@@ -85,9 +75,11 @@ run_demo() {  # run_demo OUT
 
     local start=$SECONDS entry
     echo "== demo: output in $out"
-    mkdir -p "$out"
-    echo "written by run_distill.sh --demo; a rerun replaces ${DEMO_ENTRIES[*]} here, nothing else" \
-        > "$out/$DEMO_MARKER"
+    if [[ $force == 1 ]]; then
+        outputs "$out" --replace --empty --claim "run_distill.sh --demo"   # --force: all the earlier output
+    else
+        outputs "$out" --replace --claim "run_distill.sh --demo"
+    fi
     for entry in "${DEMO_ENTRIES[@]}"; do
         rm -rf "${out:?}/$entry"
     done
@@ -168,8 +160,8 @@ if [[ "${1:-}" == "--demo" ]]; then
     fi
     out=${demo_out[0]:-checkpoints/demo}
     [[ -n "$out" ]] || die 2 "empty OUT_DIR ($demo_usage)"
-    check_demo_dir "$out" "$force"
-    run_demo "$out"
+    check_demo_dir "$out"
+    run_demo "$out" "$force"
     exit 0
 fi
 

@@ -197,10 +197,10 @@ def build_parser():
 def run(argv):
     args = build_parser().parse_args(argv)
     outputs.check_folder(args.output_dir, "--output_dir")
-    if os.path.exists(os.path.join(args.output_dir, "spiece.model")):
-        if not args.overwrite:
-            raise UsageError(f"{args.output_dir} already holds a tokenizer; pass --overwrite")
-        outputs.will_replace(args.output_dir, True, "--overwrite", "--output_dir")  # only a folder this toolkit wrote
+    if args.overwrite:  # replaces files only in a folder this toolkit wrote (distil_ja.outputs' rule)
+        outputs.will_replace(args.output_dir, True, "--overwrite", "--output_dir")
+    elif os.path.exists(os.path.join(args.output_dir, "spiece.model")):
+        raise UsageError(f"{args.output_dir} already holds a tokenizer; pass --overwrite")
     train_tokenizer(
         args.input, args.vocab_size, args.output_dir,
         character_coverage=args.character_coverage, max_sentences=args.max_sentences,

@@ -128,9 +128,10 @@ def claim(path, command: str, adopt: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    """`python -m distil_ja.outputs PATH --flag FLAG [--replace] [--claim COMMAND]`: the rule for a shell script
+    """`python -m distil_ja.outputs PATH [--replace] [--empty] [--claim COMMAND]`: the rule for a shell script
     (run_distill.sh --demo). Checks PATH as will_replace does (exit 2 and one line when refused), then with
-    --claim creates and marks it. Prints "replace" when PATH holds an earlier output, else "new"."""
+    --empty deletes what an earlier output left there, and with --claim creates and marks it. Prints
+    "replace" when PATH held an earlier output, else "new"."""
     from distil_ja.cli import ArgumentParser, run_command
 
     def run(args):
@@ -139,9 +140,12 @@ def main(argv=None) -> int:
         parser.add_argument("--flag", default="--force", help="the option that replaces, for the messages")
         parser.add_argument("--what", default="output folder")
         parser.add_argument("--replace", action="store_true", help="an earlier output may be replaced")
+        parser.add_argument("--empty", action="store_true", help="delete what an earlier output left in PATH")
         parser.add_argument("--claim", metavar="COMMAND", help="create and mark PATH as COMMAND's output")
         args = parser.parse_args(args)
         replaces = will_replace(args.path, args.replace, args.flag, args.what)
+        if replaces and args.empty:
+            empty(args.path)
         if args.claim:
             claim(args.path, args.claim)
         print("replace" if replaces else "new")

@@ -85,16 +85,25 @@ def load_manifest(directory) -> dict:
 
 
 def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
-    """The sequences of one shard, checked: a list of 1-D integer arrays (and, given the
-    manifest's entry, the sequence and token counts it records)."""
+    """The sequences of one shard, checked: a list of 1-D integer arrays and, given the manifest's
+    entry, the bytes, sha256, sequence and token counts it records.
+
+    The sha256 is computed over the bytes as they are read for unpickling (one read, no second
+    pass; bench/shard_verify.py measures it), so a shard edited or damaged since binarize.py wrote
+    it is refused, naming the shard, before a token of it is trained on.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: shard not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if expected_entry is not None:
+        check_bytes(path, raw, expected_entry)
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        data = pickle.loads(raw)
     except Exception as err:  # a truncated or foreign file can raise almost anything
         raise DataError(f"{path}: corrupt or truncated shard ({type(err).__name__}: {err})") from err
+    del raw
     if not isinstance(data, list) or not all(
             isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu" for x in data):
         raise DataError(f"{path}: expected a pickled list of 1-D integer numpy arrays")
@@ -105,6 +114,18 @@ def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
                 raise DataError(f"{path}: {value} {key}, its manifest says {expected_entry[key]} "
                                 "(replaced or damaged)")
     return data
+
+
+def check_bytes(path: Path, raw: bytes, entry: dict) -> None:
+    """The shard's size and sha256 against its manifest entry (DataError naming the shard)."""
+    if "bytes" in entry and entry["bytes"] != len(raw):
+        raise DataError(f"{path}: {len(raw):,} bytes, its manifest says {entry['bytes']:,} (replaced, truncated or "
+                        "damaged since binarize.py wrote it): binarize again")
+    if "sha256" in entry:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != entry["sha256"]:
+            raise DataError(f"{path}: sha256 {digest[:12]}..., its manifest says {str(entry['sha256'])[:12]}... "
+                            "(changed since binarize.py wrote it): binarize again")
 
 
 def shard_paths(data_files) -> tuple[list[tuple[Path, dict | None]], dict | None]:

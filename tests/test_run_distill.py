@@ -6,12 +6,15 @@ check what the script launches, from where, and what it refuses before anything 
 """
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import config
+from distil_ja.outputs import MARKER
 from helpers import REPO
 
 SCRIPT = REPO / "run_distill.sh"
@@ -30,6 +33,7 @@ exit "${STUB_STATUS:-0}"
 """
 PYTHON_STUB = """#!/usr/bin/env bash
 if [[ "$1" == "-c" ]]; then echo "${STUB_GPUS:-0}"; exit 0; fi   # the GPU count
+if [[ "$1 $2" == "-m distil_ja.outputs" ]]; then exec "$REAL_PYTHON" "$@"; fi   # the deletion rule, for real
 printf '%s\\t%s\\n' "$PWD" "$*" >> "$STUB_LOG/python_calls.txt"
 if [[ "$1" == "-" ]]; then cat > /dev/null; fi
 """
@@ -51,7 +55,8 @@ class Run:
         if torchrun_stderr:
             (self.log / "torchrun_stderr").write_bytes(torchrun_stderr)
         full_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
-                    "PYTHON": str(bin_dir / "python"), "STUB_LOG": str(self.log), "STUB_GPUS": "4", **(env or {})}
+                    "PYTHON": str(bin_dir / "python"), "STUB_LOG": str(self.log), "STUB_GPUS": "4",
+                    "REAL_PYTHON": sys.executable, **(env or {})}
         self.proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd or tmp_path, env=full_env,
                                    stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         self.returncode = self.proc.returncode
@@ -160,7 +165,7 @@ def test_demo_writes_in_the_callers_folder(tmp_path, caller):
     run = Run(tmp_path, ["--demo", "rel_out"], cwd=caller)
     assert run.returncode == 0, run.stderr
     assert (caller / "rel_out").is_dir() and not (REPO / "rel_out").exists()
-    assert (caller / "rel_out" / ".distil-ja-demo").is_file()
+    assert (caller / "rel_out" / MARKER).is_file()
     # every command ran from the caller's folder and wrote under rel_out; the inputs came from the repo
     calls = run.python_calls
     assert len(calls) == 10 and all(Path(cwd) == caller for cwd, _ in calls)
@@ -172,29 +177,32 @@ def test_demo_writes_in_the_callers_folder(tmp_path, caller):
     assert "plot:    rel_out/curves.png" in run.stdout
     # with no OUT_DIR: checkpoints/demo, there too
     Run(tmp_path, ["--demo"], cwd=caller)
-    assert (caller / "checkpoints" / "demo" / ".distil-ja-demo").is_file()
+    assert (caller / "checkpoints" / "demo" / MARKER).is_file()
 
 
 # ---- issue 1: the demo deletes nothing it did not write ----------------------------------------
 
-def test_demo_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_demo_refuses_a_non_empty_folder_it_did_not_write(tmp_path, force):
+    """--force included: the demo deletes only what this toolkit wrote (distil_ja.outputs' rule)."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     (out / "teacher").mkdir()  # even one of the demo's names
-    run = Run(tmp_path, ["--demo", "mine"])
-    refused(run, 2, "mine", "--force", ".distil-ja-demo")
+    run = Run(tmp_path, ["--demo", *force, "mine"])
+    refused(run, 2, "mine", "--force", MARKER, "nothing was deleted")
     assert (out / "notes.txt").read_text() == "keep me" and (out / "teacher").is_dir()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "teacher"]
     assert run.python_calls == [] and run.stdout == ""  # stopped before anything ran
 
 
-def test_demo_rerun_replaces_only_what_the_demo_wrote(tmp_path):
+@pytest.mark.parametrize("marker", [MARKER, ".distil-ja-demo"])  # the demo's own marker before the shared rule
+def test_demo_rerun_replaces_only_what_the_demo_wrote(tmp_path, marker):
     out = tmp_path / "demo"
     (out / "teacher").mkdir(parents=True)
     (out / "teacher" / "stale.bin").write_bytes(b"old")
     (out / "results.json").write_text("{}")
-    (out / ".distil-ja-demo").write_text("")
+    (out / marker).write_text("")
     (out / "notes.txt").write_text("keep me")
     run = Run(tmp_path, ["--demo", "demo"])
     assert run.returncode == 0, run.stderr
@@ -203,33 +211,35 @@ def test_demo_rerun_replaces_only_what_the_demo_wrote(tmp_path):
     assert len(run.python_calls) == 10
 
 
-def test_demo_force_writes_into_a_folder_and_keeps_the_rest(tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    (out / "data").mkdir()
+def test_demo_force_replaces_the_whole_earlier_output(tmp_path):
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
     (out / "data" / "old.pickle").write_bytes(b"")
-    run = Run(tmp_path, ["--demo", "--force", "mine"])
+    (out / "notes.txt").write_text("put here after the demo")
+    (out / MARKER).write_text("")
+    run = Run(tmp_path, ["--demo", "--force", "demo"])
     assert run.returncode == 0, run.stderr
-    assert (out / "notes.txt").read_text() == "keep me" and (out / ".distil-ja-demo").is_file()
-    assert not (out / "data").exists()  # one of the demo's own entries: replaced
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]  # the stub writes nothing
     assert len(run.python_calls) == 10
 
 
 def test_demo_never_writes_into_the_repository_even_with_force(tmp_path):
-    """Against a copy of the script, so that a bug here could only delete the copy's folder."""
+    """Against a copy of the script and of distil_ja, so that a bug here could only delete the copy's folder."""
     fake_repo = tmp_path / "repo"
     fake_repo.mkdir()
     (fake_repo / "run_distill.sh").write_bytes(SCRIPT.read_bytes())
+    shutil.copytree(REPO / "distil_ja", fake_repo / "distil_ja", ignore=shutil.ignore_patterns("__pycache__"))
     (fake_repo / "README.md").write_text("keep me")
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"), "PYTHON": "false"}
+    (fake_repo / MARKER).write_text("")  # even marked: the repository is never replaced
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"), "PYTHON": sys.executable}
     for target in (fake_repo, tmp_path):  # the repository, and a folder above it
         proc = subprocess.run(["bash", str(fake_repo / "run_distill.sh"), "--demo", "--force", str(target)],
-                              cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=60)
+                              cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+        assert "this toolkit's repository" in proc.stderr, proc.stderr
         assert (fake_repo / "README.md").read_text() == "keep me"
-        assert not (target / ".distil-ja-demo").exists()
+        assert not (target / "teacher").exists()
 
 
 @pytest.mark.parametrize("args", [["--demo", "a", "b"], ["--demo", "--frce", "a"]])

@@ -38,9 +38,33 @@ def list_checkpoints(dump_path: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports it only as a
+    RuntimeError ("unexpected pos ..."), and the disk-full line needs the OSError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def _fsynced_save(obj, path: Path) -> None:
     with fileio.atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as err:
+            if out.error is None:
+                raise
+            raise out.error from err
 
 
 def _barrier():

@@ -33,6 +33,11 @@ def write_cache(folder: Path, sequences: list[np.ndarray]) -> None:
     _save_atomic(folder / OFFSETS, offsets)  # written last: its presence marks a complete cache
 
 
+def is_complete(folder: Path) -> bool:
+    """A cache that write_cache finished (offsets.npy is written last)."""
+    return (Path(folder) / OFFSETS).is_file() and (Path(folder) / TOKENS).is_file()
+
+
 class MappedSequences:
     """A read-only list-like view of the cached sequences: item i is a 1-D numpy array."""
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
+import token_cache  # noqa: E402
 from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
 from distil_ja import fileio, outputs, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
@@ -33,7 +34,6 @@ from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
 from perplexity import load_eval_sequences  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
-from token_cache import write_cache  # noqa: E402
 from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
                    set_seed, setup_logging)
 from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
@@ -252,8 +252,11 @@ def train(params) -> None:
     teacher = load_teacher(params)
     student = load_student(params)
     topk = open_teacher_logits(params, tokenizer, tokenizer_source, ids, student)
+    # A resumed run trains on the sequences it started with: its token cache, written (and its shards read
+    # and verified against their sha256) once, at the first start.
+    reuse_cache = params.resume and token_cache.is_complete(Path(params.dump_path) / TOKEN_CACHE)
     dataset = None
-    if runtime.is_master:
+    if runtime.is_master and not reuse_cache:
         dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
@@ -264,13 +267,18 @@ def train(params) -> None:
     runtime, lock = prepare_dump_path(params, runtime)
     with lock:  # checked above before anything on disk changes; locked from here
         cache = Path(params.dump_path) / TOKEN_CACHE
-        if runtime.writes_node_copy:  # a node with a folder of its own reads the data itself
+        reuse_cache = params.resume and token_cache.is_complete(cache)  # this node's own folder's, if it has one
+        if runtime.writes_node_copy and not reuse_cache:  # a node with a folder of its own reads the data itself
             dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher,
                                    topk)
         raise_first_error(dataset if isinstance(dataset, Exception) else None)
+        if reuse_cache and runtime.writes_training_state:
+            logger.info("Resuming: the token cache %s is reused (the shards were read and checked against their "
+                        "manifest when the run started)", cache)
         if runtime.writes_training_state:  # what a resume on this node reads back
             fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
-            write_cache(cache, dataset.sequences)
+        if runtime.writes_training_state and not reuse_cache:
+            token_cache.write_cache(cache, dataset.sequences)
             if topk is not None:
                 fileio.write_json(Path(params.dump_path) / TEACHER_LOGITS, topk.manifest)
         if runtime.is_master:

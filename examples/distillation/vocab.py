@@ -3,10 +3,11 @@
 Used by train.py and scripts/dump_teacher_logits.py, which must read and check the tokenizer alike.
 """
 
+import re
 import shutil
 from pathlib import Path
 
-from distil_ja.cli import UsageError
+from distil_ja.cli import UsageError, first_line
 from distil_ja.tokenization import resolve_spiece, sha256_file
 from lm_seqs_dataset import SpecialIds
 from utils import logger
@@ -42,7 +43,15 @@ def check_manifest(manifest: dict, ids: SpecialIds, vocab_size: int, tokenizer_s
 def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
     """The tokenizer beside the student, with its sentencepiece model so binarize.py and
     evaluate.py can use DUMP_PATH as a tokenizer too."""
-    tokenizer.save_pretrained(dump_path)
+    try:
+        tokenizer.save_pretrained(dump_path)
+    except OSError:
+        raise
+    except Exception as err:  # the Rust tokenizers library reports a failed write as "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        raise OSError(int(found.group(1)), first_line(err), str(Path(dump_path) / "tokenizer.json")) from err
     try:
         shutil.copyfile(resolve_spiece(source), Path(dump_path) / "spiece.model")
     except OSError as err:

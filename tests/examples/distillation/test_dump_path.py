@@ -178,3 +178,52 @@ def test_the_last_steps_are_logged_off_the_interval(tiny_setup, tmp_path):
     train.run(train_args(tiny_setup, dump, "--max_steps", "5", "--log_interval", "2", "--checkpoint_interval", "0"))
     assert metric_steps(dump) == [2, 4, 5]
 
+
+
+def test_torch_zip_writer_on_a_full_disk_is_the_disk_full_line(tiny_setup, tmp_path, monkeypatch, capsys):
+    """torch.save reports a failed write as RuntimeError ("unexpected pos"): the OSError beneath is what the
+    user reads (one line, exit 1), not two tracebacks (issue 22)."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FullAfter:  # a file that takes 2 KiB, then the disk is full
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2048:
+                raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def opener(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullAfter(f) if str(path).endswith("rank0.pt.tmp") and "w" in mode else f
+
+    monkeypatch.setattr(checkpoint.fileio, "open", opener, raising=False)
+    assert train.main(train_args(tiny_setup, tmp_path / "run", "--checkpoint_interval", "2")) == EXIT_DATA
+    line, = error_lines(capsys)
+    assert "cannot write checkpoint" in line and "No space left" in line, line
+
+
+def test_a_tokenizer_save_on_a_full_disk_is_the_disk_full_line(tiny_setup, tmp_path, monkeypatch, capsys):
+    """The Rust tokenizers library raises a plain Exception for a failed write (issue 22): vocab.save_tokenizer."""
+    def full(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    from transformers import PreTrainedTokenizerBase
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    assert train.main(train_args(tiny_setup, tmp_path / "run")) == EXIT_DATA
+    line, = error_lines(capsys)
+    assert line.startswith("error: no space left to write") and "tokenizer.json" in line, line
