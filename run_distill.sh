@@ -310,7 +310,9 @@ wait "$grep_pid" || true
 grep_pid=
 if [[ $status != 0 ]]; then
     # the worker's own one-line reason, last, after torchrun's traceback (ChildFailedError)
-    last=$(tail -n 1 "$tmp/errors" | tr -d '\r' | sed -E 's/^\[[^]]*\]:? ?//')
+    # (a worker that torchrun stopped because another failed says "terminated": the other's line wins)
+    last=$( (grep -v -E 'error: terminated \(' "$tmp/errors" || cat "$tmp/errors") | tail -n 1 | tr -d '\r' |
+           sed -E 's/^\[[^]]*\]:? ?//')
     if [[ -n "$last" ]]; then echo "$last" >&2; fi
 fi
 exit "$status"

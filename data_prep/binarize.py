@@ -69,7 +69,8 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distil_ja import outputs, shards
-from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.cli import DISK_FULL, ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.text_checks import TextChecks
 from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
 
 logger = logging.getLogger("binarize")
@@ -77,9 +78,6 @@ logger = logging.getLogger("binarize")
 UNITS = ("doc", "line")
 
 # Bad text (see the module docstring): refused unless allow_bad_text.
-MAX_UNDECODABLE_LINE_FRACTION = 0.01  # of one input file's lines
-MAX_UNK_TOKEN_FRACTION = 0.05  # of all tokens written
-UNK_CHECK_MIN_TOKENS = 1000  # a rate over fewer tokens says nothing about the corpus
 ALLOW_HINT = "or pass --allow_bad_text to binarize it anyway"
 
 
@@ -90,9 +88,11 @@ _ENCODER = None
 
 
 def _init_worker(tokenizer, lowercase):
-    """Workers ignore Ctrl-C: the parent alone handles it (one message, then it ends the pool)."""
+    """Workers ignore Ctrl-C and die of SIGTERM: the parent alone handles them (one message, then it ends
+    the pool, with SIGTERM)."""
     global _ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _ENCODER = DocumentEncoder(tokenizer, lowercase=lowercase)
 
 
@@ -175,36 +175,14 @@ def iter_chunks(documents, lines_per_chunk):
         yield chunk, inputs
 
 
-def _percent(part, whole):
-    return f"{100.0 * part / max(whole, 1):.2f}%"
-
-
-class InputCounts:
+class InputCounts(TextChecks):
     """Per-input counts (lines, undecodable lines, documents, tokens, <unk>) and the bad-text
-    checks: a file is checked as soon as it has been read, the <unk> rate once all is encoded."""
+    checks (distil_ja.text_checks): a file is checked as soon as it has been read, the <unk> rate
+    once all is encoded."""
 
     def __init__(self, files, allow_bad_text=False):
-        self.files = list(files)
-        self.allow_bad_text = allow_bad_text
-        n = len(self.files)
-        self.lines = np.zeros(n, dtype=np.int64)
-        self.undecodable = np.zeros(n, dtype=np.int64)
-        self.documents = np.zeros(n, dtype=np.int64)
-        self.tokens = np.zeros(n, dtype=np.int64)
-        self.unk = np.zeros(n, dtype=np.int64)
-
-    def file_read(self, index, path, lines, undecodable):
-        """iter_documents' on_file: record, and refuse a file over the undecodable-line limit."""
-        self.lines[index], self.undecodable[index] = lines, undecodable
-        if not undecodable:
-            return
-        over = undecodable > MAX_UNDECODABLE_LINE_FRACTION * lines
-        message = f"{path}: {undecodable:,} of {lines:,} lines ({_percent(undecodable, lines)}) are not valid UTF-8"
-        if over and not self.allow_bad_text:
-            raise DataError(f"{message} (limit {MAX_UNDECODABLE_LINE_FRACTION:.0%}): convert it to UTF-8 "
-                            f"(e.g. iconv -f cp932 -t utf-8 IN > OUT) {ALLOW_HINT} (undecodable bytes become <unk>)")
-        logger.warning("%s; their undecodable bytes become <unk>%s", message,
-                       " (over the limit: --allow_bad_text)" if over else "")
+        super().__init__(files, allow_bad_text, ALLOW_HINT)
+        self.documents = np.zeros(len(self.files), dtype=np.int64)
 
     def add_encoded(self, result, inputs):
         """Token and <unk> counts of an encoded chunk (encode_chunk's result), by input."""
@@ -218,31 +196,10 @@ class InputCounts:
             self.tokens[ids] += np.add.reduceat(np.frombuffer(lengths, dtype=np.int64), first)
             self.unk[ids] += np.add.reduceat(np.frombuffer(unk, dtype=np.int64), first)
 
-    def check_unk(self):
-        """Refuse (or, allowed, warn about) an overall <unk> rate over the limit."""
-        tokens, unk = int(self.tokens.sum()), int(self.unk.sum())
-        if tokens < UNK_CHECK_MIN_TOKENS or unk <= MAX_UNK_TOKEN_FRACTION * tokens:
-            return
-        rate = self.unk / np.maximum(self.tokens, 1)
-        worst = [i for i in np.argsort(-rate, kind="stable")[:3].tolist() if self.unk[i]]
-        most = ", ".join(f"{self.files[i]} {_percent(self.unk[i], self.tokens[i])} of {self.tokens[i]:,}"
-                         for i in worst)
-        message = (f"{unk:,} of {tokens:,} tokens ({_percent(unk, tokens)}) are <unk> (limit "
-                   f"{MAX_UNK_TOKEN_FRACTION:.0%}); highest rates: {most}")
-        if not self.allow_bad_text:
-            raise DataError(f"{message}: text in another encoding or a script the tokenizer lacks? Convert it to "
-                            f"UTF-8 (e.g. iconv -f cp932 -t utf-8 IN > OUT) or use a tokenizer that covers it, "
-                            f"{ALLOW_HINT}")
-        logger.warning("%s (--allow_bad_text)", message)
-
     def manifest_entries(self):
         return [{"file": f, "lines": int(self.lines[i]), "undecodable_lines": int(self.undecodable[i]),
                  "documents": int(self.documents[i]), "tokens": int(self.tokens[i]), "unk_tokens": int(self.unk[i])}
                 for i, f in enumerate(self.files)]
-
-    def settings(self):
-        return {"allowed": self.allow_bad_text, "max_undecodable_line_fraction": MAX_UNDECODABLE_LINE_FRACTION,
-                "max_unk_token_fraction": MAX_UNK_TOKEN_FRACTION, "unk_check_min_tokens": UNK_CHECK_MIN_TOKENS}
 
 
 def _ordered_bounded_map(pool, fn, items, max_pending):
@@ -414,9 +371,12 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
             "inputs": files, "input_counts": counts.manifest_entries(), "bad_text": counts.settings(),
             "shards": writer.shards, "totals": totals})
     except OSError as e:  # reading errors are DataError by now: this is the output folder
+        if e.errno in DISK_FULL:  # exit 1 and the disk-full line (cli.run_command), not a usage error
+            raise
         raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{output_dir} is incomplete (no {shards.MANIFEST})") from None
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (cli.Terminated): the same type, saying what is left
+        said = f"{err}: " if str(err) else ""
+        raise type(err)(f"{said}{output_dir} is incomplete (no {shards.MANIFEST})") from None
     log_summary(manifest["totals"], time.time() - t0)
     return manifest
 

@@ -50,7 +50,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 
 from data_prep.text_clean import clean_wiki_text, has_math, normalize_line, split_sentences
 from distil_ja import fileio, outputs
-from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.cli import DISK_FULL, ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 from distil_ja.tokenization import find_inputs, open_binary
 
 logger = logging.getLogger("build_corpus")
@@ -314,6 +314,8 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
                             {"source": source, "inputs": files, "seed": seed, "lines_per_file": lines_per_file})
         fileio.write_json(stats_path, summary)
     except OSError as e:  # input reading errors are counted in stats.damaged: this is the output
+        if e.errno in DISK_FULL:  # exit 1 and the disk-full line (cli.run_command), not a usage error
+            raise
         raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
     logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     check_inputs_were_usable(stats, stats_path)

@@ -29,7 +29,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distil_ja import fileio, outputs
-from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
+from distil_ja.cli import DISK_FULL, ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 from distil_ja.tokenization import find_inputs, iter_text_lines, normalize_text, reading_inputs
 
 logger = logging.getLogger("make_tokenizer")
@@ -170,6 +170,8 @@ def train_tokenizer(
     try:
         write_tokenizer_files(model, output_dir)
     except OSError as e:
+        if e.errno in DISK_FULL:  # exit 1 and the disk-full line (cli.run_command), not a usage error
+            raise
         raise UsageError(f"cannot write {output_dir}: {first_line(e)}") from e
     sp = spm.SentencePieceProcessor(model_proto=model)
     logger.info(

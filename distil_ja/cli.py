@@ -8,6 +8,7 @@
 | 2      | bad arguments or models (flags, configs, tokenizers, weights)  | UsageError       |
 | 3      | training stopped (e.g. repeated non-finite losses)             | TrainingError    |
 | 130    | interrupted (Ctrl-C)                                           | KeyboardInterrupt|
+| 143    | terminated (SIGTERM: a scheduler's time limit, torchrun)       | Terminated       |
 
 Library code raises these classes; only `run_command` turns them into an exit status and the
 one line `error: MESSAGE` on stderr, so a function called from a test or another command never
@@ -18,10 +19,12 @@ import argparse
 import errno
 import logging
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
-EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
@@ -36,6 +39,15 @@ class UsageError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on; the last checkpoint is kept (exit 3)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (run_command installs the handler): the same clean-up as Ctrl-C
+    (every `except KeyboardInterrupt` applies), its own status 143 = 128 + 15, and one line saying so."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"terminated ({signal.Signals(signum).name})")
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSErrors that mean "the output does not fit": exit 1
@@ -66,6 +78,8 @@ def first_line(err: BaseException) -> str:
 
 def exit_code(err: BaseException) -> int | None:
     """The table's status for err, or None for an exception the table does not know (a bug)."""
+    if isinstance(err, Terminated):
+        return EXIT_TERMINATED
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     for cls, code in EXIT_CODES:
@@ -87,6 +101,9 @@ def run_command(main, argv=None) -> int:
     Every command is `def main(argv=None) -> int: return run_command(run, argv)`, and
     `sys.exit(main())` under `if __name__ == "__main__"`.
     """
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         status = main(argv)
     except OSError as err:
@@ -97,6 +114,9 @@ def run_command(main, argv=None) -> int:
     except (DataError, UsageError, TrainingError, KeyboardInterrupt) as err:
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return exit_code(err)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return status or EXIT_OK
 
 
@@ -126,6 +146,8 @@ def format_bytes(n: int) -> str:
 def error_message(err: BaseException) -> str:
     """The line run_command prints. A command that must say what an interrupt left behind
     (an incomplete output) re-raises KeyboardInterrupt with that as its message."""
+    if isinstance(err, Terminated):
+        return first_line(err)
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted: {first_line(err)}" if str(err).strip() else "interrupted"
     return first_line(err)

@@ -12,6 +12,7 @@ turning into --resume) so that the namespace it returns says what the run does.
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--freeze_pos_embs", action="store_true", help="Keep the student's position embeddings fixed.")
     opt.add_argument("--n_epoch", type=int, default=3)
-    opt.add_argument("--max_steps", type=int, default=0, help="Optimizer steps to run; overrides --n_epoch when > 0.")
+    opt.add_argument("--max_steps", type=int, default=None,
+                     help="Optimizer steps to run (>= 1); overrides --n_epoch. Unset: --n_epoch decides.")
     opt.add_argument("--batch_size", type=int, help="Sequences per micro-batch per process.")
     opt.add_argument("--group_by_size", action=argparse.BooleanOptionalAction, default=True,
                      help="Batch sequences of similar length together (on by default).")
@@ -179,6 +181,10 @@ def native_bf16() -> bool:
 
 
 def check_arguments(params) -> None:
+    """Refuse bad flags, before anything is loaded or written (UsageError, exit 2)."""
+    non_finite = [f"--{k} {v}" for k, v in sorted(vars(params).items()) if isinstance(v, float) and not math.isfinite(v)]
+    if non_finite:
+        raise UsageError(f"{', '.join(non_finite)}: every number must be finite")
     alphas = {k: getattr(params, k) for k in LOSS_FLAGS}
     if any(a < 0 for a in alphas.values()) or sum(alphas.values()) <= 0:
         raise UsageError(f"loss weights must be >= 0 with a positive sum, got {alphas}")
@@ -217,8 +223,15 @@ def check_arguments(params) -> None:
         raise UsageError("--n_gpu must be >= 0")
     if not 0 <= params.warmup_prop < 1:
         raise UsageError("--warmup_prop must be in [0, 1)")
-    if params.max_steps <= 0 and params.n_epoch < 1:
-        raise UsageError("give --n_epoch >= 1 or --max_steps > 0")
+    if params.max_steps is not None and params.max_steps < 1:
+        raise UsageError(f"--max_steps must be >= 1, got {params.max_steps} (leave it unset to train --n_epoch epochs)")
+    if params.max_steps is None and params.n_epoch < 1:
+        raise UsageError("give --n_epoch >= 1 or --max_steps >= 1")
+    for name in ("learning_rate", "adam_epsilon", "max_grad_norm"):
+        if not getattr(params, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(params, name)}")
+    if not params.weight_decay >= 0:
+        raise UsageError(f"--weight_decay must be >= 0, got {params.weight_decay}")
     if params.eval_interval < 0 or (params.eval_interval > 0 and not params.eval_data):
         raise UsageError("--eval_interval must be >= 0 and needs --eval_data")
 
@@ -227,6 +240,8 @@ def parse_config(argv=None) -> argparse.Namespace:
     """Parse, check and resolve train.py's flags: the settings of the run, as parameters.json records them."""
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    if args.max_steps is None:
+        args.max_steps = 0  # recorded as before: 0 = the steps of --n_epoch epochs
     bf16, fp16 = args.bf16, args.fp16
     del args.bf16, args.fp16  # aliases: the resolved --precision is what the run (and parameters.json) has
     args.precision = resolve_precision(args.precision, bf16, fp16, args.n_gpu)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="+", required=True, help="Text files/folders or binarize.py output.")
     parser.add_argument("--unit", choices=("doc", "line"), default="doc",
                         help="Text sequences per document (rinna, default) or per line, as binarize.py --unit.")
+    parser.add_argument("--allow_bad_text", action="store_true",
+                        help="Score text over binarize.py's limits (undecodable lines, <unk> rate) with a warning.")
     parser.add_argument("--max_length", type=int, default=1024, help="Window length (capped at the model's context).")
     parser.add_argument("--stride", type=int, default=None, help="Window step for long documents (default: max_length // 2).")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -92,7 +94,7 @@ def run(args) -> dict:
     tokenizer = args.tokenizer
     if tokenizer is None and Path(models[0][1]).is_dir():
         tokenizer = models[0][1]
-    sequences = load_eval_sequences(args.data, tokenizer, args.unit)
+    sequences = load_eval_sequences(args.data, tokenizer, args.unit, args.allow_bad_text)
     logger.info("Scoring %d sequences (%d tokens) with %d model(s) on %s", len(sequences),
                 sum(len(s) for s in sequences), len(models), device)
     amp_dtype = torch.bfloat16 if args.bf16 else None

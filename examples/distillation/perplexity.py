@@ -9,6 +9,7 @@ a sliding window: each token exactly once, with at least max_length - stride tok
 """
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,9 @@ from tqdm import tqdm
 
 from distil_ja import shards
 from distil_ja.cli import DataError, UsageError, first_line
-from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
+from distil_ja.text_checks import TextChecks
+from distil_ja.tokenization import (DocumentEncoder, expand_paths, iter_documents, load_tokenizer,
+                                    normalize_text)
 from models import max_positions
 
 logger = logging.getLogger("distillation.evaluate")
@@ -39,7 +42,7 @@ class _TransformersEncoder:
     def __init__(self, name_or_dir):
         self.tok = load_tokenizer(name_or_dir)  # with data_prep's unk-id fix
         self.normalize = normalize_text
-        self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
+        self.bos_id, self.eos_id, self.unk_id = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.unk_token_id
         if self.bos_id is None or self.eos_id is None:
             raise UsageError(f"tokenizer {name_or_dir!r} defines no <s> or </s>")
 
@@ -61,15 +64,24 @@ def document_encoder(tokenizer: str):
         return _TransformersEncoder(tokenizer)
 
 
-def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc") -> list[np.ndarray]:
+EVAL_ALLOW_HINT = "or pass --allow_bad_text to score it anyway"
+
+
+def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc", allow_bad_text: bool = False,
+                        allow_hint: str = EVAL_ALLOW_HINT) -> list[np.ndarray]:
     """Token sequences of held-out data: binarize.py output, or text tokenized like binarize.py.
 
     data: a path or a list of paths (text files/folders, a binarize.py folder, .pickle shards).
+    Text goes through binarize's bad-text rules (distil_ja.text_checks): a file of undecodable lines,
+    or <unk> over the limit, is a DataError, unless allow_bad_text (allow_hint says how to give it).
     """
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not paths:
         raise DataError("no evaluation data given")
     sequences, encoder = [], None
+    text_files = [f for path in map(Path, paths) if path.exists() and not shards.is_binarized(path)
+                  for f in expand_paths(str(path))]
+    checks = TextChecks(text_files, allow_bad_text, allow_hint)
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
@@ -85,11 +97,16 @@ def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc") -
                 raise UsageError(f"cannot load tokenizer {tokenizer!r}: {first_line(err)}") from err
         n_before = len(sequences)
         try:
-            for doc in iter_documents(str(path)):
-                sequences += [np.asarray(s, dtype=np.int64) for s in encoder.encode_document(doc, unit)]
+            for file in expand_paths(str(path)):
+                index = checks.files.index(file)
+                for doc in iter_documents(file, functools.partial(checks.file_read, index)):
+                    encoded = encoder.encode_document(doc, unit)
+                    checks.add_sequences(index, encoded, encoder.unk_id)
+                    sequences += [np.asarray(s, dtype=np.int64) for s in encoded]
         except (OSError, EOFError, ValueError) as err:  # a truncated .xz/.gz raises ValueError too
             raise DataError(f"{path}: unreadable ({err})") from err
         logger.info("%s: %d sequences", path, len(sequences) - n_before)
+    checks.check_unk()
     sequences = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
     if not sequences:
         raise DataError(f"no document with at least 2 tokens in {', '.join(map(str, paths))}")

@@ -166,7 +166,8 @@ def load_eval_data(params, tokenizer_source: str):
     if not params.eval_data:
         return None
     try:
-        return load_eval_sequences(params.eval_data, tokenizer_source)
+        return load_eval_sequences(params.eval_data, tokenizer_source,
+                                   allow_hint="or binarize it (binarize.py --allow_bad_text) and pass that folder")
     except (DataError, UsageError) as err:
         raise type(err)(f"--eval_data: {err}") from err
 
@@ -226,6 +227,12 @@ def run(argv=None) -> None:
     params = parse_config(argv)
     try:
         train(params)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (cli.Terminated): say what is kept
+        if not (Path(params.dump_path) / "parameters.json").is_file():
+            raise
+        said = f"{err}: " if str(err) else ""
+        raise type(err)(f"{said}{params.dump_path} keeps its newest checkpoint; rerun with --resume to continue "
+                        "from it") from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

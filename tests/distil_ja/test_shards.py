@@ -148,3 +148,23 @@ def test_is_binarized(tmp_path):
     assert shards.is_binarized(tmp_path / "bin") and shards.is_binarized(tmp_path / "x.pickle")
     assert shards.is_binarized(tmp_path / "x.pkl")
     assert not shards.is_binarized(tmp_path / "text") and not shards.is_binarized(tmp_path / "a.txt")
+
+
+def test_read_shard_checks_the_bytes_and_sha256_of_its_manifest_entry(tmp_path):
+    """Issue 22: a manifest whose sha256 was edited, and a shard whose ids were replaced with its counts
+    kept, both trained with exit 0 before."""
+    data = seqs(4)
+    path = tmp_path / "s.pickle"
+    entry = {"file": "s.pickle", "sequences": 4, "tokens": sum(len(x) for x in data),
+             **shards.write_shard(path, data)}
+    assert len(shards.read_shard(path, entry)) == 4
+    with pytest.raises(DataError, match=r"s.pickle: sha256 .*, its manifest says 000000000000"):
+        shards.read_shard(path, {**entry, "sha256": "0" * 64})
+    replaced = [np.full_like(x, 500) for x in data]  # same counts, same byte size, other tokens
+    shards.write_shard(path, replaced)
+    assert path.stat().st_size == entry["bytes"]
+    with pytest.raises(DataError, match="s.pickle: sha256 .*changed since binarize.py wrote it"):
+        shards.read_shard(path, entry)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="bytes, its manifest says"):
+        shards.read_shard(path, entry)
