@@ -84,9 +84,9 @@ def load_manifest(directory) -> dict:
     return manifest
 
 
-def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
+def read_shard(path, expected_entry: dict | None = None, verify: bool = True) -> list[np.ndarray]:
     """The sequences of one shard, checked: a list of 1-D integer arrays and, given the manifest's
-    entry, the bytes, sha256, sequence and token counts it records.
+    entry, the bytes, sha256 (unless not verify: train.py --verify size), sequence and token counts it records.
 
     The sha256 is computed over the bytes as they are read for unpickling (one read, no second
     pass; bench/shard_verify.py measures it), so a shard edited or damaged since binarize.py wrote
@@ -98,7 +98,7 @@ def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
     with open(path, "rb") as f:
         raw = f.read()
     if expected_entry is not None:
-        check_bytes(path, raw, expected_entry)
+        check_bytes(path, raw, expected_entry, verify)
     try:
         data = pickle.loads(raw)
     except Exception as err:  # a truncated or foreign file can raise almost anything
@@ -116,12 +116,12 @@ def read_shard(path, expected_entry: dict | None = None) -> list[np.ndarray]:
     return data
 
 
-def check_bytes(path: Path, raw: bytes, entry: dict) -> None:
-    """The shard's size and sha256 against its manifest entry (DataError naming the shard)."""
+def check_bytes(path: Path, raw: bytes, entry: dict, verify: bool = True) -> None:
+    """The shard's size and (verify) sha256 against its manifest entry (DataError naming the shard)."""
     if "bytes" in entry and entry["bytes"] != len(raw):
         raise DataError(f"{path}: {len(raw):,} bytes, its manifest says {entry['bytes']:,} (replaced, truncated or "
                         "damaged since binarize.py wrote it): binarize again")
-    if "sha256" in entry:
+    if verify and "sha256" in entry:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != entry["sha256"]:
             raise DataError(f"{path}: sha256 {digest[:12]}..., its manifest says {str(entry['sha256'])[:12]}... "
@@ -143,10 +143,11 @@ def shard_paths(data_files) -> tuple[list[tuple[Path, dict | None]], dict | None
     return shards, manifest
 
 
-def load_sequences(data_files) -> tuple[list[np.ndarray], dict | None]:
-    """Every sequence of the named directories and shards, in order, and the manifest (if any)."""
+def load_sequences(data_files, verify: bool = True) -> tuple[list[np.ndarray], dict | None]:
+    """Every sequence of the named directories and shards, in order, and the manifest (if any);
+    each shard checked against its manifest entry (read_shard)."""
     shards, manifest = shard_paths(data_files)
     sequences = []
     for path, entry in shards:
-        sequences += read_shard(path, entry)
+        sequences += read_shard(path, entry, verify)
     return sequences, manifest

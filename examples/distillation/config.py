@@ -44,7 +44,8 @@ LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 # The types only check the families the configs name (runs before `auto` recorded "gpt2").
 RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
                      "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
-                     "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher"}
+                     "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher", "verify"}
+VERIFY_CHOICES = ("full", "size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Continue the run in --dump_path exactly from its newest checkpoint.")
     io.add_argument("--data_file", nargs="+", required=True,
                     help="binarize.py output directory (manifest + shards), or one or more .pickle shards.")
+    io.add_argument("--verify", choices=VERIFY_CHOICES, default="full",
+                    help="How the shards and --teacher_logits are checked against their manifests before training: "
+                         "full (default) = sizes and sha256 of every byte, size = sizes only. Paid once: a resume "
+                         "reuses the run's token cache.")
 
     models = parser.add_argument_group("models")
     models.add_argument("--student_type", choices=TYPE_CHOICES, default=AUTO,

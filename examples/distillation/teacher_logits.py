@@ -347,6 +347,32 @@ def _open_rows(path: Path, shape: tuple, dtype: str) -> np.ndarray:
     return array
 
 
+def verify_files(folder, manifest: dict, full: bool = True, progress: bool = True) -> None:
+    """Every shard file of a dump against its manifest entry: its size, and (full) its sha256, read in
+    1 MiB blocks with a progress bar (a dump is ~256 B a token at top 64: bench/shard_verify.py measures
+    the rate). DataError naming the file; train.py calls it once, where the token cache is built."""
+    files = [(Path(folder) / e[kind]["file"], e[kind]) for e in manifest["shards"] for kind in ("ids", "logprobs")
+             if kind in e]
+    for path, entry in files:
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"]:
+            raise DataError(f"{path}: {size if size is not None else 'no'} bytes, its manifest says {entry['bytes']:,} "
+                            "(replaced, truncated or damaged since dump_teacher_logits.py wrote it)")
+    if not full:
+        return
+    total = sum(entry["bytes"] for _, entry in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying teacher logits", disable=not progress) as bar:
+        for path, entry in files:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    bar.update(len(block))
+            if digest.hexdigest() != entry["sha256"]:
+                raise DataError(f"{path}: sha256 {digest.hexdigest()[:12]}..., its manifest says "
+                                f"{entry['sha256'][:12]}... (changed since dump_teacher_logits.py wrote it): dump again")
+
+
 class TopKLogits:
     """A dump, memory-mapped read-only: item i is (top-k ids, log-probs) of sequence i, (L_i, k) each.
 

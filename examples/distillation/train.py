@@ -201,7 +201,7 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
     """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it.
     With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from."""
     try:
-        sequences, manifest = shards.load_sequences(params.data_file)
+        sequences, manifest = shards.load_sequences(params.data_file, verify=params.verify == "full")
         check_compatibility(student, teacher, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
@@ -212,6 +212,7 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
         dataset = LmSeqsDataset(sequences, max_len, ids)
         if topk is not None:
             teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
+            teacher_logits.verify_files(params.teacher_logits, topk.manifest, full=params.verify == "full")
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
         if len(dataset) < world_size:
