@@ -17,7 +17,7 @@ COMMANDS = [
     "bench/distill_step.py", "bench/quality.py", "bench/host_memory.py", "bench/binarize_bench.py",
     "bench/shard_memory.py",
     "bench/dump_teacher_logits_bench.py", "bench/plot_runs.py",
-    "bench/logit_memory.py", "bench/gpu_check_table.py",
+    "bench/logit_memory.py", "bench/gpu_check_table.py", "bench/shard_verify.py",
 ]
 
 
