@@ -249,6 +249,9 @@ def train(params) -> None:
     set_seed(params.seed)
     logger.info("Precision %s, compile %s, %d DataLoader worker(s) per process", params.precision,
                 "on" if params.compile else "off", params.num_workers)
+    if runtime.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        logger.info("CPU run on %d thread(s) per process: set OMP_NUM_THREADS to the cores you mean to use (small "
+                    "models often run fastest on 1: docs/training.md)", torch.get_num_threads())
 
     tokenizer_source = params.tokenizer_name or params.teacher_name or \
         str(Path(params.teacher_logits) / teacher_logits.TOKENIZER)

@@ -169,3 +169,32 @@ def test_bad_input_gives_one_clear_line(tiny_setup, tmp_path, capsys, make_args,
 def test_non_empty_output_needs_force(exported, tiny_setup):
     with pytest.raises(UsageError, match="--force"):
         export.export(str(tiny_setup["teacher"]), str(tiny_setup["tokenizer"]), str(exported))
+
+
+def test_no_exported_file_names_a_folder_of_the_machine(tiny_setup, tmp_path):
+    """Issue 22: the card held the absolute paths of the user's folders (student_config, data_file, ...).
+    Paths are written relative to the dump path, or as their names; hub names stay as they are."""
+    dump = tmp_path / "home" / "alice" / "runs" / "dump"
+    ckpt = dump / "checkpoint_step00000002"
+    ckpt.mkdir(parents=True)
+    from transformers import GPT2LMHeadModel
+
+    student = GPT2LMHeadModel(gpt2_config(n_layer=1))
+    torch.save({"student": student.state_dict(), "counters": {"n_steps": 2}}, ckpt / "training_state.pt")
+    inside = dump / "init.safetensors"
+    inside.write_bytes(b"")
+    (dump / "parameters.json").write_text(json.dumps({
+        "student_config": str(tiny_setup["student_config"]), "tokenizer_name": str(tiny_setup["tokenizer"]),
+        "teacher_name": "rinna/japanese-gpt2-medium", "data_file": [str(tmp_path / "home" / "alice" / "bin")],
+        "student_pretrained_weights": str(inside), "max_steps": 2}))
+    (dump / "eval_results.json").write_text(json.dumps({"step": 2, "perplexity": 30.0}))
+    out = export.export(str(dump), None, str(tmp_path / "out"), eval_data=str(tmp_path / "home" / "alice" / "dev.txt"))
+    for path in out.iterdir():
+        if path.suffix in (".md", ".json", ".txt") or path.name.startswith("."):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert str(tmp_path) not in text and "alice" not in text, (path.name, text[:2000])
+    card = (out / "README.md").read_text()
+    assert '| student_pretrained_weights | "init.safetensors" |' in card  # relative to the dump path
+    assert '| data_file | ["bin"] |' in card and "| teacher_name | \"rinna/japanese-gpt2-medium\" |" in card
+    assert f'| student_config | "{tiny_setup["student_config"].name}" |' in card
+    assert "Held-out data: dev.txt." in card
