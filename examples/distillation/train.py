@@ -63,6 +63,9 @@ def check_dump_path(params, settings: dict, runtime: Runtime) -> None:
             logger.info("Resuming with --%s changed from %r to %r", k, *changed[k])
     elif not params.force and dump_path.is_dir() and outputs.is_marked(dump_path) and outputs.entries(dump_path):
         raise UsageError(f"{dump_path} exists and is not empty; pass --resume to continue it or --force to overwrite it")
+    elif not outputs.is_marked(dump_path) and (dump_path / "parameters.json").is_file():
+        raise UsageError(f"{dump_path} holds a run of train.py from before outputs were marked ({outputs.MARKER}): "
+                         "pass --resume to continue it, or delete it yourself to start afresh; nothing was deleted")
     else:  # what --force may delete: distil_ja.outputs' rule, for every command
         outputs.will_replace(dump_path, params.force, "--force", "--dump_path")
 
