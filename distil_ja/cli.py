@@ -88,9 +88,26 @@ def exit_code(err: BaseException) -> int | None:
     return None
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when a line is logged, not as it was when the handler
+    was made: a command called in-process (a test's captured stderr, a notebook's redirect) after another
+    one never logs into a stream that is gone."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Plain logging for a single-process command (train.py tags lines with the rank itself)."""
-    logging.basicConfig(format=LOG_FORMAT, level=level)
+    logging.basicConfig(format=LOG_FORMAT, level=level, handlers=[StderrHandler()])
 
 
 def run_command(main, argv=None) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from distil_ja import fileio
-from distil_ja.cli import UsageError
+from distil_ja.cli import StderrHandler, UsageError
 
 logger = logging.getLogger("distillation")
 
@@ -53,7 +53,7 @@ def setup_logging(rank: int = 0) -> None:
     """Log lines of the `distillation` logger to stderr, tagged with the rank; only warnings off rank 0."""
     for handler in [h for h in logger.handlers if getattr(h, "is_distillation_handler", False)]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.is_distillation_handler = True
     handler.setFormatter(logging.Formatter(f"%(asctime)s - rank {rank} - %(levelname)s - %(message)s",
                                            datefmt="%m/%d/%Y %H:%M:%S"))

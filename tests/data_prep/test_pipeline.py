@@ -13,6 +13,7 @@ from data_prep import binarize as binarize_mod
 from data_prep import build_corpus
 from data_prep.binarize import binarize
 from distil_ja.cli import DataError
+from distil_ja.outputs import MARKER
 from distil_ja.shards import dtype_for_vocab, load_manifest, read_shard
 from distil_ja.tokenization import iter_documents
 from helpers import REPO as REPO_PATH
@@ -76,7 +77,7 @@ def test_cc100_xz_bad_bytes_and_empty_docs(env):
     st = env["stats"]["cc100"]
     assert st["lines_with_bad_bytes"] == 1 and st["docs_dropped_empty"] == 5
     assert st["train_documents"] == 30 and st["damaged_inputs"] == []
-    files = sorted(os.listdir(env["corpus"] / "cc100" / "doc_data"))
+    files = sorted(set(os.listdir(env["corpus"] / "cc100" / "doc_data")) - {MARKER})  # the deletion rule's marker
     assert len(files) == st["train_files"] > 1
     for name in files:  # each file ends with a complete document
         assert (env["corpus"] / "cc100" / "doc_data" / name).read_text(encoding="utf-8").endswith("。\n\n")
@@ -146,7 +147,7 @@ def test_output_dir_refused_without_overwrite(env, tmp_path, capsys):
     assert err.startswith("error:") and "--overwrite" in err and "\n" not in err
     assert binarize_mod.main(args + ["--overwrite"]) == 0
     assert load_manifest(out)["inputs"] == [os.path.join(env["doc_dirs"][2], "0.txt")]
-    assert sorted(os.listdir(out)) == ["00000.pickle", "manifest.json"]
+    assert sorted(os.listdir(out)) == [MARKER, "00000.pickle", "manifest.json"]  # the marker: binarize wrote it
 
 
 def test_partial_output_has_no_manifest(env, tmp_path, monkeypatch):

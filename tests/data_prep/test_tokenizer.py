@@ -5,6 +5,7 @@ import pytest
 from transformers import AutoTokenizer, T5Tokenizer
 
 from data_prep import make_tokenizer
+from distil_ja.outputs import MARKER
 from distil_ja.tokenization import DocumentEncoder, iter_documents, load_tokenizer, normalize_text
 from data_prep_fixtures import sentence, tiny_tokenizer_dir, training_text
 
@@ -22,7 +23,7 @@ def test_train_tokenizer_is_fast_and_small_vocab_ok(tmp_path):
     t0 = time.time()
     out = make_tokenizer.train_tokenizer(str(path), 2000, str(tmp_path / "tok"))  # more than the text supports
     assert time.time() - t0 < 5
-    assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == [MARKER, "special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("loader", ["auto", "t5", "project"])

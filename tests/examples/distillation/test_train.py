@@ -132,15 +132,22 @@ def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
     assert result.returncode == EXIT_USAGE and "need a teacher" in result.stderr
 
 
-def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path):
+def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path, capsys):
+    """A folder of the user's is refused, --force or not (distil_ja.outputs); an earlier run is replaced by --force."""
     dump = tmp_path / "run"
     dump.mkdir()
     (dump / "precious.txt").write_text("keep me")
-    result = run_train(train_args(tiny_setup, dump))
-    assert result.returncode == EXIT_USAGE and "--force" in result.stderr
-    assert (dump / "precious.txt").read_text() == "keep me"
-    train.run(train_args(tiny_setup, dump, "--force"))
-    assert not (dump / "precious.txt").exists() and (dump / "model.safetensors").is_file()
+    for force in ([], ["--force"]):
+        assert train.main(train_args(tiny_setup, dump, *force)) == EXIT_USAGE
+        assert "this toolkit did not write it" in capsys.readouterr().err or not force
+        assert (dump / "precious.txt").read_text() == "keep me"
+    run = tmp_path / "earlier"
+    assert train.main(train_args(tiny_setup, run, "--max_steps", "1")) == 0
+    (run / "notes.txt").write_text("put there after the run")
+    assert train.main(train_args(tiny_setup, run, "--max_steps", "1")) == EXIT_USAGE
+    assert "pass --resume to continue it or --force to overwrite it" in capsys.readouterr().err
+    assert train.main(train_args(tiny_setup, run, "--max_steps", "1", "--force")) == 0
+    assert not (run / "notes.txt").exists() and (run / "model.safetensors").is_file()
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
