@@ -331,3 +331,19 @@ def test_torchruns_status_is_the_scripts(tmp_path, caller, status):
     run = Run(tmp_path, cwd=caller, env={"STUB_STATUS": str(status)}, torchrun_stderr=b"some log line\n")
     assert run.returncode == status
     assert run.stderr == "some log line\n"  # no error line to repeat: nothing added
+
+
+@pytest.mark.parametrize("case", [".", "..", "home", "link to home"])
+def test_demo_refuses_the_current_folder_its_parents_and_home(tmp_path, case):
+    """Issue 22: the demo follows distil_ja.outputs' rule too; each folder here holds the marker, and is refused."""
+    here = tmp_path / "work" / "here"  # the caller's folder; HOME is tmp_path (Run)
+    here.mkdir(parents=True)
+    for folder in (here, here.parent, tmp_path):
+        (folder / MARKER).write_text("")
+        (folder / "keep.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path)
+    target = {".": ".", "..": "..", "home": str(tmp_path), "link to home": str(tmp_path / "link")}[case]
+    run = Run(tmp_path, ["--demo", "--force", target], cwd=here)
+    refused(run, 2, "no command deletes it", "nothing was deleted")
+    assert all((folder / "keep.txt").read_text() == "keep me" for folder in (here, here.parent, tmp_path))
+    assert run.python_calls == []
