@@ -69,7 +69,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
-from distil_ja import shards
+from distil_ja import shards, workers
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 
 logger = logging.getLogger("binarize")
@@ -139,16 +139,8 @@ def encode_chunk(docs, unit, encoder=None):
 
 
 def _start_method():
-    """fork (fast start) when this process has no other threads yet, else spawn.
-    BINARIZE_MP_START overrides."""
-    import threading
-
-    method = os.environ.get("BINARIZE_MP_START")
-    if method:
-        return method
-    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
-        return "fork"
-    return "spawn"
+    """distil_ja.workers.start_method; BINARIZE_MP_START overrides."""
+    return workers.start_method("BINARIZE_MP_START")
 
 
 def _encode_in_worker(args):
