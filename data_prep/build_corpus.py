@@ -57,6 +57,7 @@ import os
 import queue
 import random
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -675,8 +676,16 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
     except WorkerError as e:
         raise WorkerError(f"{e}; {output_dir} is incomplete (no stats.json)") from e
     logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    logger.info("cpu: parent (reader, writer) %.2fs, workers %.2fs", *_cpu_seconds())
     check_inputs_were_usable(stats, stats_path)
     return stats
+
+
+def _cpu_seconds():
+    """(this process's, its finished children's) CPU time, user + system: what the stages cost
+    whatever else the machine runs (bench/corpus_bench.py reads them from the log)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _run_workers(files, options, num_workers, chunk_bytes, writer, stats, reservoir, progress):
