@@ -362,10 +362,16 @@ def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, pro
             ctx = multiprocessing.get_context(_start_method())
             pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(encoder.name, encoder.lowercase))
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
-        bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+        bar = tqdm(total=sum(os.path.getsize(f) for f in files), desc="binarize", unit="B", unit_scale=True,
+                   disable=not progress, mininterval=1.0)
+        done_bytes, tokens = list(itertools.accumulate((os.path.getsize(f) for f in files), initial=0)), 0
         for result in results:
-            counts.add_encoded(result, chunk_inputs.popleft())
-            bar.update(writer.add_chunk(result))
+            inputs = chunk_inputs.popleft()
+            counts.add_encoded(result, inputs)
+            tokens += writer.add_chunk(result)
+            bar.update(done_bytes[inputs[0]] - bar.n)  # the files before this chunk's first are done
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+        bar.update(bar.total - bar.n)
         writer.flush()
     finally:
         if bar is not None:

@@ -380,8 +380,7 @@ def _stream_tasks(path, index, paragraphs, chunk_bytes):
             try:
                 data = stream.read1(READ_SIZE)  # one decompression step: damage loses little
             except _TRUNCATION_ERRORS as e:
-                damaged = f"{path}: {type(e).__name__}: {first_line(e)}"
-                logger.error("%s is truncated or corrupt (%s); keeping what was read", path, e)
+                damaged = f"{path}: {type(e).__name__}: {first_line(e)}"  # logged when its turn to be written comes
                 del buf[buf.rfind(b"\n") + 1:]  # a line cut by the damage is not kept
                 data = b""
             if not data:
@@ -599,7 +598,7 @@ def write_documents(results, writer, stats, reservoir, bar):
         if result.damaged:
             damaged_files.add(index)
             stats.damaged.append(result.damaged)
-            logger.error("%s; kept what was read before it", result.damaged)
+            logger.error("%s: truncated or corrupt; kept what was read before the damage", result.damaged)
 
 
 def write_dev(reservoir, dev_dir, lines_per_file):
