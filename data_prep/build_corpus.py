@@ -62,6 +62,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -412,6 +413,7 @@ class Reader(threading.Thread):
 
     def __init__(self, tasks, maxsize):
         super().__init__(daemon=True, name="build_corpus-reader")
+        self.cpu_seconds = 0.0  # the thread's CPU time, once it has read everything
         self.tasks, self.queue, self.stopped = tasks, queue.Queue(maxsize), threading.Event()
 
     def run(self):
@@ -419,6 +421,7 @@ class Reader(threading.Thread):
             for item in self.tasks:
                 if not self._put(item):
                     return
+            self.cpu_seconds = time.thread_time()
             self._put(self.END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             self._put(e)
@@ -663,7 +666,7 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
             os.remove(stats_path)
         writer = DocDataWriter(train_dir, lines_per_file)
         reservoir = Reservoir(dev_docs, seed)
-        _run_workers(files, options, num_workers, chunk_kb * 1024, writer, stats, reservoir, progress)
+        reader_cpu = _run_workers(files, options, num_workers, chunk_kb * 1024, writer, stats, reservoir, progress)
         write_dev(reservoir, dev_dir, lines_per_file)
         summary = summarize(stats, writer, reservoir,
                             {"source": source, "inputs": files, "seed": seed, "lines_per_file": lines_per_file})
@@ -675,7 +678,9 @@ def build_corpus(source, inputs, output_dir, *, lines_per_file=1_000_000, dev_do
     except WorkerError as e:
         raise WorkerError(f"{e}; {output_dir} is incomplete (no stats.json)") from e
     logger.info("summary: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    logger.info("cpu: parent (reader, writer) %.2fs, workers %.2fs", *_cpu_seconds())
+    parent, children = _cpu_seconds()
+    logger.info("cpu: parent (reader, writer) %.2fs, of which the reader thread %.2fs; workers %.2fs", parent,
+                reader_cpu, children)
     check_inputs_were_usable(stats, stats_path)
     return stats
 
@@ -689,7 +694,8 @@ def _cpu_seconds():
 
 def _run_workers(files, options, num_workers, chunk_bytes, writer, stats, reservoir, progress):
     """Read, clean in num_workers processes and write, in order; on any failure the open file is
-    abandoned (no torn N.txt) and the workers and the reader are stopped."""
+    abandoned (no torn N.txt) and the workers and the reader are stopped.  Returns the reader
+    thread's CPU seconds."""
     executor = start_workers(num_workers)
     reader = Reader(iter_tasks(files, options, chunk_bytes), maxsize=num_workers + 1)
     total = sum(os.path.getsize(f) for f in files)
@@ -700,6 +706,7 @@ def _run_workers(files, options, num_workers, chunk_bytes, writer, stats, reserv
         reader.start()
         write_documents(ordered_results(reader, executor, options, 2 * num_workers), writer, stats, reservoir, bar)
         finished = True
+        return reader.cpu_seconds
     finally:
         bar.close()
         reader.stop()
