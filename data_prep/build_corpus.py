@@ -134,15 +134,20 @@ def first_cut(data, paragraphs, complete):
     return NO_CUT if complete else MORE
 
 
-def last_cut(data, paragraphs):
-    """The last position in data (all of it known) where a chunk may end, or NO_CUT."""
+def last_cut(data, paragraphs, tail=1 << 16):
+    """The last position in data (all of it known) where a chunk may end, or NO_CUT.  The last
+    `tail` bytes are searched first (a match found from any position is a real blank line), the
+    rest only when they hold no cut."""
     if not paragraphs:
         at = data.rfind(b"\n")
         return at + 1 if at >= 0 else NO_CUT
-    for m in reversed(list(_BLANK_LINE.finditer(data))):
-        end = data.find(b"\n", m.end())
-        if end >= 0 and _opens_document(data[m.end():end]):
-            return m.end()
+    for start in (max(0, len(data) - tail), 0):
+        for m in reversed(list(_BLANK_LINE.finditer(data, start))):
+            end = data.find(b"\n", m.end())
+            if end >= 0 and _opens_document(data[m.end():end]):
+                return m.end()
+        if start == 0:
+            break
     return NO_CUT
 
 
