@@ -5,9 +5,11 @@ a failed stage is its exit status."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from data_prep import binarize, build_corpus, prepare
+from distil_ja.shards import load_sequences
 from data_prep_fixtures import tiny_tokenizer_dir, write_cc100_xz, write_cirrus_dump, write_truncated_xz
 
 
@@ -22,11 +24,13 @@ def dumps(tmp_path_factory):
 def args(dumps, out, cc100=None):
     return ["--output_dir", str(out), "--tokenizer", dumps["tok"], "--jawiki", dumps["jawiki"],
             "--cc100", cc100 or dumps["cc100"], "--dev_docs", "3", "--num_workers", "2", "--quiet",
-            "--shard_size", "500"]
+            "--shard_size", "500", "--binarize_jobs", "2"]
 
 
 def shard_bytes(folder):
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+    """Every file under folder (the binarize parts), by relative path."""
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+            for root, _, names in os.walk(folder) for n in names}
 
 
 def mtimes(out):
@@ -47,10 +51,11 @@ def test_same_shards_as_the_commands_by_hand(dumps, prepared, tmp_path):
                                   num_workers=1)
     binarize.binarize([str(tmp_path / "jawiki" / "doc_data"), str(tmp_path / "cc100" / "doc_data")], dumps["tok"],
                       str(tmp_path / "bin"), num_workers=1, shard_size=500, progress=False)
-    ours = shard_bytes(prepared / "binarized")
-    theirs = shard_bytes(tmp_path / "bin")
-    assert ours.keys() == theirs.keys() and len(ours) > 2
-    assert all(ours[n] == theirs[n] for n in ours if n.endswith(".pickle"))
+    parts = sorted((prepared / "binarized").iterdir())
+    assert [p.name for p in parts] == ["part-0", "part-1"]  # --binarize_jobs 2
+    ours, _ = load_sequences([str(p) for p in parts])
+    theirs, _ = load_sequences([str(tmp_path / "bin")])
+    assert len(ours) == len(theirs) > 10 and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
 @pytest.mark.slow
