@@ -235,6 +235,47 @@ def run_all(inputs, work_dir, workers):
     return rows
 
 
+# a binarize run whose parent and worker CPU times are told apart: the script run as __main__ in a
+# process that then prints its own and its (finished) workers' CPU seconds
+SPLIT_CPU = """
+import resource, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"split-cpu {s.ru_utime + s.ru_stime:.3f} {c.ru_utime + c.ru_stime:.3f}", file=sys.stderr)
+"""
+
+
+def run_binarize(work_dir, tokenizer, workers, env):
+    """Rows for binarize.py (workers processes) on the new build's cc100 + jawiki text, and on one
+    tiny document (its start-up)."""
+    script = os.path.join(REPO, "data_prep", "binarize.py")
+    n = max(workers)
+    doc_dirs = [os.path.join(work_dir, "out", name, f"new{n}", "doc_data") for name in ("jawiki", "cc100")]
+    tiny = os.path.join(work_dir, "tiny_doc")
+    os.makedirs(tiny, exist_ok=True)
+    with open(os.path.join(tiny, "0.txt"), "w", encoding="utf-8") as f:
+        f.write("一つの文書です。\n\n")
+    rows = []
+    for label, inputs in (("start-up", [tiny]), (f"{n} workers", doc_dirs)):
+        raw = sum(os.path.getsize(os.path.join(d, f)) for d in inputs for f in os.listdir(d))
+        cmd = [sys.executable, "-c", SPLIT_CPU, script, "--input", *inputs, "--tokenizer", tokenizer, "--output_dir",
+               os.path.join(work_dir, "out", "binarized", label.split()[0]), "--num_workers", str(n), "--quiet",
+               "--overwrite", "--allow_bad_text"]
+        wall, cpu, err = timed(cmd, env)
+        parent, children = map(float, re.search(r"split-cpu ([\d.]+) ([\d.]+)", err).groups())
+        tokens = int(re.search(r"(\d+) tokens \(", err).group(1))
+        rows.append({"input": "binarize", "run": f"binarize, {label}", "raw_mb": raw / 1e6, "wall_s": wall,
+                     "cpu_s": cpu, "mb_per_s": raw / 1e6 / wall, "mb_per_cpu_s": raw / 1e6 / max(cpu, 1e-9),
+                     "parent_cpu_s": parent, "reader_cpu_s": 0.0, "worker_cpu_s": children, "tokens": tokens})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- projection
 
 
@@ -267,9 +308,24 @@ def projection(rows, args):
         stages.append({"stage": stage, "input_mb": mb, "parent_s": parent_s, "workers_s": worker_s,
                        "floor_s": floor_s, "wall_s": bound[1], "bound_by": bound[0]})
     text_mb = args.cc100_text_gb * 1e3 * args.cc100_kept + args.jawiki_text_gb * 1e3
-    binarize_s = text_mb * TOKENS_PER_MB / (BINARIZE_TOKENS_PER_CORE_S * args.cores)
-    stages.append({"stage": "binarize (jawiki + cc100 text)", "input_mb": text_mb, "wall_s": binarize_s,
-                   "bound_by": f"tokenizing workers ({BINARIZE_TOKENS_PER_CORE_S:,.0f} tok/s/core, RESULTS.md)"})
+    measured = [r for r in rows if r["input"] == "binarize"]
+    if measured:  # parents side by side (prepare.py --binarize_jobs), workers on the other cores
+        start, r = measured
+        jobs = max(1, args.cores // 4)
+        parent_s = (r["parent_cpu_s"] - start["parent_cpu_s"]) / r["raw_mb"] * text_mb / jobs
+        worker_s = (r["worker_cpu_s"] - start["worker_cpu_s"]) / r["raw_mb"] * text_mb / (args.cores - jobs)
+        bound = max((f"binarize parents ({jobs} jobs)", parent_s), ("tokenizing workers", worker_s),
+                    key=lambda x: x[1])
+        stages.append({"stage": f"binarize ({jobs} jobs side by side)", "input_mb": text_mb, "parent_s": parent_s,
+                       "workers_s": worker_s, "wall_s": bound[1], "bound_by": bound[0]})
+        one_parent = parent_s * jobs
+        stages[-1]["one_job_s"] = max(one_parent, (r["worker_cpu_s"] - start["worker_cpu_s"]) / r["raw_mb"]
+                                      * text_mb / (args.cores - 1))
+    else:
+        binarize_s = text_mb * TOKENS_PER_MB / (BINARIZE_TOKENS_PER_CORE_S * args.cores)
+        stages.append({"stage": "binarize (jawiki + cc100 text)", "input_mb": text_mb, "wall_s": binarize_s,
+                       "bound_by": f"tokenizing workers ({BINARIZE_TOKENS_PER_CORE_S:,.0f} tok/s/core, RESULTS.md; "
+                                   "its parent not measured: pass --tokenizer)"})
     return stages
 
 
@@ -296,6 +352,8 @@ def report(rows, stages, args, loads):
         cells = [f"{s[k]:.0f}" if k in s else "–" for k in ("parent_s", "workers_s", "floor_s")]
         print(f"| {s['stage']} | {s['input_mb'] / 1e3:.1f} | {' | '.join(cells)} | {s['wall_s'] / 60:.1f} | "
               f"{s['bound_by']} |")
+    if "one_job_s" in stages[3]:
+        print(f"\n(binarize as one job, one parent: {stages[3]['one_job_s'] / 60:.1f} min)")
     for layout, cc in (("one xz block", stages[1]), ("multi-block xz", stages[2])):
         total = stages[0]["wall_s"] + cc["wall_s"] + stages[3]["wall_s"]
         print(f"\ntotal with CC-100 as {layout}: {total / 60:.1f} min "
@@ -317,6 +375,7 @@ def build_parser():
     p.add_argument("--jawiki_json_gb", type=float, default=16.0,
                    help="uncompressed CirrusSearch content dump (~4 GB gz); its text is cleaned whole")
     p.add_argument("--jawiki_text_gb", type=float, default=4.0, help="jawiki text after cleaning (binarize input)")
+    p.add_argument("--tokenizer", help="also measure binarize.py (parent and workers apart) with this tokenizer")
     p.add_argument("--json", help="write the rows and the projection here")
     return p
 
@@ -327,6 +386,9 @@ def main(argv=None):
     inputs = make_inputs(args.work_dir, args.quick, args.corpus_dir, args.mb)
     before = os.getloadavg()
     rows = run_all(inputs, args.work_dir, args.workers)
+    if args.tokenizer:
+        rows += run_binarize(args.work_dir, args.tokenizer, args.workers,
+                             dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     loads = (tuple(round(x, 2) for x in before), tuple(round(x, 2) for x in os.getloadavg()))
     stages = projection(rows, args)
     report(rows, stages, args, loads)
