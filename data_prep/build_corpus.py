@@ -283,8 +283,8 @@ def read_block_chunk(path, index, paragraphs):
     end).  error is the first damage met (what was decompressed before it is returned)."""
     blocks = _BLOCKS.get(path) or _BLOCKS.setdefault(path, xz_blocks.read_blocks(path))
     parts = []
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             data = xz_blocks.BlockReader(f, blocks[index]).read_all()
             start = 0 if index == 0 else first_cut(data, paragraphs, complete=True)
             if start == NO_CUT:
@@ -295,9 +295,14 @@ def read_block_chunk(path, index, paragraphs):
                 parts.append(head if cut == NO_CUT else head[:cut])
                 if cut != NO_CUT:
                     break
-        except _TRUNCATION_ERRORS as e:
-            return b"".join(parts), f"{path}: {type(e).__name__}: {first_line(e)}"
+    except _TRUNCATION_ERRORS as e:
+        return b"".join(parts), _damage(path, e)
     return b"".join(parts), None
+
+
+def _damage(path, err):
+    """How a damaged or unreadable input is named in the log, the error line and stats.json."""
+    return f"{path}: {type(err).__name__}: {first_line(err)}"
 
 
 def _block_head(f, block, paragraphs):
@@ -378,7 +383,12 @@ def iter_tasks(files, options, chunk_bytes):
 
 def _stream_tasks(path, index, paragraphs, chunk_bytes):
     """Chunks of one file decompressed here, cut at safe places (see first_cut)."""
-    with open(path, "rb") as raw_file:
+    try:
+        raw_file = open(path, "rb")
+    except OSError as e:  # unreadable: damaged, like a truncated file
+        yield "damaged", index, _damage(path, e)
+        return
+    with raw_file:
         raw = _CountingFile(raw_file)
         stream, buf, scan_at, reported = _open_text_stream(raw, path), bytearray(), chunk_bytes, 0
         damaged = None
@@ -386,7 +396,7 @@ def _stream_tasks(path, index, paragraphs, chunk_bytes):
             try:
                 data = stream.read1(READ_SIZE)  # one decompression step: damage loses little
             except _TRUNCATION_ERRORS as e:
-                damaged = f"{path}: {type(e).__name__}: {first_line(e)}"  # logged when its turn to be written comes
+                damaged = _damage(path, e)  # logged when its turn to be written comes
                 del buf[buf.rfind(b"\n") + 1:]  # a line cut by the damage is not kept
                 data = b""
             if not data:
