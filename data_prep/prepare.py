@@ -40,7 +40,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 
 from distil_ja import fileio, workers
 from distil_ja.tokenization import expand_paths
-from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging
+from distil_ja.cli import EXIT_INTERRUPTED, ArgumentParser, UsageError, run_command, setup_logging
 
 logger = logging.getLogger("prepare")
 
@@ -87,6 +87,7 @@ def binarize_commands(args, doc_dirs, folder):
     return [[os.path.join(HERE, "binarize.py"), "--input", *group, "--tokenizer", tokenizer, "--output_dir",
              os.path.join(folder, f"part-{i}"), "--shard_size", str(args.shard_size),
              "--num_workers", str(workers_each)] + (["--quiet"] if args.quiet or i else [])
+            + (["--allow_bad_text"] if args.allow_bad_text else [])
             for i, group in enumerate(g for g in groups if g)]
 
 
@@ -111,7 +112,7 @@ def is_done(output_dir, name, commands):
 def run_stage(stage, commands, index, count):
     """Run one stage afresh (its folder removed first), its commands side by side; returns the first
     failed command's exit status or 0.  Ctrl-C reaches the commands too (same process group): they
-    are waited for, then the interrupt is re-raised saying where a rerun resumes."""
+    are waited for, and their status (130) is the stage's."""
     if os.path.exists(stage.folder):
         shutil.rmtree(stage.folder)
     for command in commands:
@@ -119,10 +120,9 @@ def run_stage(stage, commands, index, count):
     procs = [subprocess.Popen([sys.executable, *command]) for command in commands]
     try:
         statuses = [proc.wait() for proc in procs]
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.wait()
-        raise KeyboardInterrupt(f"stage {stage.name} did not finish; rerun the same command to resume from it") from None
+    except KeyboardInterrupt:  # the stage's commands got it too and print the one error line
+        statuses = [proc.wait() for proc in procs]
+        return next((s for s in statuses if s), EXIT_INTERRUPTED)
     failed = [s if s >= 0 else 128 - s for s in statuses if s != 0]  # killed by a signal: the shell's 128 + N
     return failed[0] if failed else 0
 
@@ -145,8 +145,8 @@ def prepare(args):
         started = time.time()
         status = run_stage(stage, commands, index, len(todo))
         if status != 0:
-            logger.error("stage %s failed (exit %d); the stages before it are kept: rerun to resume", stage.name,
-                         status)
+            logger.error("stage %s did not finish (exit %d); the stages before it are kept: rerun the same "
+                         "command to resume from it", stage.name, status)
             return status
         fileio.write_json(marker_path(args.output_dir, stage.name),
                           {"commands": commands, "seconds": round(time.time() - started, 1)})
@@ -170,6 +170,7 @@ def build_parser():
     parser.add_argument("--binarize_jobs", type=int, default=0,
                         help="binarize processes side by side, each on a share of the text (default 0: one per "
                              "4 usable cores, at least 1)")
+    parser.add_argument("--allow_bad_text", action="store_true", help="binarize: see binarize.py --help")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
