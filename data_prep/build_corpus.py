@@ -369,8 +369,9 @@ def _open_text_stream(raw, path):
 
 
 def iter_tasks(files, options, chunk_bytes):
-    """The reader: worker tasks (task, file index, compressed bytes) in input order, and
-    ("damaged", file index, message) after the last chunk read of a damaged file."""
+    """The reader: (task, file index, compressed bytes read for it) in input order.  A task is
+    ("text", raw text), ("block", path, block index), or ("damaged", message) after the last chunk
+    read of a damaged file."""
     for index, path in enumerate(files):
         blocks = xz_blocks.blocks(path)
         if blocks:
@@ -386,7 +387,7 @@ def _stream_tasks(path, index, paragraphs, chunk_bytes):
     try:
         raw_file = open(path, "rb")
     except OSError as e:  # unreadable: damaged, like a truncated file
-        yield "damaged", index, _damage(path, e)
+        yield ("damaged", _damage(path, e)), index, 0
         return
     with raw_file:
         raw = _CountingFile(raw_file)
@@ -416,7 +417,7 @@ def _stream_tasks(path, index, paragraphs, chunk_bytes):
         elif raw.bytes_read > reported:
             yield ("text", b""), index, raw.bytes_read - reported
         if damaged:
-            yield "damaged", index, damaged
+            yield ("damaged", damaged), index, 0
 
 
 class Reader(threading.Thread):
@@ -478,9 +479,8 @@ def ordered_results(tasks, executor, options, max_in_flight):
     max_in_flight tasks submitted and not yet handed back (flat memory)."""
     pending = collections.deque()
     for task, index, size in tasks:
-        if task == "damaged":
-            future = _done(ChunkResult(b"", [], [], {}, size))
-            size = 0
+        if task[0] == "damaged":  # no work: the marker goes through in its place
+            future = _done(ChunkResult(b"", [], [], {}, task[1]))
         else:
             future = executor.submit(clean_task, task, options)
         pending.append((future, index, size))
