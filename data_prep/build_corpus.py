@@ -48,6 +48,7 @@ out of memory); 130 interrupted.  stats.json is written last: an output without 
 """
 import collections
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import logging
@@ -539,11 +540,14 @@ class DocDataWriter:
             os.replace(self._path(self.file_index) + fileio.TMP_SUFFIX, self._path(self.file_index))
 
     def abandon(self):
-        """Stop without finishing the open file (its .tmp is removed)."""
+        """Stop without finishing the open file: its .tmp is removed, wherever an interrupt struck
+        (even between closing it and renaming it)."""
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-            os.remove(self._path(self.file_index) + fileio.TMP_SUFFIX)
+        if self.file_index >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(self.file_index) + fileio.TMP_SUFFIX)
 
     @property
     def files(self):

@@ -205,3 +205,32 @@ def test_bad_worker_count_is_a_usage_error(inputs, tmp_path, capsys):
     assert build(files, tmp_path / "o", "cc100", -1, 1) == 2
     assert "--num_workers" in capsys.readouterr().err
     assert build_corpus.default_num_workers() >= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group(tmp_path):
+    """A real Ctrl-C (SIGINT to the command and its workers, as a terminal sends it): exit 130, one
+    line, no stats.json, no torn file, no process left behind."""
+    import sys
+    import time
+
+    from helpers import REPO
+
+    source = tmp_path / "big.txt"
+    source.write_bytes(cc100_bytes(seed=9, n_docs=40_000))  # several seconds of work here
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "data_prep" / "build_corpus.py"), "--source", "cc100",
+                             "--input", str(source), "--output_dir", str(out), "--num_workers", "2", "--quiet",
+                             "--lines_per_file", "25", "--chunk_kb", "64"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / "doc_data" / "3.txt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == 130, err
+    assert err[-1] == f"error: interrupted: {out} is incomplete (no stats.json)"
+    assert not [line for line in err if "Traceback" in line]
+    no_complete_looking_output(out)
+    with pytest.raises(ProcessLookupError):  # the workers are gone with their session
+        os.killpg(proc.pid, 0)
