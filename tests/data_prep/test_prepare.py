@@ -100,3 +100,38 @@ def test_failed_stage_returns_its_status_and_a_fixed_rerun_resumes(dumps, tmp_pa
 def test_nothing_to_prepare_is_a_usage_error(tmp_path, capsys):
     assert prepare.main(["--output_dir", str(tmp_path), "--tokenizer", "x"]) == 2
     assert "nothing to prepare" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stage_killed_for_real_is_redone_and_the_rest_kept(dumps, tmp_path, caplog):
+    """SIGKILL to prepare.py and its stage (what a scheduler's kill does) while cc100 is being built:
+    no cc100 marker; the rerun skips jawiki, rebuilds cc100 whole and binarizes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_prep_fixtures import cc100_bytes
+    from helpers import REPO
+
+    big = tmp_path / "ja.txt"
+    big.write_bytes(cc100_bytes(seed=4, n_docs=20_000))  # seconds of cleaning
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), "--tokenizer", dumps["tok"], "--jawiki", dumps["jawiki"], "--cc100", str(big),
+            "--num_workers", "1", "--binarize_jobs", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "data_prep" / "prepare.py"), *argv],
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "corpus" / "cc100" / "doc_data").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (out / "stages" / "jawiki.json").exists() and not (out / "stages" / "cc100.json").exists()
+    jawiki_marker = (out / "stages" / "jawiki.json").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="prepare")
+    assert prepare.main(argv) == 0
+    assert "stage 1/3 jawiki: done earlier" in caplog.text
+    assert (out / "stages" / "jawiki.json").stat().st_mtime_ns == jawiki_marker
+    stats = json.loads((out / "corpus" / "cc100" / "stats.json").read_text())
+    assert stats["docs_read"] == 20_000 and stats["damaged_inputs"] == []
+    assert (out / "binarized" / "part-0" / "manifest.json").exists()
