@@ -68,7 +68,7 @@ from tqdm import tqdm
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil_ja import outputs, shards
+from distil_ja import outputs, shards, workers
 from distil_ja.cli import DISK_FULL, ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 from distil_ja.text_checks import TextChecks
 from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
@@ -139,16 +139,8 @@ def encode_chunk(docs, unit, encoder=None):
 
 
 def _start_method():
-    """fork (fast start) when this process has no other threads yet, else spawn.
-    BINARIZE_MP_START overrides."""
-    import threading
-
-    method = os.environ.get("BINARIZE_MP_START")
-    if method:
-        return method
-    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
-        return "fork"
-    return "spawn"
+    """distil_ja.workers.start_method; BINARIZE_MP_START overrides."""
+    return workers.start_method("BINARIZE_MP_START")
 
 
 def _encode_in_worker(args):
@@ -322,10 +314,16 @@ def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, pro
             ctx = multiprocessing.get_context(_start_method())
             pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(encoder.name, encoder.lowercase))
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
-        bar = tqdm(desc="binarize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+        bar = tqdm(total=sum(os.path.getsize(f) for f in files), desc="binarize", unit="B", unit_scale=True,
+                   disable=not progress, mininterval=1.0)
+        done_bytes, tokens = list(itertools.accumulate((os.path.getsize(f) for f in files), initial=0)), 0
         for result in results:
-            counts.add_encoded(result, chunk_inputs.popleft())
-            bar.update(writer.add_chunk(result))
+            inputs = chunk_inputs.popleft()
+            counts.add_encoded(result, inputs)
+            tokens += writer.add_chunk(result)
+            bar.update(done_bytes[inputs[0]] - bar.n)  # the files before this chunk's first are done
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+        bar.update(bar.total - bar.n)
         writer.flush()
     finally:
         if bar is not None:

@@ -7,6 +7,7 @@
 | 1      | no space left for the output (disk full, quota)                | OSError ENOSPC   |
 | 2      | bad arguments or models (flags, configs, tokenizers, weights)  | UsageError       |
 | 3      | training stopped (e.g. repeated non-finite losses)             | TrainingError    |
+| 4      | a worker process died (killed, out of memory)                  | WorkerError      |
 | 130    | interrupted (Ctrl-C)                                           | KeyboardInterrupt|
 | 143    | terminated (SIGTERM: a scheduler's time limit, torchrun)       | Terminated       |
 
@@ -24,7 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
-EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING, EXIT_WORKER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 4, 130, 143
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
@@ -41,6 +42,11 @@ class TrainingError(Exception):
     """Training cannot go on; the last checkpoint is kept (exit 3)."""
 
 
+class WorkerError(Exception):
+    """A worker process ended without its result (killed, out of memory, crashed): the output is
+    incomplete, and rerunning, with fewer workers or more memory, may succeed (exit 4)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is (run_command installs the handler): the same clean-up as Ctrl-C
     (every `except KeyboardInterrupt` applies), its own status 143 = 128 + 15, and one line saying so."""
@@ -52,7 +58,8 @@ def _terminate(signum, frame):
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSErrors that mean "the output does not fit": exit 1
 
-EXIT_CODES = ((DataError, EXIT_DATA), (UsageError, EXIT_USAGE), (TrainingError, EXIT_TRAINING))
+EXIT_CODES = ((DataError, EXIT_DATA), (UsageError, EXIT_USAGE), (TrainingError, EXIT_TRAINING),
+              (WorkerError, EXIT_WORKER))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -128,7 +135,7 @@ def run_command(main, argv=None) -> int:
             raise
         print(f"error: {disk_full_message(err)}", file=sys.stderr, flush=True)
         return EXIT_DATA
-    except (DataError, UsageError, TrainingError, KeyboardInterrupt) as err:
+    except (DataError, UsageError, TrainingError, WorkerError, KeyboardInterrupt) as err:
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return exit_code(err)
     finally:

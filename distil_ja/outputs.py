@@ -16,7 +16,6 @@ or the current folder of another shell), so `--dump_path .` can never remove the
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from distil_ja.cli import UsageError
@@ -121,9 +120,8 @@ def claim(path, command: str, adopt: bool = False) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if not is_marked(path) and (adopt or not entries(path)):
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        (path / MARKER).write_text(json.dumps({"written_by": command, "created": stamp}) + "\n")
+    if not is_marked(path) and (adopt or not entries(path)):  # the same bytes every time: outputs compare equal
+        (path / MARKER).write_text(json.dumps({"written_by": command}) + "\n")
     return path
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from distil_ja import cli
-from distil_ja.cli import DataError, TrainingError, UsageError
+from distil_ja.cli import DataError, TrainingError, UsageError, WorkerError
 
 
 @pytest.mark.parametrize("message, expected", [
@@ -26,6 +26,7 @@ def raiser(err):
     (DataError("data.pickle: truncated\nmore detail"), 1, "error: data.pickle: truncated"),
     (UsageError("--batch_size must be positive"), 2, "error: --batch_size must be positive"),
     (TrainingError("loss is nan"), 3, "error: loss is nan"),
+    (WorkerError("a worker process died"), 4, "error: a worker process died"),
     (KeyboardInterrupt(), 130, "error: interrupted"),
     (KeyboardInterrupt("out/ is incomplete (no manifest.json)"), 130,
      "error: interrupted: out/ is incomplete (no manifest.json)"),
@@ -73,6 +74,7 @@ def test_argument_parser_errors_are_usage_errors(capsys):
 
 
 def test_exit_table_values():
-    assert (cli.EXIT_OK, cli.EXIT_DATA, cli.EXIT_USAGE, cli.EXIT_TRAINING, cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 130)
+    assert (cli.EXIT_OK, cli.EXIT_DATA, cli.EXIT_USAGE, cli.EXIT_TRAINING, cli.EXIT_WORKER,
+            cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 4, 130)
 
 
