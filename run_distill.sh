@@ -301,7 +301,7 @@ fi
 command -v torchrun > /dev/null || die 2 "torchrun is not on PATH (it comes with torch: pip install -r requirements.txt)"
 
 # ---- launch ---------------------------------------------------------------------------------------
-echo "== distilling ${TEACHER:-the recipe's teacher} into ${STUDENT_CONFIG:-the recipe's student} on $NNODES node(s) x" \
+echo "== distilling ${TEACHER:-the teacher of the recipe} into ${STUDENT_CONFIG:-its student} on $NNODES node(s) x" \
      "$([[ $N_GPU == 0 ]] && echo "$nproc CPU process(es)" || echo "$N_GPU GPU(s)")" \
      "-> ${DUMP_PATH:-$([[ $recipe_file == 1 ]] && echo "the recipe's --dump_path" || echo "the default --dump_path of train.py")}"
 # torchrun's stdout goes straight to ours; its stderr (the workers' too) goes through tee to ours, live,
