@@ -251,7 +251,7 @@ where() {  # where PATH: how a relative PATH was read, for the error lines
 is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 if [[ -n "$DATA" ]] && ! given --data_file "$@" && [[ ! -e "$DATA" ]]; then
-    die 1 "DATA $(where "$DATA") does not exist: binarize a corpus first (README, Data preparation) or set DATA"
+    die 1 "DATA $(where "$DATA") does not exist: binarize a corpus first (docs/data-preparation.md) or set DATA"
 fi
 if [[ -n "$STUDENT_CONFIG" ]] && ! given --student_config "$@" && [[ ! -f "$STUDENT_CONFIG" ]]; then
     die 2 "STUDENT_CONFIG $(where "$STUDENT_CONFIG") is not a file"

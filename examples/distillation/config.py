@@ -1,6 +1,6 @@
 """train.py's flags, read once into one settings object that nothing changes afterwards.
 
-The defaults ARE the recommended recipe (README, "Recommended recipe"): `RECIPE` below is the one
+The defaults ARE the recommended recipe (docs/training.md, "Recommended recipe"): `RECIPE` below is the one
 place it is written. run_distill.sh passes only what its user sets, and the benchmarks import
 `RECIPE` instead of restating it; tests/examples/distillation/test_config.py and tests/test_run_distill.py
 fail if any of them drift apart.
@@ -27,7 +27,7 @@ from distil_ja.cli import ArgumentParser, UsageError
 from losses import KD_LOSSES
 from models import AUTO, TYPE_CHOICES
 
-# The recommended recipe (bench/quality.py --size tiny over 3 seeds; README "Recommended recipe").
+# The recommended recipe (bench/quality.py --size tiny over 3 seeds; docs/training.md "Recommended recipe").
 # batch_size x gradient_accumulation_steps is per process: 8 x 16 x 4 GPUs = 512 sequences a step.
 RECIPE = {
     "temperature": 1.0,  # T=1 beat T=2 at every seed
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "started on this node (1 without torchrun) where a GPU is visible, else 0.")
     hw.add_argument("--shard_teacher", action="store_true",
                     help="Split the frozen teacher's decoder blocks between the processes of each node (FSDP2), "
-                         "for a teacher too large for one GPU; the student stays DDP (README, Scaling).")
+                         "for a teacher too large for one GPU; the student stays DDP (docs/scaling.md).")
     hw.add_argument("--seed", type=int, default=56)
 
     rec = parser.add_argument_group("records")

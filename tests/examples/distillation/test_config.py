@@ -15,7 +15,7 @@ from helpers import REPO, load_script
 from distil_ja.cli import UsageError
 
 # The recommended recipe as written here, independently of config.py: changing it is a decision
-# (README "Recommended recipe", bench/RESULTS.md), so this test has to change with it.
+# (docs/training.md "Recommended recipe", bench/RESULTS.md), so this test has to change with it.
 RECOMMENDED = {
     "temperature": 1.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_mse": 0.0, "alpha_cos": 1.0,
     "learning_rate": 5e-4, "warmup_prop": 0.05, "weight_decay": 0.01,
@@ -104,9 +104,11 @@ def test_quality_default_recipe_is_the_recipe():
     assert (no_kd.alpha_ce, no_kd.alpha_clm, no_kd.alpha_mse, no_kd.alpha_cos) == (0, 1, 0, 0)
 
 
-def test_readme_by_hand_command_is_the_design_card_command_with_the_recipe():
-    """The README's 'same by hand' torchrun line passes inputs only: its parsed settings are the recipe."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
+def test_readme_by_hand_command_is_the_design_card_command_with_the_recipe(doc):
+    """The 'same by hand' torchrun line (README, docs/training.md) passes inputs only: its parsed settings
+    are the recipe."""
+    text = (REPO / doc).read_text(encoding="utf-8")
     start = text.index("torchrun --nproc_per_node 4 examples/distillation/train.py --n_gpu 4")
     lines = []
     for line in text[start:].splitlines():
@@ -126,8 +128,8 @@ def argv_start(words: list[str]) -> int:
     return next(i for i, w in enumerate(words) if w.endswith("train.py")) + 1
 
 
-def test_readme_lists_every_setting_a_resume_may_change():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def test_the_docs_list_every_setting_a_resume_may_change():
+    text = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
     bullet = text[text.index("- **`--resume`**"):]
     bullet = bullet[:bullet.index("\n- **")]
     for name in sorted(config.RESUMABLE_CHANGES - {"resume", "force"}):
