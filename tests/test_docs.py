@@ -192,3 +192,23 @@ def test_the_reader_sees_what_bash_sees():
                               ["mkdir", "-p", "d"], ["cd", "d"], ["ls"], ["wc"]]
     assert split_env(["A=1", "B=2", "python"]) == ({"A": "1", "B": "2"}, ["python"])
     assert isinstance(config.build_parser(), argparse.ArgumentParser)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+LINKS = [(path.relative_to(REPO), target) for path in DOCS
+         for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8"))
+         if not target.startswith("http")]
+
+
+@pytest.mark.parametrize("doc, target", LINKS, ids=[f"{d}->{t}" for d, t in LINKS])
+def test_every_link_of_the_docs_reaches_its_file_and_heading(doc, target):
+    file, _, fragment = target.partition("#")
+    path = (REPO / doc).parent / file if file else REPO / doc
+    assert path.exists(), f"{doc}: {target} does not exist"
+    if fragment:
+        headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+        assert fragment in {anchor(h) for h in headings}, f"{doc}: no heading #{fragment} in {file or doc}"
