@@ -165,16 +165,6 @@ def test_the_design_card_command_still_gives_four_gpus_and_the_recipe(monkeypatc
     assert {k: getattr(params, k) for k in RECOMMENDED} == RECOMMENDED
 
 
-def test_dump_teacher_logits_takes_the_same_n_gpu_default(monkeypatch):
-    from helpers import dump_script
-
-    dump = dump_script()
-    args = dump.build_parser().parse_args(["--teacher", "T", "--data_file", "D", "--output_dir", "O"])
-    assert args.n_gpu is None  # resolved in run() by config.resolve_n_gpu, as train.py's
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert config.resolve_n_gpu(None) == 0 and config.resolve_n_gpu(3) == 3
-
-
 def test_one_teacher_flag_reads_needs():
     with pytest.raises(UsageError, match=r"^--alpha_cos needs a teacher: .* set it to 0$"):
         config.parse_config(["--data_file", "d", "--student_config", "s", "--tokenizer_name", "t", "--alpha_ce", "0"])
