@@ -209,3 +209,15 @@ def test_a_recipe_file_trains_what_its_flags_train_and_is_recorded(tiny_setup, t
     assert by_file.pop("config") == str(recipe) and by_flags.pop("config") is None
     assert by_file.pop("dump_path") != by_flags.pop("dump_path")
     assert by_file == by_flags and by_file["n_gpu"] == 0 and by_file["learning_rate"] == 2e-3
+
+
+def test_a_recipe_file_that_contradicts_a_flag_is_one_line_and_exit_2(tiny_setup, tmp_path):
+    """The command's own exit (the messages of each refusal: test_config.py)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("precision: fp32\n")
+    message = "--bf16 contradicts --precision fp32 (precision from"
+    result = run_train([*train_args(tiny_setup, tmp_path / "run"), "--config", str(recipe), "--bf16"])
+    assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and str(recipe) in last
+    assert not (tmp_path / "run").exists()
