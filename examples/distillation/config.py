@@ -48,8 +48,8 @@ LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 # Settings a resumed run may change; any other difference from parameters.json is refused.
 # The types only check the families the configs name (runs before `auto` recorded "gpt2").
 RESUMABLE_CHANGES = {"resume", "force", "config", "dump_path", "max_steps", "n_epoch", "log_interval",
-                     "checkpoint_interval", "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
-                     "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher"}
+                     "checkpoint_interval", "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers",
+                     "compile", "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,14 +253,8 @@ def parse_config(argv=None) -> argparse.Namespace:
     """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    recipe = {}
     recipe_path = recipe_file_of(argv)
-    if recipe_path is not None:
-        recipe = read_recipe(recipe_path, parser)
-        parser.set_defaults(**recipe)
-        for action in parser._actions:
-            if action.dest in recipe:
-                action.required = False  # the file gives it
+    recipe = use_recipe(parser, recipe_path) if recipe_path is not None else {}
     args = parser.parse_args(argv)
     if recipe_path is not None:
         args.config = str(Path(recipe_path).resolve())
@@ -324,6 +318,16 @@ def recipe_file_of(argv: list[str]) -> str | None:
         elif word == "--config" and i + 1 < len(argv):
             found = argv[i + 1]
     return found
+
+
+def use_recipe(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read the recipe file and make its values the parser's defaults (a flag given overrides its key)."""
+    recipe = read_recipe(path, parser)
+    parser.set_defaults(**recipe)
+    for action in parser._actions:
+        if action.dest in recipe:
+            action.required = False  # the file gives it
+    return recipe
 
 
 def read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
