@@ -13,6 +13,9 @@
 #   SHARD_TEACHER=1 bash run_distill.sh                                 (a teacher too large for one GPU)
 #   N_GPU=0 [NPROC=2] bash run_distill.sh                               (the CPU: NPROC processes, default 1)
 # Extra arguments go to train.py last, unchanged (they win over everything here).
+# A recipe file (--config FILE.yaml among them, see recipes/) names the inputs itself: N_GPU, DATA, TEACHER
+# and STUDENT_CONFIG are then passed (and override the file) only when set in the environment:
+#   bash run_distill.sh --config recipes/rinna-medium-6l-4gpu.yaml
 #
 # Paths: the script runs from any folder and never changes folder. Every relative path is relative to the
 # folder you run it from: those in the environment (DATA, EVAL_DATA, DUMP_PATH, STUDENT_CONFIG, STUDENT_INIT,
@@ -166,7 +169,18 @@ if [[ "${1:-}" == "--demo" ]]; then
 fi
 
 # ---- full recipe: rinna/japanese-gpt2-medium (24 x 1024) -> 6 x 1024 on one 4-GPU node ----------
+given() {  # given FLAG ARGS...: FLAG is among the extra arguments, which then decide (train.py checks them)
+    local flag=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" == "$flag" || "$arg" == "$flag="* ]]; then return 0; fi
+    done
+    return 1
+}
+recipe_file=0                               # 1: --config FILE names the inputs; the environment overrides it
+if given --config "$@"; then recipe_file=1; fi
 # Topology (torchrun)
+N_GPU_SET=${N_GPU:+1}
 N_GPU=${N_GPU:-4}                           # GPUs (processes) per node; 0: a CPU run (gloo)
 NPROC=${NPROC:-}                            # processes per node of a CPU run (N_GPU=0); default 1
 NNODES=${NNODES:-1}
@@ -176,9 +190,13 @@ MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}             # torchrun restarts crashed workers; they resume from the newest checkpoint
 SHARD_TEACHER=${SHARD_TEACHER:-0}           # 1: split the teacher between each node's processes (--shard_teacher)
 # Inputs of this recipe (relative paths: relative to the folder the script is run from)
-DATA=${DATA:-data/binarized}
-TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
-STUDENT_CONFIG=${STUDENT_CONFIG:-$REPO/examples/distillation/training_configs/distilgpt2-ja.json}
+if [[ $recipe_file == 0 ]]; then
+    DATA=${DATA:-data/binarized}
+    TEACHER=${TEACHER:-rinna/japanese-gpt2-medium}
+    STUDENT_CONFIG=${STUDENT_CONFIG:-$REPO/examples/distillation/training_configs/distilgpt2-ja.json}
+    N_GPU_SET=1
+fi
+DATA=${DATA:-} TEACHER=${TEACHER:-} STUDENT_CONFIG=${STUDENT_CONFIG:-}
 # Passed only when set and non-empty (else train.py's default):
 #   DUMP_PATH  STUDENT_INIT (e.g. the output of scripts/extract.py)  EVAL_DATA
 #   TEMPERATURE ALPHA_CE ALPHA_CLM ALPHA_MSE ALPHA_COS
@@ -190,6 +208,10 @@ args=()
 pass_if_set() {  # pass_if_set VAR --flag: add "--flag $VAR" when VAR is set and non-empty
     if [[ -n "${!1:-}" ]]; then args+=("$2" "${!1}"); fi
 }
+if [[ -n "$N_GPU_SET" ]]; then args+=(--n_gpu "$N_GPU"); fi
+pass_if_set DATA --data_file
+pass_if_set STUDENT_CONFIG --student_config
+pass_if_set TEACHER --teacher_name
 PRECISION=${PRECISION:-}
 PRECISION=${PRECISION#--}                   # the older form PRECISION=--bf16 means bf16
 pass_if_set DUMP_PATH --dump_path
@@ -215,23 +237,15 @@ pass_if_set EVAL_INTERVAL --eval_interval
 if [[ "$SHARD_TEACHER" == 1 ]]; then args+=(--shard_teacher); fi
 
 # ---- checks: one line and exit 1 (data) or 2 (anything else) before anything is launched -----------
-given() {  # given FLAG ARGS...: FLAG is among the extra arguments, which then decide (train.py checks them)
-    local flag=$1 arg
-    shift
-    for arg in "$@"; do
-        if [[ "$arg" == "$flag" || "$arg" == "$flag="* ]]; then return 0; fi
-    done
-    return 1
-}
 where() {  # where PATH: how a relative PATH was read, for the error lines
     if [[ "$1" == /* ]]; then echo "$1"; else echo "$1 (relative to $PWD)"; fi
 }
 is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
-if ! given --data_file "$@" && [[ ! -e "$DATA" ]]; then
-    die 1 "DATA $(where "$DATA") does not exist: binarize a corpus first (README, Data preparation) or set DATA"
+if [[ -n "$DATA" ]] && ! given --data_file "$@" && [[ ! -e "$DATA" ]]; then
+    die 1 "DATA $(where "$DATA") does not exist: binarize a corpus first (docs/data-preparation.md) or set DATA"
 fi
-if ! given --student_config "$@" && [[ ! -f "$STUDENT_CONFIG" ]]; then
+if [[ -n "$STUDENT_CONFIG" ]] && ! given --student_config "$@" && [[ ! -f "$STUDENT_CONFIG" ]]; then
     die 2 "STUDENT_CONFIG $(where "$STUDENT_CONFIG") is not a file"
 fi
 if [[ -n "${STUDENT_INIT:-}" ]] && ! given --student_pretrained_weights "$@" && [[ ! -e "$STUDENT_INIT" ]]; then
@@ -242,7 +256,7 @@ if [[ -n "${EVAL_DATA:-}" ]] && ! given --eval_data "$@" && [[ ! -e "$EVAL_DATA"
 fi
 # A teacher is a local model folder or a hub name org/name (a relative folder that does not exist is refused
 # when it does not look like org/name; one that does is taken for a hub name, as transformers does).
-if ! given --teacher_name "$@" && [[ ! -d "$TEACHER" ]] \
+if [[ -n "$TEACHER" ]] && ! given --teacher_name "$@" && [[ ! -d "$TEACHER" ]] \
         && ! [[ "$TEACHER" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die 2 "TEACHER $(where "$TEACHER") is neither a folder nor a hub name (org/name)"
 fi
@@ -279,9 +293,9 @@ fi
 command -v torchrun > /dev/null || die 2 "torchrun is not on PATH (it comes with torch: pip install -r requirements.txt)"
 
 # ---- launch ---------------------------------------------------------------------------------------
-echo "== distilling $TEACHER into $STUDENT_CONFIG on $NNODES node(s) x" \
+echo "== distilling ${TEACHER:-the teacher of the recipe} into ${STUDENT_CONFIG:-its student} on $NNODES node(s) x" \
      "$([[ $N_GPU == 0 ]] && echo "$nproc CPU process(es)" || echo "$N_GPU GPU(s)")" \
-     "-> ${DUMP_PATH:-the default --dump_path of train.py}"
+     "-> ${DUMP_PATH:-$([[ $recipe_file == 1 ]] && echo "the recipe's --dump_path" || echo "the default --dump_path of train.py")}"
 # torchrun's stdout goes straight to ours; its stderr (the workers' too) goes through tee to ours, live,
 # and a copy through a FIFO to grep, which keeps only the error lines (not the whole log of a long run).
 # Neither tee nor grep dies on Ctrl-C, so torchrun's shutdown messages still come through.
@@ -300,9 +314,7 @@ exec 3>&1
 set +e
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$nproc" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
-    "$REPO/examples/distillation/train.py" --n_gpu "$N_GPU" --data_file "$DATA" \
-    --student_config "$STUDENT_CONFIG" --teacher_name "$TEACHER" \
-    "${args[@]}" "$@" 2>&1 1>&3 3>&- | (trap '' INT; exec tee "$tmp/stderr") >&2 3>&-
+    "$REPO/examples/distillation/train.py" "${args[@]}" "$@" 2>&1 1>&3 3>&- | (trap '' INT; exec tee "$tmp/stderr") >&2 3>&-
 status=${PIPESTATUS[0]}
 set -e
 exec 3>&-

@@ -8,7 +8,7 @@ default; random weights in bf16) is sharded as train.py does (sharding.shard_tea
 not sharded, the baseline). Each process reports the parameter bytes it holds, its private memory
 once the teacher is in place, and the high-water mark of one no-grad forward above that (the
 gathered block, activations and logits): /proc/self/status after resetting VmHWM.
-The README's estimate for the 36-layer teacher ("Scaling") extrapolates these numbers.
+The estimate for the 36-layer teacher (docs/scaling.md) extrapolates these numbers.
 """
 
 import argparse

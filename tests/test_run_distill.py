@@ -347,3 +347,32 @@ def test_demo_refuses_the_current_folder_its_parents_and_home(tmp_path, case):
     refused(run, 2, "no command deletes it", "nothing was deleted")
     assert all((folder / "keep.txt").read_text() == "keep me" for folder in (here, here.parent, tmp_path))
     assert run.python_calls == []
+
+# ---- recipe files: --config ----------------------------------------------------------------------
+
+def test_with_a_recipe_file_only_what_the_environment_sets_is_passed(tmp_path, caller):
+    run = Run(tmp_path, ["--config", "my.yaml"], cwd=caller)
+    assert run.returncode == 0, run.stderr
+    assert run.train_args() == ["--config", "my.yaml"]  # the file names the inputs and the GPUs
+    assert run.argv[run.argv.index("--nproc_per_node") + 1] == "4"  # the launch stays the environment's
+    run = Run(tmp_path, ["--config=my.yaml"], cwd=caller, env={"DATA": "data/binarized", "N_GPU": "2",
+                                                                "ALPHA_CE": "3"})
+    assert run.returncode == 0, run.stderr
+    assert run.train_args() == ["--n_gpu", "2", "--data_file", "data/binarized", "--alpha_ce", "3",
+                                "--config=my.yaml"]
+    (tmp_path / "third").mkdir()
+    refused(Run(tmp_path / "third", ["--config", "my.yaml"], cwd=caller, env={"DATA": "nowhere"}), 1, "DATA nowhere")
+
+
+def test_the_demo_recipe_is_what_the_demo_trains_its_student_with(tmp_path, caller, monkeypatch):
+    run = Run(tmp_path, ["--demo"], cwd=caller)
+    assert run.returncode == 0, run.stderr
+    student_kd = next(args for _, args in run.python_calls if "--dump_path checkpoints/demo/student_kd" in args)
+    argv = student_kd.split()
+    assert argv[0].endswith(TRAIN_PY)
+    monkeypatch.chdir(REPO)  # where the recipe is run from; the demo's paths are the caller's
+    demo = vars(config.parse_config(argv[1:]))
+    recipe = vars(config.parse_config(["--config", "recipes/demo.yaml", "--dump_path", demo["dump_path"]]))
+    assert recipe.pop("config") == str(REPO / "recipes" / "demo.yaml") and demo.pop("config") is None
+    assert Path(demo.pop("student_config")) == REPO / recipe.pop("student_config")
+    assert recipe == demo

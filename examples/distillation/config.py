@@ -1,28 +1,34 @@
 """train.py's flags, read once into one settings object that nothing changes afterwards.
 
-The defaults ARE the recommended recipe (README, "Recommended recipe"): `RECIPE` below is the one
+The defaults ARE the recommended recipe (docs/training.md, "Recommended recipe"): `RECIPE` below is the one
 place it is written. run_distill.sh passes only what its user sets, and the benchmarks import
 `RECIPE` instead of restating it; tests/examples/distillation/test_config.py and tests/test_run_distill.py
 fail if any of them drift apart.
 
-`parse_config(argv)` parses, checks every flag that can be checked without loading anything,
-and resolves the automatic ones (precision, compile, DataLoader workers, a torchrun restart
-turning into --resume) so that the namespace it returns says what the run does.
+`parse_config(argv)` reads a recipe file (--config FILE.yaml: keys are flag names, flags on the
+command line override them) once, parses, checks every flag that can be checked without loading
+anything, and resolves the automatic ones (GPUs, precision, compile, DataLoader workers, a torchrun
+restart turning into --resume) so that the namespace it returns says what the run does.
 """
 
 import argparse
+import difflib
 import json
+import logging
 import math
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from distil_ja.cli import ArgumentParser, UsageError
 from losses import KD_LOSSES
 from models import AUTO, TYPE_CHOICES
 
-# The recommended recipe (bench/quality.py --size tiny over 3 seeds; README "Recommended recipe").
+# The recommended recipe (bench/quality.py --size tiny over 3 seeds; docs/training.md "Recommended recipe").
 # batch_size x gradient_accumulation_steps is per process: 8 x 16 x 4 GPUs = 512 sequences a step.
 RECIPE = {
     "temperature": 1.0,  # T=1 beat T=2 at every seed
@@ -42,9 +48,9 @@ LOSS_FLAGS = ("alpha_ce", "alpha_clm", "alpha_mse", "alpha_cos")
 
 # Settings a resumed run may change; any other difference from parameters.json is refused.
 # The types only check the families the configs name (runs before `auto` recorded "gpt2").
-RESUMABLE_CHANGES = {"resume", "force", "dump_path", "max_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers", "compile",
-                     "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher", "verify"}
+RESUMABLE_CHANGES = {"resume", "force", "config", "dump_path", "max_steps", "n_epoch", "log_interval",
+                     "checkpoint_interval", "keep_checkpoints", "max_nonfinite", "eval_interval", "num_workers",
+                     "compile", "compile_mode", "student_type", "teacher_type", "plots", "shard_teacher", "verify"}
 VERIFY_CHOICES = ("full", "size")
 
 
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "models, 3 training stopped.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")
+    io.add_argument("--config", default=None, metavar="FILE.yaml",
+                    help="A recipe file: keys are these flags' names (alpha_ce: 5.0); a flag given on the command "
+                         "line overrides its key (see recipes/).")
     io.add_argument("--dump_path", default="checkpoints/distilgpt2-ja", help="Output directory.")
     io.add_argument("--force", action="store_true", help="Delete an existing --dump_path and start afresh.")
     io.add_argument("--resume", action="store_true",
@@ -137,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "sequence), so compiled graphs are reused; 1 pads to the longest row only.")
     hw.add_argument("--num_workers", type=int, default=None,
                     help="DataLoader worker processes (default: 2 with CUDA, 0 on the CPU); batches are the same.")
-    hw.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 trains on the CPU.")
+    hw.add_argument("--n_gpu", type=int, default=None,
+                    help="GPUs (processes) per node; 0 trains on the CPU. Default: one GPU per process torchrun "
+                         "started on this node (1 without torchrun) where a GPU is visible, else 0.")
     hw.add_argument("--shard_teacher", action="store_true",
                     help="Split the frozen teacher's decoder blocks between the processes of each node (FSDP2), "
-                         "for a teacher too large for one GPU; the student stays DDP (README, Scaling).")
+                         "for a teacher too large for one GPU; the student stays DDP (docs/scaling.md).")
     hw.add_argument("--seed", type=int, default=56)
 
     rec = parser.add_argument_group("records")
@@ -199,14 +210,14 @@ def check_arguments(params) -> None:
             raise UsageError("--teacher_logits and --teacher_name exclude each other: the dumped logits are the teacher")
         needs_model = [f"--{k}" for k in ("alpha_mse", "alpha_cos") if alphas[k] > 0]
         if needs_model:
-            raise UsageError(f"{', '.join(needs_model)} need the teacher model, which --teacher_logits replaces: "
-                             "set them to 0")
+            raise UsageError(f"{', '.join(needs_model)} {verb(needs_model)} the teacher model, which "
+                             f"--teacher_logits replaces: set {pronoun(needs_model)} to 0")
     if params.shard_teacher and params.teacher_name is None:
         raise UsageError("--shard_teacher needs a teacher model (--teacher_name)")
     no_teacher = params.teacher_name is None and params.teacher_logits is None
     if no_teacher and needs_teacher:
-        raise UsageError(f"{', '.join(needs_teacher)} need a teacher: pass --teacher_name (or --teacher_logits) "
-                         "or set them to 0")
+        raise UsageError(f"{', '.join(needs_teacher)} {verb(needs_teacher)} a teacher: pass --teacher_name "
+                         f"(or --teacher_logits) or set {pronoun(needs_teacher)} to 0")
     if no_teacher and params.tokenizer_name is None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
     if params.temperature <= 0:
@@ -241,15 +252,44 @@ def check_arguments(params) -> None:
         raise UsageError("--eval_interval must be >= 0 and needs --eval_data")
 
 
+def verb(flags: list[str]) -> str:
+    """'needs' after one flag, 'need' after several."""
+    return "needs" if len(flags) == 1 else "need"
+
+
+def pronoun(flags: list[str]) -> str:
+    return "it" if len(flags) == 1 else "them"
+
+
 def parse_config(argv=None) -> argparse.Namespace:
-    """Parse, check and resolve train.py's flags: the settings of the run, as parameters.json records them."""
-    args = build_parser().parse_args(argv)
+    """Parse, check and resolve train.py's flags: the settings of the run, as parameters.json records them.
+
+    With --config FILE.yaml the file is read first and its keys become the flags' defaults, so a flag
+    on the command line overrides its own key. A key and a flag that name one setting differently
+    (precision: fp32 in the file, --bf16 here) contradict each other and are refused, as --bf16
+    --precision fp32 is; `config` then holds the file's absolute path.
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe_path = recipe_file_of(argv)
+    recipe = use_recipe(parser, recipe_path) if recipe_path is not None else {}
+    args = parser.parse_args(argv)
+    if recipe_path is not None:
+        args.config = str(Path(recipe_path).resolve())
+        log_overrides(recipe, args, recipe_path)
+    args.n_gpu = resolve_n_gpu(args.n_gpu)
     check_arguments(args)
     if args.max_steps is None:
         args.max_steps = 0  # recorded as before: 0 = the steps of --n_epoch epochs
     bf16, fp16 = args.bf16, args.fp16
     del args.bf16, args.fp16  # aliases: the resolved --precision is what the run (and parameters.json) has
-    args.precision = resolve_precision(args.precision, bf16, fp16, args.n_gpu)
+    try:
+        args.precision = resolve_precision(args.precision, bf16, fp16, args.n_gpu)
+    except UsageError as err:
+        from_file = [k for k in ("precision", "bf16", "fp16") if k in recipe]
+        if from_file:
+            raise UsageError(f"{err} ({', '.join(from_file)} from {recipe_path})") from None
+        raise
     on_gpu = args.n_gpu > 0
     if args.compile is None:
         args.compile = on_gpu
@@ -259,6 +299,124 @@ def parse_config(argv=None) -> argparse.Namespace:
     if restarted and (Path(args.dump_path) / "parameters.json").exists():
         args.resume, args.force = True, False  # torchrun restarted this worker: continue the run
     return args
+
+
+def resolve_n_gpu(n_gpu: int | None) -> int:
+    """--n_gpu's default, torchrun's convention of one process per GPU: where a GPU is visible, the
+    processes torchrun started on this node (LOCAL_WORLD_SIZE; 1 without torchrun), else 0, the CPU.
+
+    init_distributed checks the result against the GPUs there are, as it checks an explicit --n_gpu.
+    """
+    if n_gpu is not None:
+        return n_gpu
+    if not torch.cuda.is_available():
+        return 0
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+# ---- recipe files (--config) -------------------------------------------------------------------
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with the numbers a command line takes: PyYAML follows YAML 1.1, which reads 5e-4
+    (no dot) as a string; here it is the float it is on the command line."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def recipe_file_of(argv: list[str]) -> str | None:
+    """The last --config value in argv (None without one); the full parse reports a malformed one."""
+    found = None
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word.startswith("--config="):
+            found = word.split("=", 1)[1]
+        elif word == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
+
+
+def use_recipe(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read the recipe file and make its values the parser's defaults (a flag given overrides its key)."""
+    recipe = read_recipe(path, parser)
+    parser.set_defaults(**recipe)
+    for action in parser._actions:
+        if action.dest in recipe:
+            action.required = False  # the file gives it
+    return recipe
+
+
+def read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The recipe file as flag defaults, each key a flag of `parser` with a value of its type.
+
+    Unknown keys, values of the wrong type or outside the choices, and unreadable or malformed
+    files are one line each (UsageError: exit 2), naming the file.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from err
+    try:
+        values = yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"--config {path}: not valid YAML{line} ({getattr(err, 'problem', None) or err})") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    flags = {a.dest: a for a in parser._actions
+             if f"--{a.dest}" in a.option_strings and a.dest not in ("config", "help")}
+    recipe = {}
+    for key, value in values.items():
+        if key == "config":
+            raise UsageError(f"--config {path}: a recipe cannot name another recipe (key 'config')")
+        if key not in flags:
+            close = difflib.get_close_matches(str(key), flags, n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (keys are train.py's flag names, without --)"
+            raise UsageError(f"--config {path}: unknown key {key!r}{hint}")
+        recipe[key] = recipe_value(flags[key], value, f"--config {path}: {key}")
+    return recipe
+
+
+def recipe_value(action: argparse.Action, value, where: str):
+    """`value` as `action` takes it, or UsageError naming what was expected."""
+    def wrong(expected: str) -> UsageError:
+        return UsageError(f"{where}: expected {expected}, got {value!r}")
+
+    if action.nargs == 0:  # --flag / --no-flag
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if action.nargs == "+":
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) for v in values):
+            raise wrong("a path or a list of paths")
+        return values
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise wrong("a string")
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def log_overrides(recipe: dict, args: argparse.Namespace, path: str) -> None:
+    """Say which of the file's keys the command line replaced."""
+    changed = {k: (v, getattr(args, k)) for k, v in recipe.items() if getattr(args, k) != v}
+    logger = logging.getLogger("distillation")
+    logger.info("Recipe %s%s", path, "".join(f"; --{k} {new!r} overrides {old!r}" for k, (old, new) in changed.items()))
 
 
 def amp_dtype(precision: str) -> torch.dtype | None:

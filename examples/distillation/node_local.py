@@ -1,6 +1,6 @@
 """Dump paths on several nodes: one shared folder, or a folder per node.
 
-The rule (README, "Scaling"):
+The rule (docs/scaling.md, "Several nodes"):
 - Every node sees rank 0's folder (a shared file system, the same --dump_path): rank 0 writes
   everything, as on one node; every process adds its own `rank{R}.pt` to each checkpoint.
 - A node that does not see rank 0's folder (its own disk, or its own --dump_path): that node's first
@@ -61,7 +61,7 @@ def claim_dump_path(dump_path: Path, runtime: Runtime) -> bool:
         found = (f"no folder prepared by rank 0 or by {leader}" if writer is None
                  else f"the folder of rank {writer}, prepared neither by rank 0 nor by {leader}")
         error = UsageError(f"--dump_path {dump_path}: rank {runtime.global_rank} finds {found}; the processes of a "
-                           "node must share one folder: the same on every node, or one per node (README, Scaling)")
+                           "node must share one folder: the same on every node, or one per node (docs/scaling.md)")
     raise_first_error(error)  # also the barrier before a writer removes its marker
     if writer == runtime.global_rank != 0:
         logger.warning("%s is this node's own folder (rank 0's is not visible here): rank %d writes the node's "

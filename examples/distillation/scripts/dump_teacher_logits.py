@@ -2,7 +2,7 @@
 """Run a teacher once over the training sequences and keep its top-k log-probabilities: an offline teacher.
 
     python examples/distillation/scripts/dump_teacher_logits.py --teacher rinna/japanese-gpt2-medium \
-        --data_file data/binarized --output_dir data/teacher-top64 --top_k 64 --n_gpu 1
+        --data_file data/binarized --output_dir data/teacher-top64 --top_k 64
     torchrun --nproc_per_node 4 examples/distillation/scripts/dump_teacher_logits.py --n_gpu 4 ...
     python examples/distillation/train.py --teacher_logits data/teacher-top64 --alpha_cos 0 ...
 
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
-from config import PRECISIONS, amp_dtype, resolve_precision  # noqa: E402
+from config import PRECISIONS, amp_dtype, resolve_n_gpu, resolve_precision  # noqa: E402
 from distil_ja import outputs, shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
 from distil_ja.tokenization import load_tokenizer  # noqa: E402
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per teacher forward, per process.")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="The teacher's dtype: auto (bf16 on a GPU that has it, else fp32), bf16, fp16, fp32.")
-    parser.add_argument("--n_gpu", type=int, default=1, help="GPUs (processes) per node; 0 runs on the CPU.")
+    parser.add_argument("--n_gpu", type=int, default=None,
+                        help="GPUs (processes) per node; 0 runs on the CPU. Default: one GPU per process torchrun "
+                             "started on this node (1 without torchrun) where a GPU is visible, else 0.")
     return parser
 
 
@@ -182,6 +184,7 @@ def dump(args, runtime) -> None:
 
 def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    args.n_gpu = resolve_n_gpu(args.n_gpu)
     check_arguments(args)
     args.precision = resolve_precision(args.precision, False, False, args.n_gpu)
     runtime = init_distributed(args.n_gpu)

@@ -51,7 +51,7 @@ def test_processes_of_one_node_that_do_not_share_a_folder_are_refused_on_every_r
     assert errors[0] == errors[1]  # the same one line everywhere
     assert errors[0] == (f"UsageError: --dump_path {folder / 'one_node_split' / 'node1'}: rank 1 finds no folder "
                          "prepared by rank 0 or by its node's first process (rank 0); the processes of a node must "
-                         "share one folder: the same on every node, or one per node (README, Scaling)")
+                         "share one folder: the same on every node, or one per node (docs/scaling.md)")
 
 
 @pytest.mark.slow

@@ -67,6 +67,16 @@ def test_rows_are_the_teachers_top_k_at_every_position(offline_setup, teacher, t
         assert all(len(set(row.tolist())) == TOP_K for row in ids)
 
 
+def test_without_n_gpu_a_machine_with_no_gpu_dumps_on_the_cpu(offline_setup, offline_dump, tmp_path, monkeypatch):
+    """--n_gpu's default is where the user is: here, no GPU, so the CPU, the same rows as --n_gpu 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = dump_args(offline_setup, tmp_path / "dump")
+    del args[args.index("--n_gpu"):args.index("--n_gpu") + 2]
+    assert dump_script().main(args) == 0
+    for name in ("shard-00000.ids.npy", "shard-00000.logprobs.npy"):
+        assert np.array_equal(np.load(tmp_path / "dump" / name), np.load(offline_dump / name))
+
+
 def test_float16_rows_are_rounded_down(offline_dump, offline_setup, teacher):
     manifest = teacher_logits.load_manifest(offline_dump)
     assert (manifest["ids_dtype"], manifest["logprobs_dtype"], manifest["logprobs_rounding"]) == ("uint16", "float16", "down")

@@ -195,3 +195,36 @@ def test_mixed_precision_runs_on_the_cpu(tiny_setup, tmp_path, precision):
     logged = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
     assert all(torch.isfinite(w).all() and w.dtype == torch.float32 for w in weights(dump).values())
+
+
+@pytest.mark.slow
+def test_a_recipe_file_trains_what_its_flags_train_and_is_recorded(tiny_setup, tmp_path):
+    """train.py --config FILE, without --n_gpu on a CPU machine: the same run as the flags, and
+    parameters.json says which file it came from (the command line's overrides included)."""
+    flags = train_args(tiny_setup, tmp_path / "flags", "--learning_rate", "2e-3")
+    flags.remove("--no-group_by_size")
+    del flags[flags.index("--n_gpu"):flags.index("--n_gpu") + 2]  # the default: the CPU here
+    values = dict(zip(flags[0::2], flags[1::2]))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("".join(f"{k[2:]}: {v}\n" for k, v in values.items() if k != "--dump_path")
+                      + "group_by_size: false\n" + "learning_rate: 1e-3\n", encoding="utf-8")
+    train.run([*flags, "--no-group_by_size"])
+    train.run(["--config", str(recipe), "--dump_path", str(tmp_path / "file"), "--learning_rate", "2e-3"])
+    assert_same_weights(weights(tmp_path / "flags"), weights(tmp_path / "file"), atol=0)
+    by_flags = json.loads((tmp_path / "flags" / "parameters.json").read_text())
+    by_file = json.loads((tmp_path / "file" / "parameters.json").read_text())
+    assert by_file.pop("config") == str(recipe) and by_flags.pop("config") is None
+    assert by_file.pop("dump_path") != by_flags.pop("dump_path")
+    assert by_file == by_flags and by_file["n_gpu"] == 0 and by_file["learning_rate"] == 2e-3
+
+
+def test_a_recipe_file_that_contradicts_a_flag_is_one_line_and_exit_2(tiny_setup, tmp_path):
+    """The command's own exit (the messages of each refusal: test_config.py)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("precision: fp32\n")
+    message = "--bf16 contradicts --precision fp32 (precision from"
+    result = run_train([*train_args(tiny_setup, tmp_path / "run"), "--config", str(recipe), "--bf16"])
+    assert result.returncode == EXIT_USAGE and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and str(recipe) in last
+    assert not (tmp_path / "run").exists()

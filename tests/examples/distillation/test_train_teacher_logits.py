@@ -62,8 +62,8 @@ def refusal(capsys, args, status, message):
 
 @pytest.mark.parametrize("extra, message", [
     (["--teacher_name", "T", "--alpha_cos", "0"], "--teacher_logits and --teacher_name exclude each other"),
-    ([], "--alpha_cos need the teacher model, which --teacher_logits replaces"),
-    (["--alpha_mse", "1", "--alpha_cos", "0"], "--alpha_mse need the teacher model"),
+    ([], "--alpha_cos needs the teacher model, which --teacher_logits replaces: set it to 0"),
+    (["--alpha_mse", "1", "--alpha_cos", "0"], "--alpha_mse needs the teacher model"),
 ])
 def test_flags_that_need_the_teacher_model_are_refused(extra, message):
     with pytest.raises(UsageError, match=message):
