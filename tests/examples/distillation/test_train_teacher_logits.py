@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import teacher_logits
 import train
+from distil_ja import shards
 from config import parse_config
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, UsageError
 from helpers import REPO, TRAIN_PY, dump_args, dump_script, gpt2_config, random_sequences, train_args, write_shard
@@ -113,6 +114,7 @@ def other_tokenizer(tmp_path_factory):
     ("tokenizer", EXIT_USAGE, "was dumped with another tokenizer than"),
     ("max_len", EXIT_USAGE, "the student's context (16) is shorter than the max_len 32"),
     ("shards", EXIT_DATA, "not the same data"),
+    ("same lengths", EXIT_DATA, "not the same data"),
     ("missing shard", EXIT_DATA, "missing or unreadable shard"),
 ])
 def test_a_dump_that_does_not_match_is_refused_in_one_line(offline_setup, offline_dump, other_tokenizer, distillers,
@@ -128,6 +130,12 @@ def test_a_dump_that_does_not_match_is_refused_in_one_line(offline_setup, offlin
     elif mismatch == "shards":
         setup["data"] = write_shard(tmp_path / "other.pickle",
                                     random_sequences(40, max_len=90, vocab_size=setup["vocab"], seed=2))
+    elif mismatch == "same lengths":  # other tokens, every length kept: only sequences_sha256 tells them apart
+        sequences = shards.load_sequences([str(setup["data"])])[0]
+        other = [np.concatenate(([s[0]], 7 + (s[1:-1] - 6) % (setup["vocab"] - 7), [s[-1]])).astype(s.dtype)
+                 for s in sequences]
+        assert [len(s) for s in other] == [len(s) for s in sequences]
+        setup["data"] = write_shard(tmp_path / "same_lengths.pickle", other)
     elif mismatch == "missing shard":
         dump = tmp_path / "dump"
         shutil.copytree(offline_dump, dump)
