@@ -240,20 +240,37 @@ def _bad_inputs(setup, tmp):
     ]
 
 
-@pytest.mark.slow
-def test_bad_input_gives_one_clear_line_and_leaves_dump_path_untouched(tiny_setup, tmp_path):
+BAD_INPUTS = ("other sentencepiece", "missing shard", "corrupt shard", "truncated shard", "token id",
+              "empty after filter", "student vocab", "teacher vocab", "special ids", "manifest", "config")
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_setup, tmp_path_factory):
+    """_bad_inputs, made once for the module: {name: (argument edits, expected message, exit code)}."""
+    cases = _bad_inputs(tiny_setup, tmp_path_factory.mktemp("bad_inputs"))
+    return {name: (edits, message, code) for name, edits, message, code in cases}
+
+
+def test_every_bad_input_has_a_case(bad_inputs):
+    assert sorted(bad_inputs) == sorted(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_gives_one_clear_line_and_leaves_dump_path_untouched(tiny_setup, bad_inputs, tmp_path, capsys, name):
+    """train.main in this process (the subprocess path of the same one-line refusal: test_train.py): each
+    bad input exits with its status and one `error:` line, before --force touches the earlier run."""
+    edits, message, code = bad_inputs[name]
     dump = tmp_path / "run"
     dump.mkdir()
     (dump / "earlier_run.txt").write_text("must survive")
-    for name, edits, message, code in _bad_inputs(tiny_setup, tmp_path):
-        args = train_args(tiny_setup, dump, "--force")
-        for flag, value in edits.items():
-            args[args.index(flag) + 1] = value
-        result = run(args)
-        assert result.returncode == code, (name, result.stderr[-1500:])
-        assert message in result.stderr, (name, result.stderr[-1500:])
-        assert "Traceback" not in result.stderr, name
-        assert [p.name for p in dump.iterdir()] == ["earlier_run.txt"], name
+    args = train_args(tiny_setup, dump, "--force")
+    for flag, value in edits.items():
+        args[args.index(flag) + 1] = value
+    assert train.main(args) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1], err[-1500:]
+    assert "Traceback" not in err
+    assert [p.name for p in dump.iterdir()] == ["earlier_run.txt"]
 
 
 @pytest.mark.slow
