@@ -6,6 +6,7 @@ steps through Distiller.optimize_step on a hand-made window of micro-batches.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -134,13 +135,16 @@ def used_lrs():
     handle.remove()
 
 
-def test_each_step_uses_the_warmup_then_linear_decay_rate(tiny_setup, tmp_path, used_lrs, monkeypatch):
+def test_each_step_uses_the_warmup_then_linear_decay_rate(tiny_setup, tmp_path, used_lrs, monkeypatch, caplog):
     """6 steps, --warmup_prop 0.3 (2 warm-up steps), against the formula step by step: a run killed after
-    step 5 (steps 1-5), then resumed from its checkpoint of step 3 (steps 4-6)."""
+    step 5 (steps 1-5), then resumed from its checkpoint of step 3 (steps 4-6). The log line of each step
+    reports the rate that step used."""
     def args(*extra):
-        return train_args(tiny_setup, tmp_path / "run", "--warmup_prop", "0.3", "--checkpoint_interval", "3", *extra)
+        return train_args(tiny_setup, tmp_path / "run", "--warmup_prop", "0.3", "--checkpoint_interval", "3",
+                          "--log_interval", "1", *extra)
 
     expected = [textbook_lr(step, 6, 2) for step in range(1, 7)]
+    caplog.set_level("INFO", logger="distillation")
     with monkeypatch.context() as patch:
         patch.setattr(distiller, "inject_fault", crash_after_step_5)
         with pytest.raises(Crash):
@@ -148,6 +152,10 @@ def test_each_step_uses_the_warmup_then_linear_decay_rate(tiny_setup, tmp_path, 
     train.run(args("--resume"))
     assert all(len(rates) == 1 for rates in used_lrs)  # both param groups: one rate
     assert [rates.pop() for rates in used_lrs] == pytest.approx(expected[:5] + expected[3:], rel=1e-12)
+    logged = [re.search(r"step (\d+)/6 \|.*\| lr ([-+.e0-9]+) \|", r.getMessage()) for r in caplog.records]
+    logged = [(int(m[1]), float(m[2])) for m in logged if m]  # printed with 3 digits
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 4, 5, 6]
+    assert [lr for _, lr in logged] == pytest.approx(expected[:5] + expected[3:], rel=2e-3)
 
 
 # ---- the log window: normalisation, skipped steps -----------------------------------------------
