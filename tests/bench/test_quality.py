@@ -183,13 +183,23 @@ def test_recipe_objective_top_k_runs_and_width_are_checked(capsys):
     assert exit_info.value.code == 2 and "kd is one of fkl, rkl" in capsys.readouterr().err
 
 
-def test_missing_corpora_and_bad_arguments_exit_2(tmp_path):
-    proc = run_quality("--size", "tiny", "--corpora", tmp_path / "nowhere", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--corpora" in proc.stderr
-    proc = run_quality("--size", "smoke", "--recipe", "beta=3", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--recipe" in proc.stderr
-    proc = run_quality("--size", "smoke", "--runs", "kd,other", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--runs" in proc.stderr
+def quality_here(capsys, *args):
+    """quality.main in this process: (exit status, stderr); an argparse refusal's SystemExit counts as its status."""
+    try:
+        code = quality.main([str(a) for a in args])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def test_missing_corpora_and_bad_arguments_exit_2(tmp_path, capsys):
+    code, err = quality_here(capsys, "--size", "tiny", "--corpora", tmp_path / "nowhere", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--corpora" in err
+    code, err = quality_here(capsys, "--size", "smoke", "--recipe", "beta=3", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--recipe" in err
+    code, err = quality_here(capsys, "--size", "smoke", "--runs", "kd,other", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--runs" in err
+    assert not (tmp_path / "q").exists()  # refused before anything is written
 
 
 # ---- token efficiency --------------------------------------------------------------------------
