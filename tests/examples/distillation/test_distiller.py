@@ -121,8 +121,8 @@ def textbook_lr(step, total, warmup):
 
 @pytest.fixture
 def used_lrs():
-    """{step: learning rate} as each optimizer step read it (every param group), recorded by a global
-    optimizer step hook: what the update used, not what the scheduler says it set."""
+    """[{the learning rates of the param groups}] as each optimizer step read them, in step order, recorded by
+    a global optimizer step hook: what the update used, not what the scheduler says it set."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     seen = []
@@ -212,8 +212,8 @@ def test_a_skipped_steps_sums_and_counts_stay_out_of_the_log_window(tiny_setup, 
 
 @pytest.fixture
 def make_distiller(tiny_setup, tmp_path):
-    """make(world_size, *flags, teacher=None): a Distiller on the tiny teacher (or `teacher`) and a fresh student, all four loss terms on,
-    no gradient clipping (so the gradient the optimizer sees is the loss's)."""
+    """make(world_size, *flags, teacher=None): a Distiller on the tiny teacher (or `teacher`) and a fresh student,
+    all four loss terms on, no gradient clipping (so the gradient the optimizer sees is the loss's)."""
     built = []
 
     def make(world_size, *extra, teacher=None):
