@@ -173,15 +173,14 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
-    train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
+def test_two_gloo_processes_match_one_process(tiny_setup, tiny_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process group (gloo): rank 0 of 2" in result.stderr
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    assert_same_weights(weights(tiny_run), weights(tmp_path / "two"), atol=1e-5)  # one process, batches of 4
 
 
 def test_n_gpu_must_match_what_torchrun_started(monkeypatch):
