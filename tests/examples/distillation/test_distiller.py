@@ -314,7 +314,8 @@ def test_a_padded_teachers_head_is_cut_to_the_students_vocabulary(make_distiller
     with torch.no_grad():
         padded.lm_head.weight[TINY_VOCAB:] *= 30  # rows that would carry much of the softmax if they were kept
     cut = GPT2LMHeadModel(gpt2_config(n_layer=2, n_embd=32)).eval()
-    cut.load_state_dict({k: v[:TINY_VOCAB] if v.shape[0] == TINY_VOCAB + 8 else v for k, v in padded.state_dict().items()})
+    cut.load_state_dict({k: v[:TINY_VOCAB] if v.shape[0] == TINY_VOCAB + 8 else v
+                         for k, v in padded.state_dict().items()})
     made = make_distiller(1, fused, teacher=padded)
     window = micro_batches(made, [3, 2])
     terms, _, before = step_and_copy(made, window)

@@ -103,7 +103,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(dropout_setup, 
     state = dump / "checkpoint_step00000006" / "training_state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # truncated
     (dump / "model.safetensors").unlink()
-    assert train.main(resume_args(dropout_setup, dump, "--resume")) == 0  # in this process: one thread, as the reference
+    assert train.main(resume_args(dropout_setup, dump, "--resume")) == 0  # in this process, one thread
     err = capsys.readouterr().err
     assert "checkpoint_step00000006 is unreadable" in err
     assert "Resumed from" in err and "checkpoint_step00000004: step 4" in err
