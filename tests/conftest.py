@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import dump_args, dump_script, gpt2_config, random_sequences, write_shard
+from helpers import dump_args, dump_script, gpt2_config, random_sequences, train_args, write_shard
 
 TOKENIZER_TEXT = """\
 今日は朝から雨が降っていたので、駅まで傘をさして歩いた。
@@ -73,3 +73,21 @@ def offline_dump(offline_setup, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dumps") / "top8"
     assert dump_script().main(dump_args(offline_setup, folder)) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_setup, tmp_path_factory) -> Path:
+    """The dump path of train.py's run of the tiny setup with train_args as they are (6 steps, logged every 2,
+    checkpoints at 3 and 6), made once for the session. Read it, never write into it: copy it first."""
+    import torch
+
+    import train
+
+    dump = tmp_path_factory.mktemp("tiny_run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as inside the tests (one_thread starts after session fixtures): the same floats
+    try:
+        train.run(train_args(tiny_setup, dump))
+    finally:
+        torch.set_num_threads(threads)
+    return dump

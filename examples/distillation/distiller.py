@@ -366,13 +366,19 @@ class Distiller:
             self.settle(step)
             if self.n_nonfinite == 0:  # a skipped step logs, evaluates and checkpoints nothing
                 if due_log:
-                    self.log.write(step, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
-                                   self.n_skipped, self.tokens_seen)
+                    self.log.write(step, self.total_steps, self.step_lr(), self.last_grad_norm, self.n_skipped,
+                                   self.tokens_seen)
                 if due_eval:
                     self.evaluate()  # before the checkpoint, which saves the evaluation history
                 if due_checkpoint:
                     self.save_checkpoint()
         inject_fault("after_step", step)
+
+    def step_lr(self) -> float:
+        """The learning rate the last optimizer step used, as its log line reports it. The scheduler has
+        already stepped to the next step's rate (get_last_lr), which would put the curve one step early
+        and show 0 at the end of the decay."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](max(self.n_steps - 1, 0))
 
     def evaluate(self):
         """Student perplexity on --eval_data, shared between ranks (perplexity.py, as evaluate.py)."""
@@ -466,8 +472,8 @@ class Distiller:
     def end_training(self):
         self.settle(self.n_steps)
         if not self.log.empty:  # the last steps, when the run does not end on a log interval
-            self.log.write(self.n_steps, self.total_steps, self.scheduler.get_last_lr()[0], self.last_grad_norm,
-                           self.n_skipped, self.tokens_seen)
+            self.log.write(self.n_steps, self.total_steps, self.step_lr(), self.last_grad_norm, self.n_skipped,
+                           self.tokens_seen)
         if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:

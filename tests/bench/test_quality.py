@@ -96,15 +96,17 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
     assert not (out / "text").exists()  # derived text is deleted once binarized
 
 
-def test_dry_run_gpu_size_commands(tmp_path):
+def test_dry_run_gpu_size_commands(tmp_path, capsys):
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     for name in ("jawiki_jaquad_train", "jawiki_jaquad_dev", "jawikinews", "aozora_modern_50MB"):
         (corpora / f"{name}.txt.xz").write_bytes(lzma.compress("文。\n".encode()))
-    proc = run_quality("--size", "gpu", "--corpora", corpora, "--out_dir", tmp_path / "q", "--dry_run",
-                       "--recipe", "T=1,ce=0.9,clm=0.1,cos=0", "--student_lr", "1e-3", "--kd_lr", "2e-3", timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if "train.py" in line]
+    code = quality.main(["--size", "gpu", "--corpora", str(corpora), "--out_dir", str(tmp_path / "q"), "--dry_run",
+                         "--recipe", "T=1,ce=0.9,clm=0.1,cos=0", "--student_lr", "1e-3", "--kd_lr", "2e-3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    stdout = out.out  # as the subprocess printed it: quality.main prints, runs nothing (--dry_run)
+    lines = [line for line in stdout.splitlines() if "train.py" in line]
     assert len(lines) == 4  # teacher and three students
     assert all("--n_gpu 1" in line and "--precision bf16" in line for line in lines)
     no_teacher = [line for line in lines if "--teacher_name" not in line]  # the teacher and no_kd
@@ -115,7 +117,7 @@ def test_dry_run_gpu_size_commands(tmp_path):
     assert sum("--student_pretrained_weights" in line for line in lines) == 1
     assert all("--learning_rate 0.002" in line for line in kd)  # --kd_lr: the distilled students only
     assert sum("--learning_rate 0.001 " in line for line in lines) == 2  # the teacher (gpu size) and no_kd
-    assert "evaluate.py" in proc.stdout and "--bf16" in proc.stdout.split("evaluate.py")[1]
+    assert "evaluate.py" in stdout and "--bf16" in stdout.split("evaluate.py")[1]
     # the re-sized budget: a longer teacher; students scored on the dev set every 200 of their 1,200 steps
     teacher = next(line for line in no_teacher if "teacher.json" in line)
     assert "--max_steps 4200" in teacher and "--eval_data" not in teacher
@@ -183,13 +185,23 @@ def test_recipe_objective_top_k_runs_and_width_are_checked(capsys):
     assert exit_info.value.code == 2 and "kd is one of fkl, rkl" in capsys.readouterr().err
 
 
-def test_missing_corpora_and_bad_arguments_exit_2(tmp_path):
-    proc = run_quality("--size", "tiny", "--corpora", tmp_path / "nowhere", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--corpora" in proc.stderr
-    proc = run_quality("--size", "smoke", "--recipe", "beta=3", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--recipe" in proc.stderr
-    proc = run_quality("--size", "smoke", "--runs", "kd,other", "--out_dir", tmp_path / "q", timeout=60)
-    assert proc.returncode == 2 and "--runs" in proc.stderr
+def quality_here(capsys, *args):
+    """quality.main in this process: (exit status, stderr); an argparse refusal's SystemExit counts as its status."""
+    try:
+        code = quality.main([str(a) for a in args])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def test_missing_corpora_and_bad_arguments_exit_2(tmp_path, capsys):
+    code, err = quality_here(capsys, "--size", "tiny", "--corpora", tmp_path / "nowhere", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--corpora" in err
+    code, err = quality_here(capsys, "--size", "smoke", "--recipe", "beta=3", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--recipe" in err
+    code, err = quality_here(capsys, "--size", "smoke", "--runs", "kd,other", "--out_dir", tmp_path / "q")
+    assert code == 2 and "--runs" in err
+    assert not (tmp_path / "q").exists()  # refused before anything is written
 
 
 # ---- token efficiency --------------------------------------------------------------------------

@@ -100,6 +100,25 @@ def test_one_bad_line_in_a_thousand_passes_and_is_counted(tok, tmp_path, capsys)
     assert manifest_of(out)["bad_text"]["allowed"] is False
 
 
+def test_the_undecodable_limit_is_per_file_not_over_all_lines_so_far(tok, tmp_path, capsys):
+    """2 bad lines of 40 (5%) after a good file of hundreds: under 1% of all the lines read, over it in their
+    own file, which is refused."""
+    good = tmp_path / "good.txt"
+    good.write_text(training_text(), encoding="utf-8")
+    n_good = len(training_text().splitlines())
+    lines = [line.encode("utf-8") for line in training_text(n_docs=10, seed=3).splitlines()[:40]]
+    lines[5] = lines[20] = "あい".encode("cp932")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    assert 2 < 0.01 * (n_good + 40)  # within the limit if the lines so far counted
+    out = tmp_path / "out"
+    rc, err = run(["--input", good, bad, "--tokenizer", tok, "--output_dir", out, "--num_workers", 1], capsys)
+    assert rc == 1
+    assert_one_error_line(err)
+    assert f"{bad}: 2 of 40 lines (5.00%) are not valid UTF-8" in err and "good.txt" not in err, err
+    assert_no_manifest_nor_tmp(out)
+
+
 def test_overall_unk_rate_over_5_percent_is_refused(tok, tmp_path, capsys):
     good = tmp_path / "good.txt"
     good.write_text(training_text(), encoding="utf-8")  # the tokenizer's own text: no <unk>

@@ -6,6 +6,7 @@ steps through Distiller.optimize_step on a hand-made window of micro-batches.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -104,18 +105,123 @@ def test_resume_restores_the_log_window(tiny_setup, tmp_path, monkeypatch):
     assert_same_weights(weights(reference), weights(dump), atol=0)
 
 
+# ---- the learning rate each optimizer step used -------------------------------------------------
+
+BASE_LR = 1e-3  # train_args' --learning_rate
+
+
+def textbook_lr(step, total, warmup):
+    """The rate of optimizer step `step` (1-based) of `total`, `warmup` of them warming up: a linear rise
+    to BASE_LR over the first warmup + 1 steps (never 0), then a linear fall that would reach 0 one
+    step after the last."""
+    if step <= warmup:
+        return BASE_LR * step / (warmup + 1)
+    return BASE_LR * (total - step + 1) / (total - warmup)
+
+
+@pytest.fixture
+def used_lrs():
+    """[{the learning rates of the param groups}] as each optimizer step read them, in step order, recorded by
+    a global optimizer step hook: what the update used, not what the scheduler says it set."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        seen.append({group["lr"] for group in optimizer.param_groups})
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield seen
+    handle.remove()
+
+
+def test_each_step_uses_the_warmup_then_linear_decay_rate(tiny_setup, tmp_path, used_lrs, monkeypatch, caplog):
+    """6 steps, --warmup_prop 0.3 (2 warm-up steps), against the formula step by step: a run killed after
+    step 5 (steps 1-5), then resumed from its checkpoint of step 3 (steps 4-6). The log line of each step
+    reports the rate that step used."""
+    def args(*extra):
+        return train_args(tiny_setup, tmp_path / "run", "--warmup_prop", "0.3", "--checkpoint_interval", "3",
+                          "--log_interval", "1", *extra)
+
+    expected = [textbook_lr(step, 6, 2) for step in range(1, 7)]
+    caplog.set_level("INFO", logger="distillation")
+    with monkeypatch.context() as patch:
+        patch.setattr(distiller, "inject_fault", crash_after_step_5)
+        with pytest.raises(Crash):
+            train.run(args())
+    train.run(args("--resume"))
+    assert all(len(rates) == 1 for rates in used_lrs)  # both param groups: one rate
+    assert [rates.pop() for rates in used_lrs] == pytest.approx(expected[:5] + expected[3:], rel=1e-12)
+    logged = [re.search(r"step (\d+)/6 \|.*\| lr ([-+.e0-9]+) \|", r.getMessage()) for r in caplog.records]
+    logged = [(int(m[1]), float(m[2])) for m in logged if m]  # printed with 3 digits
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 4, 5, 6]
+    assert [lr for _, lr in logged] == pytest.approx(expected[:5] + expected[3:], rel=2e-3)
+
+
+# ---- the log window: normalisation, skipped steps -----------------------------------------------
+
+@pytest.fixture
+def step_terms(monkeypatch):
+    """[(terms, real positions, predicted positions)] of every optimizer step, as optimize_step returned
+    them (each term divided by its own step's count) and counted from the micro-batches it was given."""
+    steps = []
+    real = Distiller.optimize_step
+
+    def recording(self, window):
+        terms = real(self, window)
+        lengths = torch.cat([batch[1] for batch in window])
+        steps.append(({k: v.item() for k, v in terms.items()}, int(lengths.sum()), int((lengths - 1).sum())))
+        return terms
+
+    monkeypatch.setattr(Distiller, "optimize_step", recording)
+    return steps
+
+
+def window_mean(steps, term):
+    """A term over a window of steps, as the loss defines it: CLM's sums over predicted positions, the
+    other terms' over real positions (a step's sum is its mean times its count)."""
+    count = 2 if term == "clm" else 1
+    return sum(step[0][term] * step[count] for step in steps) / sum(step[count] for step in steps)
+
+
+def test_a_log_line_is_its_windows_mean_clm_over_predicted_positions(tiny_setup, tmp_path, step_terms):
+    dump = tmp_path / "run"
+    train.run(train_args(tiny_setup, dump, "--log_interval", "3", "--checkpoint_interval", "0"))
+    logged = metrics(dump)
+    assert [m["step"] for m in logged] == [3, 6] and len(step_terms) == 6
+    assert all(real > predicted for _, real, predicted in step_terms)  # the two normalisations differ
+    for line, window in zip(logged, (step_terms[:3], step_terms[3:])):
+        for term in ("ce", "clm", "cos"):
+            assert line[term] == pytest.approx(window_mean(window, term), rel=1e-9), term
+
+
+def test_a_skipped_steps_sums_and_counts_stay_out_of_the_log_window(tiny_setup, tmp_path, monkeypatch, step_terms):
+    """Step 3 is non-finite: the line of step 4 (window 3-4) is step 4's alone, finite."""
+    nan_on_steps(monkeypatch, {3})
+    dump = tmp_path / "run"
+    train.run(train_args(tiny_setup, dump, "--log_interval", "2", "--checkpoint_interval", "0"))
+    logged = metrics(dump)
+    assert [m["step"] for m in logged] == [2, 4, 6]
+    assert logged[1]["skipped_steps"] == 1
+    for term in ("ce", "clm", "cos"):
+        assert logged[1][term] == pytest.approx(step_terms[3][0][term], rel=1e-9), term
+        assert logged[0][term] == pytest.approx(window_mean(step_terms[:2], term), rel=1e-9), term
+
+
 # ---- one optimizer step against plain torch ------------------------------------------------------
 
 @pytest.fixture
 def make_distiller(tiny_setup, tmp_path):
-    """make(world_size, *flags): a Distiller on the tiny teacher and a fresh student, all four loss terms on,
-    no gradient clipping (so the gradient the optimizer sees is the loss's)."""
+    """make(world_size, *flags, teacher=None): a Distiller on the tiny teacher (or `teacher`) and a fresh student,
+    all four loss terms on, no gradient clipping (so the gradient the optimizer sees is the loss's)."""
     built = []
 
-    def make(world_size, *extra):
+    def make(world_size, *extra, teacher=None):
         params = parse_config(train_args(tiny_setup, tmp_path / "run", "--alpha_mse", "0.3", "--temperature",
                                          str(TEMPERATURE), "--max_grad_norm", "1e9", *extra))
-        teacher = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"]).requires_grad_(False).eval()
+        if teacher is None:
+            teacher = GPT2LMHeadModel.from_pretrained(tiny_setup["teacher"])
+        teacher = teacher.requires_grad_(False).eval()
         torch.manual_seed(0)
         student = models.build_student(models.load_config(params.student_config, "gpt2"), "gpt2")
         dataset = LmSeqsDataset(random_sequences(16, seed=1), 64)
@@ -193,6 +299,27 @@ def test_step_terms_are_the_textbook_means(make_distiller, fused):
     terms, _, before = step_and_copy(made, window)
     expected = textbook_terms(before, made.teacher, window, made.alphas)
     assert terms.keys() == expected.keys() == {"ce", "clm", "mse", "cos"}
+    for k, value in expected.items():
+        assert terms[k].item() == pytest.approx(value.item(), rel=1e-5), k
+
+
+@pytest.mark.parametrize("fused", ["--fused_loss", "--no-fused_loss"])
+def test_a_padded_teachers_head_is_cut_to_the_students_vocabulary(make_distiller, fused):
+    """A teacher with 8 rows beyond the student's 192 (an embedding padded for faster matmuls) gives the step
+    of the same teacher cut to 192 rows: its extra logits are dropped before every term, not renormalised in."""
+    from helpers import TINY_VOCAB, gpt2_config
+
+    torch.manual_seed(2)
+    padded = GPT2LMHeadModel(gpt2_config(n_layer=2, n_embd=32, vocab_size=TINY_VOCAB + 8))
+    with torch.no_grad():
+        padded.lm_head.weight[TINY_VOCAB:] *= 30  # rows that would carry much of the softmax if they were kept
+    cut = GPT2LMHeadModel(gpt2_config(n_layer=2, n_embd=32)).eval()
+    cut.load_state_dict({k: v[:TINY_VOCAB] if v.shape[0] == TINY_VOCAB + 8 else v
+                         for k, v in padded.state_dict().items()})
+    made = make_distiller(1, fused, teacher=padded)
+    window = micro_batches(made, [3, 2])
+    terms, _, before = step_and_copy(made, window)
+    expected = textbook_terms(before, cut, window, made.alphas)
     for k, value in expected.items():
         assert terms[k].item() == pytest.approx(value.item(), rel=1e-5), k
 

@@ -1,5 +1,7 @@
 """node_local.py: which process writes which dump path, found out on several (played) nodes.
 
+Fast: one process plays a rank of a later node, the collectives stubbed (the markers the other ranks
+would have left are written beforehand). Slow: two processes under torchrun play every layout.
 Real runs of two nodes, with one folder or one each: tests/test_scaling.py.
 """
 
@@ -10,10 +12,52 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import node_local
+from distil_ja.cli import UsageError
 from helpers import REPO, free_port
+from utils import Runtime
 
 WORKER = Path(__file__).with_name("node_local_worker.py")
+
+
+RUN_ID = "host:1:2"
+
+
+@pytest.fixture
+def played(monkeypatch):
+    """claim(dump, global_rank, local_rank, marked_by): claim_dump_path as that rank of 2 nodes x 2 processes
+    would, in a folder that rank `marked_by` (or nobody: None) has marked for this run; no process group."""
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, RUN_ID))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+
+    def claim(dump, global_rank, local_rank, marked_by):
+        if marked_by is not None:
+            node_local._mark(dump, RUN_ID, marked_by)
+        runtime = Runtime(world_size=4, global_rank=global_rank, local_rank=local_rank, local_world_size=2)
+        return node_local.claim_dump_path(dump, runtime)
+
+    return claim
+
+
+@pytest.mark.parametrize("rank, local_rank, marked_by, writes", [
+    (2, 0, None, True),   # node 1's first process, rank 0's folder not visible: it writes the node's copy
+    (3, 1, 2, False),     # its second process finds the node leader's (rank 2's) folder and uses it
+    (3, 1, 0, False),     # a shared folder: rank 0 writes for everyone
+    (2, 0, 0, False),
+])
+def test_the_node_leader_is_the_nodes_first_global_rank(played, tmp_path, rank, local_rank, marked_by, writes):
+    assert played(tmp_path / "dump", rank, local_rank, marked_by) is writes
+
+
+def test_a_process_that_finds_no_folder_of_its_nodes_leader_is_refused(played, tmp_path):
+    with pytest.raises(UsageError, match=r"rank 3 finds no folder prepared by rank 0 or by its node's first process "
+                                         r"\(rank 2\)"):
+        played(tmp_path / "dump", 3, 1, None)
+    with pytest.raises(UsageError, match=r"rank 3 finds the folder of rank 1, prepared neither by rank 0 nor by its "
+                                         r"node's first process \(rank 2\)"):
+        played(tmp_path / "other", 3, 1, 1)
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,15 @@ def assert_identical_runs(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(dropout_setup, tmp_path_factory):
+    """The reference run, in this process on one thread: the same float sums as the one-thread subprocesses
+    (ENV) that the tests kill and resume."""
     dump = tmp_path_factory.mktemp("reference") / "run"
-    result = run(resume_args(dropout_setup, dump))  # a subprocess too: same thread count, same float sums
-    assert result.returncode == 0, result.stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures start before the autouse one_thread
+    try:
+        train.run(resume_args(dropout_setup, dump))
+    finally:
+        torch.set_num_threads(threads)
     assert [m["step"] for m in metrics(dump)] == list(range(1, 9))
     return dump
 
@@ -88,7 +94,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(dropout_setup, u
     assert_identical_runs(uninterrupted, dump)
 
 
-def test_unreadable_newest_checkpoint_falls_back_to_the_previous(dropout_setup, uninterrupted, tmp_path):
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(dropout_setup, uninterrupted, tmp_path, capsys):
     dump = tmp_path / "run"
     shutil.copytree(uninterrupted, dump)
     for step in (8, 6):
@@ -97,30 +103,29 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(dropout_setup, 
     state = dump / "checkpoint_step00000006" / "training_state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # truncated
     (dump / "model.safetensors").unlink()
-    result = run(resume_args(dropout_setup, dump, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "checkpoint_step00000006 is unreadable" in result.stderr
-    assert "Resumed from" in result.stderr and "checkpoint_step00000004: step 4" in result.stderr
+    assert train.main(resume_args(dropout_setup, dump, "--resume")) == 0  # in this process, one thread
+    err = capsys.readouterr().err
+    assert "checkpoint_step00000006 is unreadable" in err
+    assert "Resumed from" in err and "checkpoint_step00000004: step 4" in err
     assert_identical_runs(uninterrupted, dump)
 
 
-def test_resume_extends_a_finished_run_and_keeps_k_checkpoints(dropout_setup, uninterrupted, tmp_path):
+def test_resume_extends_a_finished_run_and_keeps_k_checkpoints(dropout_setup, uninterrupted, tmp_path, capsys):
     dump = tmp_path / "run"
     shutil.copytree(uninterrupted, dump)
-    result = run(resume_args(dropout_setup, dump, "--resume", "--max_steps", "10", "--keep_checkpoints", "2"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Resuming with --max_steps changed from 8 to 10" in result.stderr
+    assert train.main(resume_args(dropout_setup, dump, "--resume", "--max_steps", "10", "--keep_checkpoints", "2")) == 0
+    assert "Resuming with --max_steps changed from 8 to 10" in capsys.readouterr().err
     assert [m["step"] for m in metrics(dump)] == list(range(1, 11))
     assert sorted(p.name for p in dump.glob("checkpoint_step*")) == ["checkpoint_step00000008", "checkpoint_step00000010"]
 
 
-def test_resume_with_other_settings_is_refused(dropout_setup, uninterrupted, tmp_path):
+def test_resume_with_other_settings_is_refused(dropout_setup, uninterrupted, tmp_path, capsys):
     dump = tmp_path / "run"
     shutil.copytree(uninterrupted, dump)
     before = sorted(p.name for p in dump.rglob("*"))
-    result = run(resume_args(dropout_setup, dump, "--resume", "--learning_rate", "0.01"))
-    assert result.returncode == EXIT_USAGE
-    assert "cannot resume with changed settings (--learning_rate was 0.001, now 0.01)" in result.stderr
+    assert train.main(resume_args(dropout_setup, dump, "--resume", "--learning_rate", "0.01")) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "cannot resume with changed settings (--learning_rate was 0.001, now 0.01)" in err.strip().splitlines()[-1]
     assert sorted(p.name for p in dump.rglob("*")) == before
 
 
@@ -240,20 +245,37 @@ def _bad_inputs(setup, tmp):
     ]
 
 
-@pytest.mark.slow
-def test_bad_input_gives_one_clear_line_and_leaves_dump_path_untouched(tiny_setup, tmp_path):
+BAD_INPUTS = ("other sentencepiece", "missing shard", "corrupt shard", "truncated shard", "token id",
+              "empty after filter", "student vocab", "teacher vocab", "special ids", "manifest", "config")
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_setup, tmp_path_factory):
+    """_bad_inputs, made once for the module: {name: (argument edits, expected message, exit code)}."""
+    cases = _bad_inputs(tiny_setup, tmp_path_factory.mktemp("bad_inputs"))
+    return {name: (edits, message, code) for name, edits, message, code in cases}
+
+
+def test_every_bad_input_has_a_case(bad_inputs):
+    assert sorted(bad_inputs) == sorted(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_gives_one_clear_line_and_leaves_dump_path_untouched(tiny_setup, bad_inputs, tmp_path, capsys, name):
+    """train.main in this process (the subprocess path of the same one-line refusal: test_train.py): each
+    bad input exits with its status and one `error:` line, before --force touches the earlier run."""
+    edits, message, code = bad_inputs[name]
     dump = tmp_path / "run"
     dump.mkdir()
     (dump / "earlier_run.txt").write_text("must survive")
-    for name, edits, message, code in _bad_inputs(tiny_setup, tmp_path):
-        args = train_args(tiny_setup, dump, "--force")
-        for flag, value in edits.items():
-            args[args.index(flag) + 1] = value
-        result = run(args)
-        assert result.returncode == code, (name, result.stderr[-1500:])
-        assert message in result.stderr, (name, result.stderr[-1500:])
-        assert "Traceback" not in result.stderr, name
-        assert [p.name for p in dump.iterdir()] == ["earlier_run.txt"], name
+    args = train_args(tiny_setup, dump, "--force")
+    for flag, value in edits.items():
+        args[args.index(flag) + 1] = value
+    assert train.main(args) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1], err[-1500:]
+    assert "Traceback" not in err
+    assert [p.name for p in dump.iterdir()] == ["earlier_run.txt"]
 
 
 @pytest.mark.slow

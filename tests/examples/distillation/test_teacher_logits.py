@@ -177,6 +177,7 @@ def test_the_dump_refuses_in_one_line(offline_setup, tmp_path, capsys, extra, se
     ("missing shard", "missing or unreadable shard"),
     ("truncated shard", "missing or unreadable shard"),
     ("other shard", "the manifest says"),
+    ("other dtype", "float32, the manifest says"),
     ("gap", "leave a gap"),
 ])
 def test_a_damaged_dump_is_refused(offline_dump, tmp_path, damage, message):
@@ -192,6 +193,9 @@ def test_a_damaged_dump_is_refused(offline_dump, tmp_path, damage, message):
         ids_file.write_bytes(ids_file.read_bytes()[:-100])
     elif damage == "other shard":
         np.save(ids_file, np.zeros((3, TOP_K), dtype=np.uint16))
+    elif damage == "other dtype":  # the same rows and shape, stored as float32 instead of the manifest's float16
+        logprobs_file = folder / manifest["shards"][0]["logprobs"]["file"]
+        np.save(logprobs_file, np.load(logprobs_file).astype(np.float32))
     elif damage == "gap":
         manifest["shards"][0]["first_sequence"] = 1
         (folder / teacher_logits.MANIFEST).write_text(json.dumps(manifest))

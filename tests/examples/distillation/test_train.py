@@ -14,14 +14,28 @@ from distil_ja.cli import EXIT_DATA, EXIT_USAGE
 
 
 def run_train(args, **kwargs):
+    """train.py in a subprocess, as a user runs it (exit status, stderr)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}"}
     return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True, env=env,
                           timeout=300, **kwargs)
 
 
-def test_single_process_run_writes_every_record(tiny_setup, tmp_path):
-    dump = tmp_path / "run"
-    train.run(train_args(tiny_setup, dump))
+def main_here(args, capsys):
+    """train.main in this process: (exit status, stderr). The refusals are the same as in a subprocess
+    (run_command prints them, and an unexpected exception fails the test), without one interpreter
+    start and torch import per case; the subprocess path is checked once, in
+    test_existing_dump_path_is_refused_and_kept."""
+    code = train.main(args)
+    return code, capsys.readouterr().err
+
+
+def assert_one_error_line(err, message):
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1], err[-1500:]
+
+
+def test_single_process_run_writes_every_record(tiny_setup, tiny_run):
+    dump = tiny_run
     names = {p.name for p in dump.iterdir()}
     assert {"config.json", "model.safetensors", "parameters.json", "git_log.json", "log",
             "metrics.jsonl", "checkpoint_step00000003", "checkpoint_step00000006"} <= names
@@ -59,15 +73,15 @@ def test_training_lowers_the_loss(tiny_setup, tmp_path):
     assert len(losses) == 2 and losses[1] < losses[0] - 0.5
 
 
-def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tmp_path):
-    train.run(train_args(tiny_setup, tmp_path / "big", "--batch_size", "4"))
+def test_gradient_accumulation_equals_a_bigger_batch(tiny_setup, tiny_run, tmp_path):
+    defaults = train_args(tiny_setup, tiny_run)
+    assert defaults[defaults.index("--batch_size") + 1] == "4"  # tiny_run: one micro-batch of 4 a step
     train.run(train_args(tiny_setup, tmp_path / "accumulated", "--batch_size", "2", "--gradient_accumulation_steps", "2"))
-    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accumulated"), atol=1e-5)
+    assert_same_weights(weights(tiny_run), weights(tmp_path / "accumulated"), atol=1e-5)
 
 
-def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tmp_path):
-    train.run(train_args(tiny_setup, tmp_path / "first"))
-    second = train_args(tiny_setup, tmp_path / "second", "--teacher_name", str(tmp_path / "first"), "--alpha_cos", "0")
+def test_a_distilled_dump_path_serves_as_the_next_teacher(tiny_setup, tiny_run, tmp_path):
+    second = train_args(tiny_setup, tmp_path / "second", "--teacher_name", str(tiny_run), "--alpha_cos", "0")
     second[second.index("--tokenizer_name") : second.index("--tokenizer_name") + 2] = []
     train.run(second)
     assert (tmp_path / "second" / "model.safetensors").is_file()
@@ -96,13 +110,12 @@ def test_training_without_a_teacher(tiny_setup, tmp_path):
     (["--tokenizer_name", "/nonexistent/tokenizer"], "cannot load tokenizer '/nonexistent/tokenizer'"),
     (["--teacher_name", "/nonexistent/teacher"], "cannot load teacher '/nonexistent/teacher'"),
 ])
-def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message):
+def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, capsys, extra, message):
     if "--n_gpu" in extra and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = run_train(train_args(tiny_setup, tmp_path / "run", *extra))
-    assert result.returncode == EXIT_USAGE
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = main_here(train_args(tiny_setup, tmp_path / "run", *extra), capsys)
+    assert code == EXIT_USAGE
+    assert_one_error_line(err, message)
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -111,36 +124,41 @@ def test_bad_arguments_give_one_clear_line(tiny_setup, tmp_path, extra, message)
     ("garbage.safetensors", b"not safetensors", "cannot load --student_pretrained_weights"),
     ("wrong_shape.pt", "state", "size mismatch"),
 ])
-def test_bad_student_weights_give_one_clear_line(tiny_setup, tmp_path, name, content, message):
+def test_bad_student_weights_give_one_clear_line(tiny_setup, tmp_path, capsys, name, content, message):
     weights_file = tmp_path / name
     if content == "state":
         torch.save({"transformer.wte.weight": torch.zeros(5, 5)}, weights_file)
     elif content is not None:
         weights_file.write_bytes(content)
-    result = run_train(train_args(tiny_setup, tmp_path / "run", "--student_pretrained_weights", str(weights_file)))
-    assert result.returncode == EXIT_USAGE, result.stderr
-    assert message in result.stderr and str(weights_file) in result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = main_here(train_args(tiny_setup, tmp_path / "run", "--student_pretrained_weights", str(weights_file)),
+                          capsys)
+    assert code == EXIT_USAGE, err
+    assert_one_error_line(err, message)
+    assert str(weights_file) in err
     assert not (tmp_path / "run").exists()  # refused before the dump path is created
 
 
-def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path):
+def test_teacher_loss_terms_need_a_teacher(tiny_setup, tmp_path, capsys):
     args = train_args(tiny_setup, tmp_path / "run")
     i = args.index("--teacher_name")
     del args[i : i + 2]
-    result = run_train(args)
-    assert result.returncode == EXIT_USAGE and "need a teacher" in result.stderr
+    code, err = main_here(args, capsys)
+    assert code == EXIT_USAGE
+    assert_one_error_line(err, "need a teacher")
 
 
 def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path, capsys):
-    """A folder of the user's is refused, --force or not (distil_ja.outputs); an earlier run is replaced by --force."""
+    """A folder of the user's is refused, --force or not (distil_ja.outputs); an earlier run is replaced by --force.
+    The first refusal in a subprocess, as a user runs train.py: the exit status and the one line of the process."""
     dump = tmp_path / "run"
     dump.mkdir()
     (dump / "precious.txt").write_text("keep me")
-    for force in ([], ["--force"]):
-        assert train.main(train_args(tiny_setup, dump, *force)) == EXIT_USAGE
-        assert "this toolkit did not write it" in capsys.readouterr().err or not force
-        assert (dump / "precious.txt").read_text() == "keep me"
+    result = run_train(train_args(tiny_setup, dump, "--force"))
+    assert result.returncode == EXIT_USAGE
+    assert_one_error_line(result.stderr, "this toolkit did not write it, so --force does not delete it")
+    assert train.main(train_args(tiny_setup, dump)) == EXIT_USAGE
+    assert "--force would not delete it either" in capsys.readouterr().err
+    assert (dump / "precious.txt").read_text() == "keep me"
     run = tmp_path / "earlier"
     assert train.main(train_args(tiny_setup, run, "--max_steps", "1")) == 0
     (run / "notes.txt").write_text("put there after the run")
@@ -150,27 +168,27 @@ def test_existing_dump_path_is_refused_and_kept(tiny_setup, tmp_path, capsys):
     assert not (run / "notes.txt").exists() and (run / "model.safetensors").is_file()
 
 
-def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path):
+def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path, capsys):
     from helpers import random_sequences, write_shard
 
     bad = random_sequences(8, vocab_size=1000, seed=5)
     shard = write_shard(tmp_path / "big_ids.pickle", bad)
     args = train_args(tiny_setup, tmp_path / "run")
     args[args.index("--data_file") + 1] = str(shard)
-    result = run_train(args)
-    assert result.returncode == EXIT_DATA and "beyond the model vocabulary" in result.stderr
+    code, err = main_here(args, capsys)
+    assert code == EXIT_DATA
+    assert_one_error_line(err, "beyond the model vocabulary")
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path):
-    train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4"))
+def test_two_gloo_processes_match_one_process(tiny_setup, tiny_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process group (gloo): rank 0 of 2" in result.stderr
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    assert_same_weights(weights(tiny_run), weights(tmp_path / "two"), atol=1e-5)  # one process, batches of 4
 
 
 def test_n_gpu_must_match_what_torchrun_started(monkeypatch):

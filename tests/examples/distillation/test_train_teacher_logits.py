@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import teacher_logits
 import train
+from distil_ja import shards
 from config import parse_config
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, UsageError
 from helpers import REPO, TRAIN_PY, dump_args, dump_script, gpt2_config, random_sequences, train_args, write_shard
@@ -113,6 +114,7 @@ def other_tokenizer(tmp_path_factory):
     ("tokenizer", EXIT_USAGE, "was dumped with another tokenizer than"),
     ("max_len", EXIT_USAGE, "the student's context (16) is shorter than the max_len 32"),
     ("shards", EXIT_DATA, "not the same data"),
+    ("same lengths", EXIT_DATA, "not the same data"),
     ("missing shard", EXIT_DATA, "missing or unreadable shard"),
 ])
 def test_a_dump_that_does_not_match_is_refused_in_one_line(offline_setup, offline_dump, other_tokenizer, distillers,
@@ -128,6 +130,12 @@ def test_a_dump_that_does_not_match_is_refused_in_one_line(offline_setup, offlin
     elif mismatch == "shards":
         setup["data"] = write_shard(tmp_path / "other.pickle",
                                     random_sequences(40, max_len=90, vocab_size=setup["vocab"], seed=2))
+    elif mismatch == "same lengths":  # other tokens, every length kept: only sequences_sha256 tells them apart
+        sequences = shards.load_sequences([str(setup["data"])])[0]
+        other = [np.concatenate(([s[0]], 7 + (s[1:-1] - 6) % (setup["vocab"] - 7), [s[-1]])).astype(s.dtype)
+                 for s in sequences]
+        assert [len(s) for s in other] == [len(s) for s in sequences]
+        setup["data"] = write_shard(tmp_path / "same_lengths.pickle", other)
     elif mismatch == "missing shard":
         dump = tmp_path / "dump"
         shutil.copytree(offline_dump, dump)
@@ -159,18 +167,19 @@ def test_an_offline_teacher_trains_and_resumes_exactly(offline_setup, offline_du
     setup = {**offline_setup, "student_config": tmp_path / "student.json"}
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
 
-    def run(dump_path, *extra, fault=None):
-        args = offline_args(setup, offline_dump, dump_path, "--max_steps", "6", "--checkpoint_interval", "2",
+    def args(dump_path, *extra):
+        return offline_args(setup, offline_dump, dump_path, "--max_steps", "6", "--checkpoint_interval", "2",
                             "--log_interval", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
                             "--group_by_size", *extra)
-        return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True, timeout=300,
-                              env={**env, **({"DISTIL_FAULT": fault} if fault else {})})
+
+    def run(dump_path, *extra, fault=None):
+        return subprocess.run([sys.executable, str(TRAIN_PY), *args(dump_path, *extra)], capture_output=True,
+                              text=True, timeout=300, env={**env, **({"DISTIL_FAULT": fault} if fault else {})})
 
     def metrics(dump_path):
         return [json.loads(line) for line in (dump_path / "metrics.jsonl").read_text().splitlines()]
 
-    reference = run(tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert train.main(args(tmp_path / "reference")) == 0  # in this process, one thread: the subprocesses' floats
     assert [m["step"] for m in metrics(tmp_path / "reference")] == list(range(1, 7))
     assert all("ce" in m and np.isfinite(m["ce"]) for m in metrics(tmp_path / "reference"))  # the top-k KD term
     killed = run(tmp_path / "run", fault="after_step:3")
