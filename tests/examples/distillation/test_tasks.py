@@ -87,6 +87,23 @@ def test_scores_equal_log_likelihoods_computed_by_hand(model, files, tiny_tokeni
     assert summary["prompt_id"] == "jcommonsenseqa-v1" and summary["num_fewshot"] == 0
 
 
+def test_acc_norm_divides_by_the_characters_of_the_choice(tmp_path, tiny_tokenizer, monkeypatch):
+    """lm-eval's acc_norm: per character of the choice string, not per token."""
+    rows = [{"q": "雨が降っていた。", "a": "傘", "b": "昆布と鰹節", "label": 1}]
+    # each choice on a line of its own: its tokens are "▁" + one a character, so tokens ≠ characters
+    definition = tasks.parse_task_def({"name": "t", "version": 1, "prompt": "{q}\n", "choices": ["{a}", "{b}"],
+                                       "label": "label"}, "test")
+    data = tasks.prepare_task(definition, write_jsonl(tmp_path / "t.jsonl", rows), load_encoder(str(tiny_tokenizer)))
+    lls = np.array([-2.0, -9.0])  # per character: -2 against -1.8
+    tokens = [n for _, n in data.requests[0]]
+    assert tokens == [2, 6]
+    assert int(np.argmax(lls / tokens)) == 0  # per token the other choice would win: the test can fail
+    monkeypatch.setattr(tasks, "loglikelihoods", lambda model, requests, **kwargs: lls)
+    summary, items = tasks.evaluate_task(None, data)
+    assert items[0]["pred"] == 0 and items[0]["pred_norm"] == 1
+    assert summary["acc"] == 0.0 and summary["acc_norm"] == 1.0
+
+
 def test_a_context_longer_than_the_model_is_cut_on_the_left(model, tiny_tokenizer):
     ids = np.asarray([1] + list(range(7, 100)) + [113], dtype=np.int64)  # 95 tokens, the model takes 64
     ll = tasks.loglikelihoods(model, [(ids, 2)])[0]
