@@ -72,8 +72,8 @@ def first_lines(src: Path, dst: Path, limit: int | None) -> Path:
     return dst
 
 
-def run_lm_eval(lm_eval: str, model: Path, task_dir: Path, name: str, out: Path, batch_size: int) -> list[dict]:
-    """lm_eval's per-item samples, ordered by doc_id."""
+def run_lm_eval(lm_eval: str, model: Path, task_dir: Path, name: str, out: Path, batch_size: int):
+    """lm_eval's per-item samples, ordered by doc_id, and its summary (acc,none, acc_stderr,none, ...)."""
     cmd = shlex.split(lm_eval) + ["run", "--model", "hf", "--model_args",
                                   f"pretrained={model},add_bos_token=True,dtype=float32", "--tasks", name,
                                   "--include_path", str(task_dir), "--device", "cpu", "--batch_size", str(batch_size),
@@ -89,11 +89,15 @@ def run_lm_eval(lm_eval: str, model: Path, task_dir: Path, name: str, out: Path,
     if not found:
         raise DataError(f"lm_eval wrote no samples_{name}_*.jsonl under {out / 'lm_eval'}; its output: {log}")
     samples = [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
-    return sorted(samples, key=lambda s: s["doc_id"])
+    results = sorted((out / "lm_eval").rglob("results_*.json"))
+    summary = json.loads(results[-1].read_text())["results"][name] if results else {}
+    return sorted(samples, key=lambda s: s["doc_id"]), summary
 
 
-def compare(ours: list[dict], theirs: list[dict], atol: float) -> dict:
-    """Item by item: the largest log-likelihood difference and the items whose predictions differ."""
+def compare(ours: list[dict], theirs: list[dict], atol: float, summary: dict | None = None,
+            their_summary: dict | None = None) -> dict:
+    """Item by item: the largest log-likelihood difference and the items whose predictions differ; then the
+    accuracies and their standard errors as each side reports them."""
     if len(ours) != len(theirs):
         return {"equal": False, "why": f"{len(ours)} items here, {len(theirs)} in lm_eval"}
     max_diff, pred_diff, norm_diff = 0.0, [], []
@@ -106,9 +110,14 @@ def compare(ours: list[dict], theirs: list[dict], atol: float) -> dict:
             norm_diff.append(mine["id"])
     acc_theirs = sum(s["acc"] for s in theirs) / len(theirs)
     norm_theirs = sum(s["acc_norm"] for s in theirs) / len(theirs)
-    return {"equal": max_diff <= atol and not pred_diff and not norm_diff, "items": len(ours),
+    metrics_differ = []
+    for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+        if summary and their_summary and abs(summary[key] - their_summary.get(f"{key},none", float("nan"))) > 1e-9:
+            metrics_differ.append(key)
+    return {"equal": max_diff <= atol and not pred_diff and not norm_diff and not metrics_differ, "items": len(ours),
             "max_abs_loglikelihood_diff": max_diff, "items_pred_differs": pred_diff,
-            "items_acc_norm_differs": norm_diff, "lm_eval_acc": acc_theirs, "lm_eval_acc_norm": norm_theirs}
+            "items_acc_norm_differs": norm_diff, "metrics_differ": metrics_differ, "lm_eval_acc": acc_theirs,
+            "lm_eval_acc_norm": norm_theirs, "lm_eval_summary": their_summary}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,17 +157,18 @@ def run(args) -> int:
     torch.manual_seed(0)
     data = prepare_task(task, data_file, load_encoder(str(model_dir)))
     model = load_causal_lm(str(model_dir)).eval()
-    summary, ours = evaluate_task(model, data, batch_size=args.batch_size, progress=True,
+    summary, ours = evaluate_task(model, data, batch_size=args.batch_size, progress=False,
                                   pad_id=getattr(model.config, "pad_token_id", None) or 0)
-    theirs = run_lm_eval(args.lm_eval, model_dir, task_dir, name, out, args.batch_size)
+    theirs, their_summary = run_lm_eval(args.lm_eval, model_dir, task_dir, name, out, args.batch_size)
     report = {"task": task.prompt_id, "data": str(args.task_data), "limit": args.limit, "ours": summary,
-              **compare(ours, theirs, args.atol)}
+              **compare(ours, theirs, args.atol, summary, their_summary)}
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
     print(f"{task.prompt_id} on {report.get('items')} items: tasks.py acc {summary['acc']:.4f} acc_norm "
           f"{summary['acc_norm']:.4f} | lm_eval acc {report.get('lm_eval_acc', float('nan')):.4f} acc_norm "
           f"{report.get('lm_eval_acc_norm', float('nan')):.4f} | max |Δ log-likelihood| "
           f"{report.get('max_abs_loglikelihood_diff', float('nan')):.2e} | predictions differ on "
-          f"{len(report.get('items_pred_differs', []))} item(s), acc_norm on {len(report.get('items_acc_norm_differs', []))}")
+          f"{len(report.get('items_pred_differs', []))} item(s), acc_norm on {len(report.get('items_acc_norm_differs', []))}; "
+          f"acc/acc_norm/stderr differ: {', '.join(report.get('metrics_differ', [])) or 'none'}")
     print(f"{'EQUAL' if report['equal'] else 'DIFFERENT'} (report: {out / 'report.json'})")
     if not report["equal"]:
         raise DataError(f"tasks.py and lm_eval disagree: {out / 'report.json'}")
@@ -166,7 +176,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from utils import silence_attention_mask_advice
+
     setup_logging()
+    silence_attention_mask_advice()
     return run_command(lambda argv: run(build_parser().parse_args(argv)), argv)
 
 
