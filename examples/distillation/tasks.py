@@ -406,7 +406,7 @@ def counts(data: TaskData, scored: list[dict]) -> list[float]:
     """(items, correct, correct by acc_norm, Σ 1 / choices): what ranks add up."""
     return [len(scored), sum(s["pred"] == s["label"] for s in scored),
             sum(s["pred_norm"] == s["label"] for s in scored),
-            sum(1.0 / len(data.items[s["index"]].choices) for s in scored)]
+            math.fsum(1.0 / len(data.items[s["index"]].choices) for s in scored)]
 
 
 def evaluate_task(model, data: TaskData, **kwargs) -> tuple[dict, list[dict]]:
