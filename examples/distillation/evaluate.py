@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="+", default=None, help="Text files/folders or binarize.py output (perplexity).")
     task = parser.add_argument_group("multiple-choice tasks (tasks.py)")
     choose = task.add_mutually_exclusive_group()
-    choose.add_argument("--task", default=None, help=f"A built-in task: {', '.join(builtin_tasks())}.")
+    choose.add_argument("--task", default=None, help=f"A built-in task ({', '.join(builtin_tasks())}) or a task definition file.")
     choose.add_argument("--task_def", default=None, help="A task definition JSON file (any multiple-choice JSON lines).")
     task.add_argument("--task_data", default=None, help="The task's JSON-lines file (e.g. JGLUE's valid-v1.3.json).")
     task.add_argument("--num_fewshot", type=int, default=0, help="Solved examples before each question (default 0).")
