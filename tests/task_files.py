@@ -1,25 +1,21 @@
 """Small task files in JGLUE's released format (one JSON object per line, JGLUE's field names), shared by
-test_tasks.py and tasks_worker.py. The words are from the tiny test tokenizer's text (conftest.py), so
+test_tasks.py and test_lm_eval_check.py. The words are from the tiny test tokenizer's text (conftest.py), so
 every choice has pieces of its own."""
 
 import json
 from pathlib import Path
 
 # JCommonsenseQA (datasets/jcommonsenseqa-v1.x/*.json): q_id, question, choice0..choice4, label (an index)
-JCQA = [
-    {"q_id": 8939, "question": "電車の中で何を読む？", "choice0": "本", "choice1": "雨", "choice2": "桜",
-     "choice3": "駅ビル", "choice4": "味噌汁", "label": 0},
-    {"q_id": 8940, "question": "春になると何を見に行く？", "choice0": "傘", "choice1": "桜", "choice2": "電車",
-     "choice3": "本屋", "choice4": "昆布", "label": 1},
-    {"q_id": 8941, "question": "雨の日にさすものは？", "choice0": "喫茶店", "choice1": "窓", "choice2": "傘",
-     "choice3": "寺", "choice4": "GPU", "label": 2},
-    {"q_id": 8942, "question": "出汁をとるものは？", "choice0": "窓", "choice1": "駅", "choice2": "本",
-     "choice3": "昆布と鰹節", "choice4": "傘", "label": 3},
-    {"q_id": 8943, "question": "週末に混むのは？", "choice0": "寺", "choice1": "Python", "choice2": "雨",
-     "choice3": "景色", "choice4": "駅ビル", "label": 4},
-    {"q_id": 8944, "question": "古い寺がある所は？", "choice0": "この町", "choice1": "電車", "choice2": "味噌汁",
-     "choice3": "GPU", "choice4": "窓の外", "label": 0},
+_JCQA_ROWS = [  # question, the five choices, the answer's index
+    ("電車の中で何を読む？", "本 雨 桜 駅ビル 味噌汁", 0),
+    ("春になると何を見に行く？", "傘 桜 電車 本屋 昆布", 1),
+    ("雨の日にさすものは？", "喫茶店 窓 傘 寺 GPU", 2),
+    ("出汁をとるものは？", "窓 駅 本 昆布と鰹節 傘", 3),
+    ("週末に混むのは？", "寺 Python 雨 景色 駅ビル", 4),
+    ("古い寺がある所は？", "この町 電車 味噌汁 GPU 窓の外", 0),
 ]
+JCQA = [{"q_id": 8939 + i, "question": question, **{f"choice{k}": c for k, c in enumerate(choices.split())},
+         "label": label} for i, (question, choices, label) in enumerate(_JCQA_ROWS)]
 
 # JNLI (datasets/jnli-v1.x/*.json): sentence_pair_id (a string), yjcaptions_id, sentence1, sentence2,
 # label as a word
