@@ -404,7 +404,8 @@ def task_notes(runs: dict, tasks: dict) -> str:
     if not tasks:
         return ""
     described = "; ".join(f"{t}: {d['prompt_id']}, zero-shot, {d['n']} items of {d['data']}, chance {d['chance']:.3f}"
-                          for t, d in tasks.items())
+                          + (f", {d['merged_choices']} choices unknown to the vocabulary (merged into <unk>)"
+                             if d.get("merged_choices") else "") for t, d in tasks.items())
     at_chance = [f"{n} on {t}" for n, r in runs.items() for t, a in r.get("tasks", {}).items() if near_chance(a)]
     every = len(at_chance) == sum(len(r.get("tasks", {})) for r in runs.values())
     verdict = ("every model is within two standard errors of chance on every task: models of this size do not "
@@ -661,7 +662,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         for name in runs:
             runs[name].setdefault("tasks", {})[label] = found["results"][name]
         first = found["results"]["teacher"]
-        tasks[label] = {"prompt_id": found["prompt_id"], "data": found["data"], "n": first["n"], "chance": first["chance"]}
+        tasks[label] = {"prompt_id": found["prompt_id"], "data": found["data"], "n": first["n"], "chance": first["chance"],
+                        "merged_choices": first.get("merged_choices", 0)}
     curves = students_curves(out, args.tag, [(name, dump) for name, dump, _, _ in jobs_list])
     for name, efficiency in curves["token_efficiency"].items():
         runs[name]["token_efficiency"] = efficiency

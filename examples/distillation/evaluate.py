@@ -100,7 +100,8 @@ def format_task_table(task: str, rows: dict[str, dict]) -> str:
     width = max([len("model")] + [len(k) for k in rows])
     first = next(iter(rows.values()))
     lines = [f"{task} ({first['prompt_id']}, {first['num_fewshot']}-shot, {first['n']} items, "
-             f"chance {first['chance']:.4f})",
+             f"chance {first['chance']:.4f}"
+             + (f", {first['merged_choices']} choices merged into <unk>" if first.get("merged_choices") else "") + ")",
              f"{'model':<{width}}  {'acc':>6}  {'± se':>6}  {'acc_norm':>8}  {'± se':>6}"]
     for label, r in rows.items():
         lines.append(f"{label:<{width}}  {r['acc']:>6.4f}  {r['acc_stderr']:>6.4f}  {r['acc_norm']:>8.4f}  "

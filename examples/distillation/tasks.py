@@ -21,7 +21,10 @@ normalized (NFKC + lowercase) and encoded separately, the ids concatenated, `<s>
 context and context + choice are encoded separately; the choice's tokens are those of the second
 after the length of the first (lm-eval's split, so a piece that spans the boundary counts to the
 choice). No `</s>` is scored: lm-eval's convention, and a choice is not the end of a document in
-general. A sequence longer than the model's context is cut on the left, as lm-eval does.
+general. A sequence longer than the model's context is cut on the left, as lm-eval does. A choice
+whose characters the vocabulary lacks, after a context ending in such characters, merges with them
+into one `<unk>` and adds no token: it is scored as the last token of context + choice (counted in
+`merged_choices` and logged; lm-eval would score an empty continuation).
 """
 
 import contextlib
@@ -284,6 +287,7 @@ class TaskData:
     fewshot_seed: int = DEFAULT_FEWSHOT_SEED
     fewshot_path: str | None = None
     max_id: int = 0  # the highest token id: checked against each model's vocabulary
+    merged_choices: int = 0  # choices that merged into the context's last token (scored as that token)
 
     @property
     def chance(self) -> float:
@@ -302,23 +306,28 @@ def prepare_task(task: TaskDef, path, encoder, num_fewshot: int = 0, fewshot_pat
     if num_fewshot > 0:
         shots = read_items(task, fewshot_path)
         exclude_self = Path(fewshot_path).resolve() == Path(path).resolve()
-    requests, max_id = [], 0
+    requests, max_id, merged = [], 0, 0
     for item, context in zip(items, contexts(task, items, shots, num_fewshot, fewshot_seed, exclude_self)):
         context_ids = encode(encoder, context)
         per_choice = []
-        for number, choice in enumerate(item.choices):
+        for choice in item.choices:
             whole = encode(encoder, context + task.target_delimiter + choice)
             continuation = whole[len(context_ids):]
-            if not continuation:
-                raise DataError(f"{path}, line {item.line}: choice {number} ({choice!r}) adds no token to the context "
-                                f"(its text merged into the context's last token: characters the vocabulary lacks?)")
-            ids = np.asarray(context_ids + continuation, dtype=np.int64)
-            max_id = max(max_id, int(ids.max()))
-            per_choice.append((ids, len(continuation)))
+            if continuation:
+                per_choice.append((np.asarray(context_ids + continuation, dtype=np.int64), len(continuation)))
+            else:  # the choice merged into the context's last token: characters the vocabulary lacks (<unk>)
+                per_choice.append((np.asarray(whole, dtype=np.int64), 1))  # scored as that last token
+                merged += 1
+            max_id = max(max_id, int(per_choice[-1][0].max()))
         requests.append(per_choice)
     logger.info("%s (%s): %d items from %s, %d-shot", task.name, task.prompt_id, len(items), path, num_fewshot)
+    if merged:
+        logger.warning("%s: %d choice(s) add no token of their own: their characters, unknown to the vocabulary, "
+                       "merge with the context's last ones into one <unk>, scored as that token (the same "
+                       "log-likelihood for every such choice of an item); a tokenizer that covers the task avoids it",
+                       path, merged)
     return TaskData(task, str(path), items, requests, num_fewshot, fewshot_seed,
-                    None if fewshot_path is None else str(fewshot_path), max_id)
+                    None if fewshot_path is None else str(fewshot_path), max_id, merged)
 
 
 # ---- scoring -------------------------------------------------------------------------
@@ -399,7 +408,7 @@ def summarize(data: TaskData, n: int, correct: float, correct_norm: float, chanc
     return {"task": data.task.name, "prompt_id": data.task.prompt_id, "num_fewshot": data.num_fewshot,
             "fewshot_seed": data.fewshot_seed if data.num_fewshot else None, "n": n,
             "acc": acc, "acc_stderr": stderr(acc, n), "acc_norm": acc_norm, "acc_norm_stderr": stderr(acc_norm, n),
-            "chance": chance_sum / n}
+            "chance": chance_sum / n, "merged_choices": data.merged_choices}
 
 
 def counts(data: TaskData, scored: list[dict]) -> list[float]:

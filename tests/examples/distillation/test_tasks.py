@@ -104,6 +104,26 @@ def test_acc_norm_divides_by_the_characters_of_the_choice(tmp_path, tiny_tokeniz
     assert summary["acc"] == 0.0 and summary["acc_norm"] == 1.0
 
 
+def test_a_choice_merged_into_an_unknown_context_end_is_scored_as_that_token(model, files, tiny_tokenizer):
+    """The tiny vocabulary lacks 関係:含意 矛盾: after 関係: they add no token of their own (one <unk> run)."""
+    data = tasks.prepare_task(tasks.load_task_def("jnli"), files["jnli"], load_encoder(str(tiny_tokenizer)))
+    summary, items = tasks.evaluate_task(model, data, batch_size=4)
+    hf_tok = load_tokenizer(str(tiny_tokenizer))
+    merged = 0
+    for record, item in zip(JNLI, items):
+        context = f"前提:{record['sentence1']}\n仮説:{record['sentence2']}\n関係:"
+        for choice, ll in zip(["含意", "矛盾", "中立"], item["loglikelihoods"]):
+            ctx, whole = hand_ids(hf_tok, context), hand_ids(hf_tok, context + choice)
+            if len(whole) > len(ctx):
+                assert ll == pytest.approx(hand_loglikelihood(model, hf_tok, context, choice), abs=1e-5)
+                continue
+            merged += 1
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            assert ll == pytest.approx(logp[-2, whole[-1]].item(), abs=1e-5)
+    assert merged > 0 and summary["merged_choices"] == data.merged_choices == merged
+
+
 def test_a_context_longer_than_the_model_is_cut_on_the_left(model, tiny_tokenizer):
     ids = np.asarray([1] + list(range(7, 100)) + [113], dtype=np.int64)  # 95 tokens, the model takes 64
     ll = tasks.loglikelihoods(model, [(ids, 2)])[0]
