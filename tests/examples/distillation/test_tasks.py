@@ -297,3 +297,22 @@ def test_training_scores_the_student_on_the_tasks(tiny_setup, files, tmp_path):
     assert len(read_scalars(dump / "log", "eval/jcommonsenseqa/acc_norm")) == 2
     assert plots.panels([plots.Run(dump)])[-2:] == ["acc:jcommonsenseqa", "acc:mine"]  # drawn in curves.png
     assert plots.Run(dump).series("acc:mine", "step") == ([3, 6], [h["tasks"]["mine"]["acc"] for h in results["history"]])
+
+
+@pytest.mark.slow
+def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup, files, tmp_path):
+    import train
+    from helpers import TRAIN_PY
+
+    spec = ["--eval_tasks", f"jcommonsenseqa={files['jcqa']}", "--eval_interval", "3"]
+    train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4", *spec))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("one", "two"))
+    assert [h["step"] for h in two["history"]] == [3, 6]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["tasks"]["jcommonsenseqa"] == pytest.approx(a["tasks"]["jcommonsenseqa"])
+        assert b["tasks"]["jcommonsenseqa"]["n"] == len(JCQA)  # every item once, over both ranks
