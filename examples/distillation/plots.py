@@ -125,7 +125,12 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
                     markersize=3)
             values += ys
     task = key.startswith(TASK_PREFIX)
-    ax.set_title(f"{key[len(TASK_PREFIX):]} accuracy" if task else TITLES.get(key, key), fontsize="medium")
+    if task:  # the chance level, dashed: where an accuracy means nothing
+        name = key[len(TASK_PREFIX):]
+        chances = [e["tasks"][name]["chance"] for r in runs for e in r.evaluations if name in e.get("tasks", {})]
+        ax.axhline(chances[-1], color="0.5", linestyle="--", linewidth=1)
+    ax.set_title(f"{key[len(TASK_PREFIX):]} accuracy (dashed: chance)" if task else TITLES.get(key, key),
+                 fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
     ax.set_ylabel("accuracy" if task else "perplexity" if key == "perplexity" else "loss per token")
     span = None if task else log_span(values)  # accuracy stays on a linear axis

@@ -316,3 +316,16 @@ def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup
     for a, b in zip(one["history"], two["history"]):
         assert b["tasks"]["jcommonsenseqa"] == pytest.approx(a["tasks"]["jcommonsenseqa"])
         assert b["tasks"]["jcommonsenseqa"]["n"] == len(JCQA)  # every item once, over both ranks
+
+
+def test_the_plot_has_a_panel_per_task_with_the_chance_level(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = [{"step": s, "tokens_seen": 100 * s, "tasks": {"jnli": {"acc": a, "chance": 1 / 3}}}
+               for s, a in ((2, 0.30), (4, 0.40))]
+    (tmp_path / "eval_results.json").write_text(json.dumps({**history[-1], "history": history}))
+    fig = plots.figure([plots.Run(tmp_path)])
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert ax.get_title() == "jnli accuracy (dashed: chance)" and ax.get_yscale() == "linear"
+    (chance_line,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    (run_line,) = [line for line in ax.get_lines() if line is not chance_line]
+    assert list(run_line.get_ydata()) == [0.30, 0.40] and list(chance_line.get_ydata()) == [1 / 3, 1 / 3]
