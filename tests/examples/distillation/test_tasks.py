@@ -304,7 +304,14 @@ def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup
     import train
     from helpers import TRAIN_PY
 
-    spec = ["--eval_tasks", f"jcommonsenseqa={files['jcqa']}", "--eval_interval", "3"]
+    # a near-uniform student always prefers the 1-token choice to the 5-token one, so accuracy is the share of
+    # items answered 0 (3 of 6); a rank scoring the other's items instead of its own would count 2 or 4
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"name": "short", "version": 1, "prompt": "{question}", "label": "answer",
+                                 "choices": ["本", "昆布と鰹節"]}))
+    rows = [{"question": r["question"], "answer": a} for r, a in zip(JCQA, [0, 0, 0, 1, 1, 1])]
+    spec = ["--eval_tasks", f"jcommonsenseqa={files['jcqa']},{short}={write_jsonl(tmp_path / 's.jsonl', rows)}",
+            "--eval_interval", "3"]
     train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4", *spec))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
@@ -316,6 +323,7 @@ def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup
     for a, b in zip(one["history"], two["history"]):
         assert b["tasks"]["jcommonsenseqa"] == pytest.approx(a["tasks"]["jcommonsenseqa"])
         assert b["tasks"]["jcommonsenseqa"]["n"] == len(JCQA)  # every item once, over both ranks
+        assert a["tasks"]["short"]["acc"] == 0.5 and b["tasks"]["short"] == pytest.approx(a["tasks"]["short"])
 
 
 def test_the_plot_has_a_panel_per_task_with_the_chance_level(tmp_path):
