@@ -24,9 +24,9 @@ from lm_seqs_dataset import LmSeqsDataset
 from losses import (LOGIT_TERMS, KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
                     real_mask)
 from perplexity import shared_perplexity
-from tasks import shared_task_scores
 from records import LOSS_TERMS
 from sharding import is_sharded
+from tasks import shared_task_scores
 from training_log import TrainingLog
 from utils import Runtime, inject_fault
 
