@@ -21,7 +21,8 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
       kd_init    distilled with the same recipe, initialised from teacher layers
       kd_topK    as kd, from the teacher's top-K log-probabilities dumped in step 6 (--teacher_logits;
                  the dump has no hidden states, so the recipe needs cos=0), e.g. kd_top8, kd_top64
- 8. evaluate.py --json          perplexity of the models on the held-out dev paragraphs
+ 8. evaluate.py --json          perplexity of the models on the held-out dev paragraphs, and with
+                                --task_data TASK=FILE[,...] their zero-shot accuracy on each task (evaluate.py --task)
 
 --recipe also picks the KD term's objective (kd=fkl|rkl|jsd|skew_fkl|skew_rkl|tvd, train.py's
 --kd_loss), and --student_width a narrower student than the teacher (the same head size, fewer
@@ -31,6 +32,10 @@ Output (in --out_dir, default checkpoints/quality/SIZE): results-TAG.json and re
 (the table: perplexity, student/teacher perplexity ratio, tokens seen, token efficiency, wall
 time, tensorboard log folder of each run; then the students' curves, curves-TAG.png),
 logs/ (each command's output), one folder per model, and a line per invocation in sweep.jsonl.
+
+Task accuracy (--task_data, e.g. jcommonsenseqa=valid-v1.3.json from JGLUE): a column per task,
+accuracy ± its standard error, marked "≈ chance" where it lies within two standard errors of the
+chance level; at the tiny and smoke sizes that is every model (they are far too small to answer).
 
 Token efficiency ("tokens to no-KD ppl"): the tokens a student needed to reach the no-KD
 student's final held-out perplexity, as a fraction of the no-KD student's tokens, read off the
@@ -356,16 +361,57 @@ def fmt(x, spec):
 
 def markdown_table(result: dict) -> str:
     rows = result["runs"]
+    task_names = list(dict.fromkeys(t for r in rows.values() for t in r.get("tasks", {})))
     lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | ppl ÷ teacher | "
-             "tokens to no-KD ppl | tensorboard |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "tokens to no-KD ppl | " + "".join(f"{t} acc | " for t in task_names) + "tensorboard |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             + "---: | " * len(task_names) + "--- |"]
     for name, r in rows.items():
         recipe = r.get("recipe_text", "")
+        accuracy = "".join(f"{task_cell(r.get('tasks', {}).get(t))} | " for t in task_names)
         lines.append(f"| {name} | {r['model']} | {r['init']} | {teacher_cell(r)} | {recipe} | "
                      f"{r['lr']:g} | {r['steps']} | {fmt(r['tokens_seen'], ',')} | {fmt(r['wall_s'], '.0f')}"
                      f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | "
-                     f"{fmt(r['ratio'], '.3f')} | {efficiency_cell(r.get('token_efficiency'))} | `{r['tensorboard']}` |")
+                     f"{fmt(r['ratio'], '.3f')} | {efficiency_cell(r.get('token_efficiency'))} | {accuracy}"
+                     f"`{r['tensorboard']}` |")
     return "\n".join(lines)
+
+
+def near_chance(task: dict) -> bool:
+    """Accuracy within two standard errors of the chance level: no evidence the model answers at all."""
+    return abs(task["acc"] - task["chance"]) <= 2 * task["acc_stderr"]
+
+
+def task_cell(task: dict | None) -> str:
+    if task is None:
+        return "–"
+    return f"{task['acc']:.3f} ± {task['acc_stderr']:.3f}{' ≈ chance' if near_chance(task) else ''}"
+
+
+def parse_task_data(text: str) -> list[tuple[str, Path]]:
+    """--task_data `TASK=FILE[,TASK=FILE]` (TASK: a built-in task of evaluate.py or a task definition file)."""
+    pairs = []
+    for spec in filter(None, (s.strip() for s in text.split(","))):
+        task, sep, path = spec.partition("=")
+        if not sep or not task or not path:
+            raise argparse.ArgumentTypeError(f"{spec!r} is not TASK=FILE")
+        pairs.append((task, Path(path).resolve()))
+    return pairs
+
+
+def task_notes(runs: dict, tasks: dict) -> str:
+    """What the accuracy columns are, and whether any model is distinguishable from chance."""
+    if not tasks:
+        return ""
+    described = "; ".join(f"{t}: {d['prompt_id']}, zero-shot, {d['n']} items of {d['data']}, chance {d['chance']:.3f}"
+                          + (f", {d['merged_choices']} choices unknown to the vocabulary (merged into <unk>)"
+                             if d.get("merged_choices") else "") for t, d in tasks.items())
+    at_chance = [f"{n} on {t}" for n, r in runs.items() for t, a in r.get("tasks", {}).items() if near_chance(a)]
+    every = len(at_chance) == sum(len(r.get("tasks", {})) for r in runs.values())
+    verdict = ("every model is within two standard errors of chance on every task: models of this size do not "
+               "answer these questions, so the accuracy columns rank nothing here" if every else
+               f"within two standard errors of chance (≈): {', '.join(at_chance) or 'none'}")
+    return f" Task accuracy (evaluate.py --task, log-likelihood of the choices; ± standard error): {described}; {verdict}."
 
 
 def teacher_cell(row: dict) -> str:
@@ -397,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student_width", type=int, default=None,
                         help="The students' width (default: the teacher's): fewer heads of the same size. "
                              "Narrower than the teacher, the cosine term learns a projection; no kd_init.")
+    parser.add_argument("--task_data", type=parse_task_data, default=[],
+                        help="Also score every model on these multiple-choice tasks: TASK=FILE[,TASK=FILE], e.g. "
+                             "jcommonsenseqa=valid-v1.3.json,jnli=valid-v1.3.json (JGLUE's files).")
     parser.add_argument("--tag", default="default", help="Names results-TAG.json/.md (keep one per sweep point).")
     parser.add_argument("--jobs", type=int, default=None, help="Students trained at once (default: per size).")
     parser.add_argument("--seed", type=int, default=0, help="Students' seed (the teacher keeps seed 0).")
@@ -579,6 +628,14 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     # the model folders' weights decide the numbers: key on the training stamps' dates
     steps["evaluate"] = runner.run(f"evaluate-{args.tag}", eval_cmd, ppl_json,
                                    key_extra=[steps[k].get("date") for k in steps if k.startswith(("teacher", "student"))])
+    task_jsons = {}
+    for task, path in args.task_data:
+        label = Path(task).stem  # a definition file names its column by its file name
+        task_jsons[label] = out / f"accuracy-{args.tag}-{label}.json"
+        task_cmd = [c for c in eval_cmd if c not in ("--data", dev)]
+        task_cmd[task_cmd.index(ppl_json)] = task_jsons[label]
+        steps[f"task_{label}"] = runner.run(f"task-{args.tag}-{label}", task_cmd + ["--task", task, "--task_data", path],
+                                            task_jsons[label], key_extra=steps["evaluate"].get("date"))
     if args.dry_run:
         return None
 
@@ -599,6 +656,14 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, "tensorboard": rel(dump / "log"), "path": rel(dump),
                       "command": " ".join(shlex.quote(str(c)) for c in cmd)}
+    tasks = {}
+    for label, path in task_jsons.items():
+        found = json.loads(path.read_text())["task"]
+        for name in runs:
+            runs[name].setdefault("tasks", {})[label] = found["results"][name]
+        first = found["results"]["teacher"]
+        tasks[label] = {"prompt_id": found["prompt_id"], "data": found["data"], "n": first["n"], "chance": first["chance"],
+                        "merged_choices": first.get("merged_choices", 0)}
     curves = students_curves(out, args.tag, [(name, dump) for name, dump, _, _ in jobs_list])
     for name, efficiency in curves["token_efficiency"].items():
         runs[name]["token_efficiency"] = efficiency
@@ -624,12 +689,12 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
              f"Tokens to no-KD ppl: the tokens a student needed to reach no_kd's final held-out perplexity "
              f"during training (dev evaluations every {size.eval_interval or size.student_steps} steps, "
              f"interpolated in log perplexity), as a fraction of no_kd's tokens; ≤: already reached at the "
-             f"first evaluation.")
+             f"first evaluation." + task_notes(runs, tasks))
     if size.sample:
         notes = notes.replace("jawiki_jaquad_dev", "data_prep/sample/ja_dev.txt")
     return {"title": title, "notes": notes, "date": date, "size": args.size, "argv": sys.argv[1:],
             "recipe": args.recipe, "student_lr": size.student_lr, "kd_lr": args.kd_lr, "config": asdict(size),
-            "dev_tokens": dev_tokens, "train_tokens": train_manifest["tokens"], "runs": runs,
+            "dev_tokens": dev_tokens, "train_tokens": train_manifest["tokens"], "runs": runs, "tasks": tasks,
             "kd_beats_no_kd": {n: runs[n]["perplexity"] < runs["no_kd"]["perplexity"] for n in kd_names}
             if "no_kd" in runs else {}, "curves": curves["png"], "curves_note": curves["note"], "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
 

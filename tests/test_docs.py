@@ -104,14 +104,14 @@ def test_every_documented_command_exists_and_parses(doc, words, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     env, words = split_env(words)
     program, args = words[0], words[1:]
-    if program == "pip":
+    if program.rsplit("/", 1)[-1] == "pip":  # pip, or a virtual environment's bin/pip
         check_pip(args)
     elif program == "torchrun":
         check_env(env, set())
         check_python(torchrun_script(args))
     elif program in ("python", "python3"):
         check_env(env, set())
-        if args[:2] == ["-m", "pytest"]:
+        if args[:2] in (["-m", "pytest"], ["-m", "venv"]):
             return
         if args == ["-"]:  # a heredoc script: its body is plain Python
             return

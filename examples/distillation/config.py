@@ -162,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--eval_data", nargs="+", default=None,
                      help="Held-out text (tokenized like binarize.py) or binarize.py output: the student's "
                           "perplexity goes to tensorboard (eval/perplexity) and dump_path/eval_results.json.")
+    rec.add_argument("--eval_tasks", default=None, metavar="TASK=FILE[,TASK=FILE...]",
+                     help="Multiple-choice tasks scored like evaluate.py --task (zero-shot): TASK is a built-in "
+                          "task (jcommonsenseqa, jnli) or a task definition JSON file, FILE its JSON lines; "
+                          "accuracy goes to tensorboard (eval/TASK/acc, eval/TASK/acc_norm) and eval_results.json.")
     rec.add_argument("--eval_interval", type=int, default=0,
-                     help="Optimizer steps between evaluations on --eval_data (0: only at the end).")
+                     help="Optimizer steps between evaluations on --eval_data and --eval_tasks (0: only at the end).")
     rec.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                      help="Draw the loss terms and held-out perplexity against tokens seen to "
                           "dump_path/curves.png at each evaluation and at the end (on by default; "
@@ -248,8 +252,22 @@ def check_arguments(params) -> None:
             raise UsageError(f"--{name} must be > 0, got {getattr(params, name)}")
     if not params.weight_decay >= 0:
         raise UsageError(f"--weight_decay must be >= 0, got {params.weight_decay}")
-    if params.eval_interval < 0 or (params.eval_interval > 0 and not params.eval_data):
-        raise UsageError("--eval_interval must be >= 0 and needs --eval_data")
+    if params.eval_interval < 0 or (params.eval_interval > 0 and not (params.eval_data or params.eval_tasks)):
+        raise UsageError("--eval_interval must be >= 0 and needs --eval_data or --eval_tasks")
+    eval_task_specs(params.eval_tasks)
+
+
+def eval_task_specs(text: str | None) -> list[tuple[str, str]]:
+    """--eval_tasks `TASK=FILE,TASK=FILE` as (task, file) pairs (none when not given)."""
+    if text is None:
+        return []
+    pairs = []
+    for spec in text.split(","):
+        task, sep, path = spec.partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise UsageError(f"--eval_tasks: {spec!r} is not TASK=FILE (e.g. jcommonsenseqa=valid-v1.3.json)")
+        pairs.append((task.strip(), path.strip()))
+    return pairs
 
 
 def verb(flags: list[str]) -> str:

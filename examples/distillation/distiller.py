@@ -26,6 +26,7 @@ from losses import (LOGIT_TERMS, KdSpec, clm_loss_sum, cos_loss_sum, fused_logit
 from perplexity import shared_perplexity
 from records import LOSS_TERMS
 from sharding import is_sharded
+from tasks import shared_task_scores
 from training_log import TrainingLog
 from utils import Runtime, inject_fault
 
@@ -101,7 +102,8 @@ class PendingStep:
 class Distiller:
     """Trains `student` to match `teacher` (and the data) on `dataset`; params is train.py's config."""
 
-    def __init__(self, params, runtime: Runtime, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None):
+    def __init__(self, params, runtime: Runtime, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None,
+                 eval_tasks=()):
         self.params = params
         self.runtime = runtime
         self.device = runtime.device
@@ -109,6 +111,8 @@ class Distiller:
         self.dataset = dataset
         self.teacher = teacher
         self.eval_sequences = eval_sequences  # held-out sequences (--eval_data)
+        self.eval_tasks = list(eval_tasks)  # tasks.TaskData (--eval_tasks)
+        self.evaluates = eval_sequences is not None or bool(self.eval_tasks)
         self.eval_history = []
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
         self.kd = KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew)
@@ -360,7 +364,7 @@ class Distiller:
         self.settle(self.n_steps - 1)
         step, params = self.n_steps, self.params
         due_log = step % params.log_interval == 0
-        due_eval = self.eval_sequences is not None and params.eval_interval > 0 and step % params.eval_interval == 0
+        due_eval = self.evaluates and params.eval_interval > 0 and step % params.eval_interval == 0
         due_checkpoint = params.checkpoint_interval > 0 and step % params.checkpoint_interval == 0
         if due_log or due_eval or due_checkpoint:
             self.settle(step)
@@ -381,11 +385,17 @@ class Distiller:
         return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](max(self.n_steps - 1, 0))
 
     def evaluate(self):
-        """Student perplexity on --eval_data, shared between ranks (perplexity.py, as evaluate.py)."""
-        out = shared_perplexity(self.raw_student(), self.eval_sequences, self.runtime.global_rank,
-                                self.runtime.world_size, batch_size=self.params.batch_size, device=self.device,
-                                amp_dtype=self.amp_dtype, pad_id=self.dataset.ids.pad)
-        record = {"step": self.n_steps, "tokens_seen": self.tokens_seen, **out}
+        """Student perplexity on --eval_data and accuracy on --eval_tasks, shared between ranks
+        (perplexity.py and tasks.py, as evaluate.py)."""
+        record = {"step": self.n_steps, "tokens_seen": self.tokens_seen}
+        shared = dict(rank=self.runtime.global_rank, world_size=self.runtime.world_size,
+                      batch_size=self.params.batch_size, device=self.device, amp_dtype=self.amp_dtype,
+                      pad_id=self.dataset.ids.pad)
+        if self.eval_sequences is not None:
+            record.update(shared_perplexity(self.raw_student(), self.eval_sequences, **shared))
+        if self.eval_tasks:
+            record["tasks"] = {data.task.name: shared_task_scores(self.raw_student(), data, **shared)
+                               for data in self.eval_tasks}
         self.eval_history.append(record)
         self.log.write_eval(record, self.eval_history)
 
@@ -474,7 +484,7 @@ class Distiller:
         if not self.log.empty:  # the last steps, when the run does not end on a log interval
             self.log.write(self.n_steps, self.total_steps, self.step_lr(), self.last_grad_norm, self.n_skipped,
                            self.tokens_seen)
-        if self.eval_sequences is not None and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
+        if self.evaluates and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:
             self.save_checkpoint()  # so that a later --resume with more steps continues from here

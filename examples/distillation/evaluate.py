@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Token-weighted perplexity of causal language models on held-out Japanese text.
+"""Perplexity on held-out Japanese text, and multiple-choice task accuracy, of causal language models.
 
     python examples/distillation/evaluate.py --model checkpoints/distilgpt2-ja \
         --model teacher=rinna/japanese-gpt2-medium --tokenizer rinna/japanese-gpt2-medium \
         --data data_prep/sample/ja_dev.txt [--max_length 1024] [--stride 512] [--bf16] [--json OUT]
+    python examples/distillation/evaluate.py --model student=checkpoints/distilgpt2-ja \
+        --model teacher=rinna/japanese-gpt2-medium --task jcommonsenseqa --task_data valid-v1.3.json \
+        [--num_fewshot 3 --fewshot_data train-v1.3.json [--fewshot_seed 1234]] [--bf16] [--json OUT]
 
 Perplexity = exp(total NLL / number of predicted tokens), over every token after the
 first of each document (the `</s>` closing a document is predicted too).
@@ -17,9 +20,16 @@ A document longer than --max_length is scored with a sliding window that moves b
 tokens: each token is scored exactly once, with at least max_length - stride tokens of
 context (except near the start of the document).
 
+--task NAME (built in: jcommonsenseqa, jnli; see task_defs/) or --task_def FILE.json (any
+multiple-choice JSON lines, described by a task definition) with --task_data FILE (JGLUE's own
+JSON-lines file): accuracy by log-likelihood of the choices, its length-normalised variant, their
+standard errors, the number of items and the chance level; the prompt's id is in every result.
+--data and --task may be given together; at least one of them.
+
 --model may be given several times (`LABEL=DIR_OR_NAME` names a row); the models are
-printed side by side. The scoring itself lives in perplexity.py (the trainer's --eval_data
-uses it too). Exit status: 0 done, 1 bad data, 2 bad arguments or unloadable model.
+printed side by side. The scoring itself lives in perplexity.py and tasks.py (the trainer's
+--eval_data and --eval_tasks use them too). Exit status: 0 done, 1 bad data, 2 bad arguments or
+unloadable model.
 """
 
 import argparse
@@ -35,7 +45,8 @@ import torch  # noqa: E402
 from distil_ja import fileio  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging  # noqa: E402
 from models import load_causal_lm  # noqa: E402
-from perplexity import check_window, load_eval_sequences, perplexity  # noqa: E402
+from perplexity import check_window, load_encoder, load_eval_sequences, perplexity  # noqa: E402
+from tasks import DEFAULT_FEWSHOT_SEED, builtin_tasks, evaluate_task, load_task_def, prepare_task  # noqa: E402
 from utils import silence_attention_mask_advice  # noqa: E402
 
 logger = logging.getLogger("distillation.evaluate")
@@ -64,24 +75,64 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Model folder or hub name, optionally LABEL=...; repeat for a side-by-side table.")
     parser.add_argument("--tokenizer", default=None,
                         help="Tokenizer (hub name or folder) for text data; default: the first model's folder.")
-    parser.add_argument("--data", nargs="+", required=True, help="Text files/folders or binarize.py output.")
+    parser.add_argument("--data", nargs="+", default=None, help="Text files/folders or binarize.py output (perplexity).")
+    task = parser.add_argument_group("multiple-choice tasks (tasks.py)")
+    choose = task.add_mutually_exclusive_group()
+    choose.add_argument("--task", default=None, help=f"A built-in task ({', '.join(builtin_tasks())}) or a task definition file.")
+    choose.add_argument("--task_def", default=None, help="A task definition JSON file (any multiple-choice JSON lines).")
+    task.add_argument("--task_data", default=None, help="The task's JSON-lines file (e.g. JGLUE's valid-v1.3.json).")
+    task.add_argument("--num_fewshot", type=int, default=0, help="Solved examples before each question (default 0).")
+    task.add_argument("--fewshot_data", default=None, help="JSON-lines file the examples are drawn from (e.g. train).")
+    task.add_argument("--fewshot_seed", type=int, default=DEFAULT_FEWSHOT_SEED,
+                      help=f"Seed of the examples' draw (default {DEFAULT_FEWSHOT_SEED}); each item's depends on it and its index only.")
     parser.add_argument("--unit", choices=("doc", "line"), default="doc",
                         help="Text sequences per document (rinna, default) or per line, as binarize.py --unit.")
     parser.add_argument("--allow_bad_text", action="store_true",
                         help="Score text over binarize.py's limits (undecodable lines, <unk> rate) with a warning.")
     parser.add_argument("--max_length", type=int, default=1024, help="Window length (capped at the model's context).")
     parser.add_argument("--stride", type=int, default=None, help="Window step for long documents (default: max_length // 2).")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=4, help="Windows (perplexity) or choices (tasks) per forward.")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU).")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda when available)")
     parser.add_argument("--json", default=None, help="Write the numbers to this JSON file.")
     return parser
 
 
+def format_task_table(task: str, rows: dict[str, dict]) -> str:
+    width = max([len("model")] + [len(k) for k in rows])
+    first = next(iter(rows.values()))
+    lines = [f"{task} ({first['prompt_id']}, {first['num_fewshot']}-shot, {first['n']} items, "
+             f"chance {first['chance']:.4f}"
+             + (f", {first['merged_choices']} choices merged into <unk>" if first.get("merged_choices") else "") + ")",
+             f"{'model':<{width}}  {'acc':>6}  {'± se':>6}  {'acc_norm':>8}  {'± se':>6}"]
+    for label, r in rows.items():
+        lines.append(f"{label:<{width}}  {r['acc']:>6.4f}  {r['acc_stderr']:>6.4f}  {r['acc_norm']:>8.4f}  "
+                     f"{r['acc_norm_stderr']:>6.4f}")
+    return "\n".join(lines)
+
+
+def load_task(args, tokenizer):
+    """The task of --task/--task_def over --task_data, tokenized (tasks.prepare_task), or None."""
+    name = args.task or args.task_def
+    if name is None:
+        if args.task_data or args.num_fewshot or args.fewshot_data:
+            raise UsageError("--task_data, --num_fewshot and --fewshot_data need --task or --task_def")
+        return None
+    if not args.task_data:
+        raise UsageError(f"--task {name} needs --task_data FILE (the task's JSON lines)")
+    if tokenizer is None:
+        raise UsageError("--task needs --tokenizer (or a first --model that is a folder holding one)")
+    task = load_task_def(name)
+    return prepare_task(task, args.task_data, load_encoder(tokenizer), args.num_fewshot, args.fewshot_data,
+                        args.fewshot_seed)
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} but CUDA is not available")
+    if not args.data and not (args.task or args.task_def):
+        raise UsageError("nothing to evaluate: give --data (perplexity), --task/--task_def with --task_data, or both")
     if args.stride is None:
         args.stride = args.max_length // 2
     check_window(args.max_length, args.stride)
@@ -94,27 +145,45 @@ def run(args) -> dict:
     tokenizer = args.tokenizer
     if tokenizer is None and Path(models[0][1]).is_dir():
         tokenizer = models[0][1]
-    sequences = load_eval_sequences(args.data, tokenizer, args.unit, args.allow_bad_text)
-    logger.info("Scoring %d sequences (%d tokens) with %d model(s) on %s", len(sequences),
-                sum(len(s) for s in sequences), len(models), device)
+    sequences = load_eval_sequences(args.data, tokenizer, args.unit, args.allow_bad_text) if args.data else None
+    task_data = load_task(args, tokenizer)
+    if sequences is not None:
+        logger.info("Scoring %d sequences (%d tokens) with %d model(s) on %s", len(sequences),
+                    sum(len(s) for s in sequences), len(models), device)
     amp_dtype = torch.bfloat16 if args.bf16 else None
-    rows = {}
+    rows, task_rows, task_items = {}, {}, {}
     for label, target in models:
         model = load_causal_lm(target).to(device).eval()
         vocab = model.get_input_embeddings().num_embeddings
-        top = max(int(s.max()) for s in sequences)
+        top = max([int(s.max()) for s in sequences or []] + [task_data.max_id if task_data else 0])
         if top >= vocab:
             raise UsageError(f"the data holds token id {top}, beyond {label}'s vocabulary ({vocab}): wrong tokenizer?")
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-        rows[label] = perplexity(model, sequences, args.max_length, args.stride, args.batch_size, device,
-                                 amp_dtype, progress=True, pad_id=pad_id)
-        rows[label]["model"] = target
-        logger.info("%s: perplexity %.3f over %d tokens", label, rows[label]["perplexity"], rows[label]["tokens"])
+        if sequences is not None:
+            rows[label] = perplexity(model, sequences, args.max_length, args.stride, args.batch_size, device,
+                                     amp_dtype, progress=True, pad_id=pad_id)
+            rows[label]["model"] = target
+            logger.info("%s: perplexity %.3f over %d tokens", label, rows[label]["perplexity"], rows[label]["tokens"])
+        if task_data is not None:
+            task_rows[label], task_items[label] = evaluate_task(model, task_data, batch_size=args.batch_size,
+                                                                device=device, amp_dtype=amp_dtype, progress=True,
+                                                                pad_id=pad_id)
+            task_rows[label]["model"] = target
+            logger.info("%s: %s acc %.4f, acc_norm %.4f over %d items", label, task_data.task.name,
+                        task_rows[label]["acc"], task_rows[label]["acc_norm"], task_rows[label]["n"])
         del model
-    print(format_table(rows))
-    result = {"perplexity": {k: r["perplexity"] for k, r in rows.items()}, "details": rows,
-              "data": [str(d) for d in args.data], "tokenizer": tokenizer, "unit": args.unit,
-              "max_length": args.max_length, "stride": args.stride, "bf16": args.bf16}
+    result = {"tokenizer": tokenizer, "bf16": args.bf16}
+    if sequences is not None:
+        print(format_table(rows))
+        result.update({"perplexity": {k: r["perplexity"] for k, r in rows.items()}, "details": rows,
+                       "data": [str(d) for d in args.data], "unit": args.unit, "max_length": args.max_length,
+                       "stride": args.stride})
+    if task_data is not None:
+        print(format_task_table(task_data.task.name, task_rows))
+        result["task"] = {"definition": task_data.task.to_json(), "prompt_id": task_data.task.prompt_id,
+                          "data": task_data.path, "num_fewshot": task_data.num_fewshot,
+                          "fewshot_data": task_data.fewshot_path, "fewshot_seed": task_data.fewshot_seed,
+                          "results": task_rows, "items": task_items}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         fileio.write_json(args.json, result)

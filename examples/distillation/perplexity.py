@@ -46,8 +46,14 @@ class _TransformersEncoder:
         if self.bos_id is None or self.eos_id is None:
             raise UsageError(f"tokenizer {name_or_dir!r} defines no <s> or </s>")
 
+    def encode_batch(self, lines):
+        return [self.tok(self.normalize(line), add_special_tokens=False)["input_ids"] for line in lines]
+
+    def encode_lines(self, lines):
+        return [i for ids in self.encode_batch(lines) for i in ids]
+
     def encode_document(self, lines, unit="doc"):
-        ids = [self.tok(self.normalize(line), add_special_tokens=False)["input_ids"] for line in lines]
+        ids = self.encode_batch(lines)
         if unit == "doc":
             return [[self.bos_id] + [i for line in ids for i in line] + [self.eos_id]]
         return [[self.bos_id] + line + [self.eos_id] for line in ids if line]
@@ -62,6 +68,14 @@ def document_encoder(tokenizer: str):
             raise
         logger.info("%s has no spiece.model: tokenizing through its tokenizer.json", tokenizer)
         return _TransformersEncoder(tokenizer)
+
+
+def load_encoder(tokenizer: str):
+    """document_encoder(tokenizer), an unloadable tokenizer being one line (UsageError)."""
+    try:
+        return document_encoder(tokenizer)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load tokenizer {tokenizer!r}: {first_line(err)}") from err
 
 
 EVAL_ALLOW_HINT = "or pass --allow_bad_text to score it anyway"
@@ -91,10 +105,7 @@ def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc", a
         if tokenizer is None:
             raise UsageError(f"{path} is text: name the tokenizer that binarized the training data")
         if encoder is None:
-            try:
-                encoder = document_encoder(tokenizer)
-            except (OSError, ValueError) as err:
-                raise UsageError(f"cannot load tokenizer {tokenizer!r}: {first_line(err)}") from err
+            encoder = load_encoder(tokenizer)
         n_before = len(sequences)
         try:
             for file in expand_paths(str(path)):

@@ -1,7 +1,7 @@
-"""Training curves in one PNG: each loss term and the held-out perplexity against tokens seen.
+"""Training curves in one PNG: each loss term, the held-out perplexity and task accuracy against tokens seen.
 
-One panel per loss term that any run logged (metrics.jsonl) and one for the held-out perplexity
-(eval_results.json), one line per run in the same colour in every panel, one legend. The weighted
+One panel per loss term that any run logged (metrics.jsonl), one for the held-out perplexity and one
+per task's accuracy (--eval_tasks; both from eval_results.json), one line per run in the same colour in every panel, one legend. The weighted
 total (`loss`) is left out: runs with other weights would not compare. The x axis
 is the real tokens the optimizer has trained on, so runs with other batch shapes line up; runs
 recorded before `tokens_seen` existed are drawn against optimizer steps instead (all of them, so
@@ -26,6 +26,7 @@ PLOT_FILE = "curves.png"  # train.py's picture in DUMP_PATH
 PANEL_INCHES = (4.0, 2.9)
 DPI = 80  # a 4-panel picture is ~50-60 KB: small enough to commit
 LOG_SPAN = 3.0  # a panel whose values span more than this factor gets a log y axis
+TASK_PREFIX = "acc:"  # a panel key naming a task of --eval_tasks: its accuracy
 TITLES = {
     "ce": "ce: KD term (KL to the teacher)",
     "clm": "clm: next-token cross-entropy",
@@ -60,16 +61,26 @@ class Run:
         return all(r.get("tokens_seen") is not None for r in self.metrics + self.evaluations)
 
     def series(self, key: str, x: str) -> tuple[list, list]:
-        """(x values, values of `key`) over the records that hold `key`."""
-        records = self.evaluations if key == "perplexity" else self.metrics
+        """(x values, values of `key`) over the records that hold `key` (TASK_PREFIX + name: that task's acc)."""
+        if key.startswith(TASK_PREFIX):
+            name = key[len(TASK_PREFIX):]
+            records = [{**r, key: r["tasks"][name]["acc"]} for r in self.evaluations if name in r.get("tasks", {})]
+        else:
+            records = self.evaluations if key == "perplexity" else self.metrics
         points = [(r[x], r[key]) for r in records if r.get(key) is not None and r.get(x) is not None]
         return [p[0] for p in points], [p[1] for p in points]
 
+    def task_names(self) -> list[str]:
+        return list(dict.fromkeys(name for r in self.evaluations for name in r.get("tasks", {})))
+
 
 def panels(runs: list[Run]) -> list[str]:
-    """The loss terms any run logged, in LOSS_TERMS order, then the perplexity if any run was evaluated."""
+    """The loss terms any run logged, in LOSS_TERMS order, then the perplexity if any run measured it, then
+    each task's accuracy (--eval_tasks)."""
     keys = [k for k in LOSS_TERMS if any(k in m for r in runs for m in r.metrics)]
-    return keys + (["perplexity"] if any(r.evaluations for r in runs) else [])
+    if any("perplexity" in e for r in runs for e in r.evaluations):
+        keys.append("perplexity")
+    return keys + [TASK_PREFIX + name for name in dict.fromkeys(n for r in runs for n in r.task_names())]
 
 
 def log_span(values: list[float]) -> float | None:
@@ -109,13 +120,20 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
         xs, ys = run.series(key, x)
         if xs:
             # evaluations are few: mark each one; the loss lines are dense enough without markers
-            ax.plot(xs, ys, color=f"C{index % 10}", label=run.label, marker="o" if key == "perplexity" else None,
+            evaluated = key == "perplexity" or key.startswith(TASK_PREFIX)
+            ax.plot(xs, ys, color=f"C{index % 10}", label=run.label, marker="o" if evaluated else None,
                     markersize=3)
             values += ys
-    ax.set_title(TITLES.get(key, key), fontsize="medium")
+    task = key.startswith(TASK_PREFIX)
+    if task:  # the chance level, dashed: where an accuracy means nothing
+        name = key[len(TASK_PREFIX):]
+        chances = [e["tasks"][name]["chance"] for r in runs for e in r.evaluations if name in e.get("tasks", {})]
+        ax.axhline(chances[-1], color="0.5", linestyle="--", linewidth=1)
+    ax.set_title(f"{key[len(TASK_PREFIX):]} accuracy (dashed: chance)" if task else TITLES.get(key, key),
+                 fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
-    ax.set_ylabel("perplexity" if key == "perplexity" else "loss per token")
-    span = log_span(values)
+    ax.set_ylabel("accuracy" if task else "perplexity" if key == "perplexity" else "loss per token")
+    span = None if task else log_span(values)  # accuracy stays on a linear axis
     if span is not None and span > LOG_SPAN:  # a log y axis where it helps: values spread over > LOG_SPAN times
         ax.set_yscale("log")
         label_log_axis(ax.yaxis, span)

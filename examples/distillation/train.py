@@ -25,15 +25,16 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 import token_cache  # noqa: E402
-from config import RESUMABLE_CHANGES, amp_dtype, parse_config, saved_settings  # noqa: E402
+from config import RESUMABLE_CHANGES, amp_dtype, eval_task_specs, parse_config, saved_settings  # noqa: E402
 from distil_ja import fileio, outputs, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
-from perplexity import load_eval_sequences  # noqa: E402
+from perplexity import load_encoder, load_eval_sequences  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
+from tasks import load_task_def, prepare_task  # noqa: E402
 from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
                    set_seed, setup_logging)
 from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
@@ -175,6 +176,22 @@ def load_eval_data(params, tokenizer_source: str):
         raise type(err)(f"--eval_data: {err}") from err
 
 
+def load_eval_tasks(params, tokenizer_source: str) -> list:
+    """--eval_tasks read and tokenized once (tasks.prepare_task, as evaluate.py --task), or []."""
+    specs = eval_task_specs(params.eval_tasks)
+    if not specs:
+        return []
+    try:
+        encoder = load_encoder(tokenizer_source)
+        loaded = [prepare_task(load_task_def(task), path, encoder) for task, path in specs]
+    except (DataError, UsageError) as err:
+        raise type(err)(f"--eval_tasks: {err}") from err
+    names = [data.task.name for data in loaded]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--eval_tasks: two tasks of one name ({', '.join(names)}): each is recorded under its name")
+    return loaded
+
+
 def context_length(student, teacher) -> int:
     """The longest training sequence: the shorter context of the two models (longer data is split)."""
     limits = [models.max_positions(m.config) for m in (student, teacher) if m is not None]
@@ -274,6 +291,7 @@ def train(params) -> None:
         dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
+    eval_tasks = load_eval_tasks(params, tokenizer_source)
     if params.shard_teacher:
         raise_first_error(attempt(lambda: check_shardable(teacher, runtime)))
         shard_teacher(teacher, runtime)
@@ -305,7 +323,7 @@ def train(params) -> None:
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                     f"offline, top {topk.top_k} from {params.teacher_logits}" if topk is not None else
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
-        distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences)
+        distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences, eval_tasks)
         if params.resume and not distiller.resume():
             logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
                            "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)

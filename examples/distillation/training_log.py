@@ -122,11 +122,19 @@ class TrainingLog:
         self.reset()
 
     def write_eval(self, record: dict, history: list[dict]) -> None:
-        logger.info("step %d | eval perplexity %.3f over %d tokens", record["step"], record["perplexity"],
-                    record["tokens"])
-        if self.writer is not None:
-            self.writer.add_scalar("eval/perplexity", record["perplexity"], record["step"])
-            self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
+        if "perplexity" in record:
+            logger.info("step %d | eval perplexity %.3f over %d tokens", record["step"], record["perplexity"],
+                        record["tokens"])
+            if self.writer is not None:
+                self.writer.add_scalar("eval/perplexity", record["perplexity"], record["step"])
+                self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
+        for name, r in record.get("tasks", {}).items():
+            logger.info("step %d | eval %s (%s) acc %.4f ± %.4f, acc_norm %.4f over %d items (chance %.4f)",
+                        record["step"], name, r["prompt_id"], r["acc"], r["acc_stderr"], r["acc_norm"], r["n"],
+                        r["chance"])
+            if self.writer is not None:
+                for metric in ("acc", "acc_norm"):
+                    self.writer.add_scalar(f"eval/{name}/{metric}", r[metric], record["step"])
         if self.runtime.is_master:
             fileio.write_json(self.dump_path / EVAL_RESULTS, {**record, "history": history})
         self.plot()

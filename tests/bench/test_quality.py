@@ -281,3 +281,22 @@ def test_report_with_matplotlib_shows_the_picture(tmp_path):
     assert png == tmp_path / "curves-t.png" and png.read_bytes()[:4] == b"\x89PNG" and curves["note"] == ""
     text = quality.report_markdown({"title": "T", "notes": "N", "curves": curves["png"], "curves_note": ""}, "|t|")
     assert text.endswith("(curves-t.png)\n")
+
+
+def test_task_accuracy_is_a_column_and_near_chance_is_said():
+    def row(acc, se):
+        return {"model": "1x32", "init": "random", "teacher": False, "recipe_text": "clm only", "lr": 1e-3,
+                "steps": 6, "tokens_seen": 100, "wall_s": 1.0, "perplexity": 50.0, "ratio": 1.0, "tensorboard": "log",
+                "tasks": {"jcommonsenseqa": {"acc": acc, "acc_stderr": se, "chance": 0.2}}}
+
+    runs = {"teacher": row(0.35, 0.05), "no_kd": row(0.25, 0.03)}  # 3 standard errors above chance; 1.7
+    table = quality.markdown_table({"runs": runs})
+    assert "| jcommonsenseqa acc |" in table.splitlines()[0]
+    assert "| 0.350 ± 0.050 |" in table and "| 0.250 ± 0.030 ≈ chance |" in table
+    tasks = {"jcommonsenseqa": {"prompt_id": "jcommonsenseqa-v1", "data": "valid.json", "n": 100, "chance": 0.2}}
+    assert "within two standard errors of chance (≈): no_kd on jcommonsenseqa." in quality.task_notes(runs, tasks)
+    runs["teacher"] = row(0.29, 0.05)
+    assert "every model is within two standard errors of chance" in quality.task_notes(runs, tasks)
+    assert quality.task_notes(runs, {}) == ""
+    assert quality.parse_task_data("jnli=a.json, jcommonsenseqa=b.json") == \
+        [("jnli", Path("a.json").resolve()), ("jcommonsenseqa", Path("b.json").resolve())]
