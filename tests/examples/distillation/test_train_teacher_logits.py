@@ -39,7 +39,7 @@ def distillers(monkeypatch):
     made = []
 
     class RecordingDistiller:
-        def __init__(self, params, runtime, dataset, student, teacher, eval_sequences):
+        def __init__(self, params, runtime, dataset, student, teacher, eval_sequences, eval_tasks=None):
             self.params, self.dataset, self.teacher = params, dataset, teacher
             self.log = types.SimpleNamespace(clear=lambda: None)
             made.append(self)
