@@ -1,6 +1,7 @@
 """Training curves in one PNG: each loss term and the held-out perplexity against tokens seen.
 
-One panel per loss term that any run logged (metrics.jsonl) and one for the held-out perplexity
+One panel per loss term that any run logged (metrics.jsonl), one for TAID's t where a run logged it,
+and one for the held-out perplexity
 (eval_results.json), one line per run in the same colour in every panel, one legend. The weighted
 total (`loss`) is left out: runs with other weights would not compare. The x axis
 is the real tokens the optimizer has trained on, so runs with other batch shapes line up; runs
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from distil_ja import fileio
 from distil_ja.cli import DataError, UsageError, first_line
-from records import LOSS_TERMS, read_records
+from records import LOGGED_STATE, LOSS_TERMS, read_records
 
 PLOT_FILE = "curves.png"  # train.py's picture in DUMP_PATH
 PANEL_INCHES = (4.0, 2.9)
@@ -31,6 +32,7 @@ TITLES = {
     "clm": "clm: next-token cross-entropy",
     "mse": "mse: logits vs the teacher's",
     "cos": "cos: 1 - cosine to the teacher",
+    "taid_t": "taid_t: TAID's interpolation weight",
     "perplexity": "held-out perplexity",
 }
 
@@ -67,8 +69,9 @@ class Run:
 
 
 def panels(runs: list[Run]) -> list[str]:
-    """The loss terms any run logged, in LOSS_TERMS order, then the perplexity if any run was evaluated."""
-    keys = [k for k in LOSS_TERMS if any(k in m for r in runs for m in r.metrics)]
+    """The loss terms and loop state any run logged (LOSS_TERMS, LOGGED_STATE order), then the perplexity if
+    any run was evaluated."""
+    keys = [k for k in LOSS_TERMS + LOGGED_STATE if any(k in m for r in runs for m in r.metrics)]
     return keys + (["perplexity"] if any(r.evaluations for r in runs) else [])
 
 
@@ -114,7 +117,7 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
             values += ys
     ax.set_title(TITLES.get(key, key), fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
-    ax.set_ylabel("perplexity" if key == "perplexity" else "loss per token")
+    ax.set_ylabel({"perplexity": "perplexity", "taid_t": "t"}.get(key, "loss per token"))
     span = log_span(values)
     if span is not None and span > LOG_SPAN:  # a log y axis where it helps: values spread over > LOG_SPAN times
         ax.set_yscale("log")
