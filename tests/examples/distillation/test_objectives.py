@@ -213,3 +213,47 @@ def test_identical_distributions_give_zero():
     mask = losses.real_mask(lengths, S)
     for kind in KD_LOSSES:
         assert abs(kd_loss_sum(s_logits, s_logits, mask, spec(kind), taid_t=taid_t(kind)).item()) < 1e-5, kind
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_t_squared_keeps_the_kl_family_gradient_scale_and_tvd_grows_with_t(kind):
+    """kd_rows' claim: at large T, T^2 * D has a gradient independent of T for the KL family, about
+    proportional to T for tvd (whose gradient shrinks as 1/T only). Doubling T from 4 to 8:"""
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(64, V, generator=g) * 2, torch.randn(64, V, generator=g) * 2
+
+    def grad_norm(temperature):
+        s_ = s.clone().requires_grad_(True)
+        losses.kd_rows(KdSpec(kind, temperature), s_, ("logits", t), taid_t(kind)).sum().backward()
+        return s_.grad.norm().item()
+
+    ratio = grad_norm(8.0) / grad_norm(4.0)
+    assert ratio == pytest.approx(2.0 if kind == "tvd" else 1.0, rel=0.15)
+
+
+def test_jsd_beta_at_its_ends_is_trls_forward_and_reverse_kl():
+    """TRL's GKDTrainer.generalized_jsd_loss and Liger's JSD take beta = 0 as KL(t || s) and 1 as KL(s || t)
+    (the mixture's own limits are 0); inside (0, 1), beta = 1e-6 is close to 0 (the jump is at the end)."""
+    h, w, t_h, t_w, ids, lengths = data(7)
+    s_logits, t_logits = F.linear(h, w), F.linear(t_h, t_w)
+    mask = losses.real_mask(lengths, S)
+
+    def kd(kind, beta=0.5):
+        return kd_loss_sum(s_logits, t_logits, mask, KdSpec(kind, TEMPERATURE, beta)).item()
+
+    assert kd("jsd", 0.0) == kd("fkl") and kd("jsd", 1.0) == kd("rkl")
+    assert kd("jsd", 1e-6) < 1e-4 * kd("fkl")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kind="kl"), "unknown KD objective 'kl'"),
+    (dict(temperature=0.0), "--temperature must be > 0"),
+    (dict(kind="jsd", beta=1.5), "--kd_beta (jsd's beta) must be in [0, 1], got 1.5"),
+    (dict(skew=0.0), "--kd_skew (the skew alpha) must be in (0, 1)"),
+    (dict(akl_mu=1.0), "--akl_mu (akl's head mass) must be in (0, 1)"),
+])
+def test_the_api_refuses_what_no_formula_computes_in_one_line(fields, message):
+    """KdSpec checks its own fields (train.py turns the same line into a usage error): no 'math domain error'."""
+    with pytest.raises(ValueError) as err:
+        KdSpec(**fields)
+    assert message in str(err.value) and "\n" not in str(err.value)

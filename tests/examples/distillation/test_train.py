@@ -92,6 +92,8 @@ def test_training_without_a_teacher(tiny_setup, tmp_path):
     (["--alpha_ce", "0", "--alpha_clm", "0", "--alpha_cos", "0"], "positive sum"),
     (["--n_gpu", "1"], "CUDA is not available"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--kd_loss", "jsd", "--kd_beta", "1.5"], "--kd_beta (jsd's beta) must be in [0, 1], got 1.5"),
+    (["--kd_loss", "taid", "--taid_t_start", "0.9", "--taid_t_end", "0.5"], "0 <= --taid_t_start <= --taid_t_end <= 1"),
     (["--student_config", "/nonexistent.json"], "unreadable student config"),
     (["--tokenizer_name", "/nonexistent/tokenizer"], "cannot load tokenizer '/nonexistent/tokenizer'"),
     (["--teacher_name", "/nonexistent/teacher"], "cannot load teacher '/nonexistent/teacher'"),
