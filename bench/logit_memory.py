@@ -72,7 +72,7 @@ def child(args) -> None:
         s_logits = F.linear(h, w)
         with torch.no_grad():
             t_logits = F.linear(t_h, t_w)
-        kd = losses.kd_loss_sum(s_logits, t_logits, mask, spec.temperature, spec)
+        kd = losses.kd_loss_sum(s_logits, t_logits, mask, spec)
         clm = losses.clm_loss_sum(s_logits, ids, mask)
     (weights[0] * kd + weights[1] * clm).backward()
     wall = time.perf_counter() - start

@@ -128,6 +128,27 @@ def read_scalars(log_dir, tag):
     return values
 
 
+def assert_taid_t_follows_the_logged_kd(dump_path, schedule, total_steps):
+    """A run logged at every step (--log_interval 1): its taid_t, in metrics.jsonl and tensorboard, is
+    losses.TaidSchedule replayed over the KD term it logged (ce, the mean over the step's global batch)."""
+    import json
+
+    import pytest
+    import torch
+
+    lines = [json.loads(line) for line in (dump_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, total_steps + 1))
+    state, replayed = schedule.initial(), []
+    for n, line in enumerate(lines):
+        state = schedule.update(state, torch.tensor(line["ce"], dtype=torch.float64), n, total_steps)
+        replayed.append(state[0].item())
+    logged = [m["taid_t"] for m in lines]
+    assert logged == pytest.approx(replayed, rel=0, abs=1e-9)
+    assert logged[0] == schedule.t_start and logged[-1] > logged[1] > schedule.t_start  # it moved
+    assert read_scalars(dump_path / "log", "kd/taid_t") == pytest.approx(logged, abs=1e-6)
+    return logged
+
+
 def free_port() -> str:
     """A TCP port nobody listens on now, for torchrun's rendezvous: fixed ports collide between test runs
     sharing a machine, and a port still in TIME_WAIT refuses to listen."""

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from distil_ja.cli import ArgumentParser, UsageError
-from losses import KD_LOSSES
+from losses import KD_LOSSES, KdSpec, TaidSchedule
 from models import AUTO, TYPE_CHOICES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; docs/training.md "Recommended recipe").
@@ -102,9 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--alpha_ce", type=float, help="The KD term: T^2 * divergence(teacher_T, student_T), see --kd_loss.")
     loss.add_argument("--kd_loss", choices=KD_LOSSES, default="fkl",
                       help="The KD term's divergence: fkl KL(t||s) (default), rkl KL(s||t), jsd (generalised "
-                           "Jensen-Shannon, --kd_beta), skew_fkl / skew_rkl (DistiLLM, --kd_skew), tvd (total variation).")
-    loss.add_argument("--kd_beta", type=float, default=0.5, help="jsd: the teacher's weight in the mixture, in (0, 1).")
+                           "Jensen-Shannon, --kd_beta), skew_fkl / skew_rkl (DistiLLM, --kd_skew), tvd (total "
+                           "variation), taid (TAID: KL to an interpolation of the detached student and the teacher, "
+                           "--taid_*), akl (AKL: forward and reverse KL weighted by the head/tail gap, --akl_mu).")
+    loss.add_argument("--kd_beta", type=float, default=0.5,
+                      help="jsd: the teacher's weight in the mixture, in [0, 1]; 0 is fkl and 1 is rkl (TRL's ends).")
     loss.add_argument("--kd_skew", type=float, default=0.1, help="skew_fkl / skew_rkl: the skew alpha, in (0, 1).")
+    loss.add_argument("--taid_t_start", type=float, default=0.4,
+                      help="taid: the interpolation weight of the teacher at the first step (0: the student itself).")
+    loss.add_argument("--taid_t_end", type=float, default=1.0,
+                      help="taid: the weight the linear path reaches at the last step (1: the teacher itself).")
+    loss.add_argument("--taid_alpha", type=float, default=5e-4,
+                      help="taid: the rate at which t moves ahead of the linear path while the loss falls (0: linear).")
+    loss.add_argument("--taid_beta", type=float, default=0.99,
+                      help="taid: momentum of the relative change of the loss that drives t, in [0, 1).")
+    loss.add_argument("--akl_mu", type=float, default=0.5,
+                      help="akl: the teacher's probability mass that makes the head, in (0, 1).")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
     loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
@@ -224,11 +237,10 @@ def check_arguments(params) -> None:
                          f"(or --teacher_logits) or set {pronoun(needs_teacher)} to 0")
     if no_teacher and params.tokenizer_name is None:
         raise UsageError("without a teacher, name the tokenizer with --tokenizer_name")
-    if params.temperature <= 0:
-        raise UsageError("--temperature must be > 0")
-    for name in ("kd_beta", "kd_skew"):
-        if not 0 < getattr(params, name) < 1:
-            raise UsageError(f"--{name} must be in (0, 1)")
+    try:
+        kd_spec(params), taid_schedule(params)  # they check their own ranges
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if params.compile_mode is not None and params.compile is False:
         raise UsageError("--compile_mode needs compilation: drop --no-compile")
     if params.resume and params.force:
@@ -435,6 +447,18 @@ def log_overrides(recipe: dict, args: argparse.Namespace, path: str) -> None:
     changed = {k: (v, getattr(args, k)) for k, v in recipe.items() if getattr(args, k) != v}
     logger = logging.getLogger("distillation")
     logger.info("Recipe %s%s", path, "".join(f"; --{k} {new!r} overrides {old!r}" for k, (old, new) in changed.items()))
+
+
+def kd_spec(params) -> KdSpec:
+    """The KD objective of the run's flags."""
+    return KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew, params.akl_mu)
+
+
+def taid_schedule(params) -> TaidSchedule | None:
+    """TAID's schedule of t, for --kd_loss taid (None otherwise)."""
+    if params.kd_loss != "taid":
+        return None
+    return TaidSchedule(params.taid_t_start, params.taid_t_end, params.taid_alpha, params.taid_beta)
 
 
 def amp_dtype(precision: str) -> torch.dtype | None:

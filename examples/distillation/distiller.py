@@ -17,11 +17,11 @@ from tqdm import tqdm
 import checkpoint
 import losses
 import models
-from config import amp_dtype
+from config import amp_dtype, kd_spec, taid_schedule
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import (LOGIT_TERMS, KdSpec, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
+from losses import (LOGIT_TERMS, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
                     real_mask)
 from perplexity import shared_perplexity
 from records import LOSS_TERMS
@@ -33,7 +33,8 @@ from utils import Runtime, inject_fault
 logger = logging.getLogger("distillation")
 
 # Loop state saved in checkpoints, beside the weights and optimizer.
-LOOP_STATE = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen", "eval_history")
+LOOP_STATE = ("epoch", "batches_done", "n_steps", "n_nonfinite", "n_skipped", "tokens_seen", "eval_history",
+              "taid_state")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -115,7 +116,11 @@ class Distiller:
         self.evaluates = eval_sequences is not None or bool(self.eval_tasks)
         self.eval_history = []
         self.alphas = {"ce": params.alpha_ce, "clm": params.alpha_clm, "mse": params.alpha_mse, "cos": params.alpha_cos}
-        self.kd = KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew)
+        self.kd = kd_spec(params)
+        # --kd_loss taid: t, the previous loss and the momentum on the device (losses.TaidSchedule)
+        self.taid = taid_schedule(params) if self.alphas["ce"] > 0 else None
+        self.taid_state = None if self.taid is None else self.taid.initial(self.device)
+        self.step_taid_t = None  # the t of the current step (float32, on the device)
         self.amp_dtype = amp_dtype(params.precision)
         self.fused_loss = params.fused_loss  # head matmul, logit terms and their gradient in one chunked pass
         self.chunk_fn = losses.fused_chunk
@@ -237,7 +242,8 @@ class Distiller:
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
                     s_hidden, head, token_ids, lengths, self.step_weights[:len(LOGIT_TERMS)], enabled, self.kd,
                     t_h=t_hidden if want["ce"] and topk is None or want["mse"] else None, t_head=t_head,
-                    teacher_topk=topk, dtype=self.amp_dtype or torch.float32, chunk_fn=self.chunk_fn)
+                    teacher_topk=topk, taid_t=self.step_taid_t, dtype=self.amp_dtype or torch.float32,
+                    chunk_fn=self.chunk_fn)
                 sums = {k: out[i] for i, k in enumerate(LOGIT_TERMS) if want[k]}
             else:
                 sums = self.plain_logit_terms(s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want)
@@ -259,7 +265,7 @@ class Distiller:
                     t_logits = F.linear(t_hidden, *t_head)
         sums = {}
         if want["ce"]:
-            sums["ce"] = kd_loss_sum(s_logits, t_logits, mask, self.kd.temperature, self.kd, teacher_topk=topk)
+            sums["ce"] = kd_loss_sum(s_logits, t_logits, mask, self.kd, teacher_topk=topk, taid_t=self.step_taid_t)
         if want["clm"]:
             sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
         if want["mse"]:
@@ -299,6 +305,7 @@ class Distiller:
         n_real, n_pred = counts.clamp(min=1).unbind()
         norms = torch.stack([n_pred if k == "clm" else n_real for k in LOSS_TERMS])
         self.step_weights = (self.alpha_vector.double() / norms * self.runtime.world_size).float()
+        self.step_taid_t = None if self.taid is None else self.taid_state[0].float()
         step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -313,6 +320,8 @@ class Distiller:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
         finite = torch.isfinite(grad_norm)  # same on every rank: gradients are already all-reduced
+        if self.taid is not None:
+            self.update_taid(step_sums[LOSS_TERMS.index("ce")], n_real, finite)
         if not self.scaler.is_enabled():  # under fp16 the scaler sets found_inf from its own check
             self.optimizer.found_inf = (~finite).float()
         self.scaler.step(self.optimizer)
@@ -323,6 +332,13 @@ class Distiller:
         self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0))
         self._queue_readback(finite, counts[0], grad_norm)
         return {k: step_sums[i] / norms[i] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
+
+    def update_taid(self, kd_sum, n_real, finite):
+        """TAID's t after this step, from the step's KD term over the global batch (the same on every rank)."""
+        kd_sum = kd_sum.clone()
+        if self.runtime.is_distributed:
+            dist.all_reduce(kd_sum)
+        self.taid_state = self.taid.update(self.taid_state, kd_sum / n_real, self.n_steps, self.total_steps, finite)
 
     def _queue_readback(self, finite, n_real, grad_norm):
         flags = torch.stack([finite.double(), n_real])
@@ -371,7 +387,7 @@ class Distiller:
             if self.n_nonfinite == 0:  # a skipped step logs, evaluates and checkpoints nothing
                 if due_log:
                     self.log.write(step, self.total_steps, self.step_lr(), self.last_grad_norm, self.n_skipped,
-                                   self.tokens_seen)
+                                   self.tokens_seen, self.logged_state())
                 if due_eval:
                     self.evaluate()  # before the checkpoint, which saves the evaluation history
                 if due_checkpoint:
@@ -383,6 +399,10 @@ class Distiller:
         already stepped to the next step's rate (get_last_lr), which would put the curve one step early
         and show 0 at the end of the decay."""
         return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](max(self.n_steps - 1, 0))
+
+    def logged_state(self) -> dict[str, float]:
+        """Loop state logged beside the loss terms (records.LOGGED_STATE): TAID's t after the last step."""
+        return {} if self.taid is None else {"taid_t": self.taid_state[0].item()}
 
     def evaluate(self):
         """Student perplexity on --eval_data and accuracy on --eval_tasks, shared between ranks
@@ -483,7 +503,7 @@ class Distiller:
         self.settle(self.n_steps)
         if not self.log.empty:  # the last steps, when the run does not end on a log interval
             self.log.write(self.n_steps, self.total_steps, self.step_lr(), self.last_grad_norm, self.n_skipped,
-                           self.tokens_seen)
+                           self.tokens_seen, self.logged_state())
         if self.evaluates and (not self.eval_history or self.eval_history[-1]["step"] != self.n_steps):
             self.evaluate()
         if self.last_checkpoint_step != self.n_steps:

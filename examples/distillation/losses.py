@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 ROW_CHUNK = 4096  # rows per fp32 pass of the plain path
 FUSED_ROW_CHUNK = 1024  # rows per chunk of the fused path: 1024 x 32000 x 4 B = 131 MB per fp32 temporary
-KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-LOGIT_TERMS = ("ce", "clm", "mse")
-TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket: log(0) would make rkl and jsd infinite  # the terms computed from logits, in the order of the fused path's sums
+KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "taid", "akl")
+LOGIT_TERMS = ("ce", "clm", "mse")  # the terms computed from logits, in the order of the fused path's sums
+TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket, the teacher's and the student's: log(0) is -inf
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,71 @@ class KdSpec:
 
     kind: str = "fkl"
     temperature: float = 1.0
-    beta: float = 0.5  # jsd: weight of the teacher in the mixture
+    beta: float = 0.5  # jsd: weight of the teacher in the mixture; 0 and 1 are the two KLs (TRL's ends)
     skew: float = 0.1  # skew_fkl / skew_rkl: DistiLLM's alpha
+    akl_mu: float = 0.5  # akl: the teacher's probability mass that makes the head (AKL's mu)
+
+    def __post_init__(self):
+        """Refuse what no formula below can compute, in one line named by train.py's flag (a usage error there)."""
+        if self.kind not in KD_LOSSES:
+            raise ValueError(f"unknown KD objective {self.kind!r}; one of {', '.join(KD_LOSSES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"--kd_beta (jsd's beta) must be in [0, 1], got {self.beta}")
+        if not 0 < self.skew < 1:
+            raise ValueError(f"--kd_skew (the skew alpha) must be in (0, 1), got {self.skew}")
+        if not 0 < self.akl_mu < 1:
+            raise ValueError(f"--akl_mu (akl's head mass) must be in (0, 1), got {self.akl_mu}")
+
+
+@dataclass(frozen=True)
+class TaidSchedule:
+    """TAID's interpolation weight t over training (Shing et al., ICLR 2025): loop state, updated once per step.
+
+    The state is one float64 tensor on the device, (t, previous loss, momentum), so the update never
+    waits for the device. After optimizer step n (0-based) of N, with J_n that step's KD term (its mean
+    over the real positions of the whole global batch, hence the same on every rank):
+
+        delta = (J_{n-1} - J_n) / (J_{n-1} + 1e-15)       relative decrease of the loss
+        m     = beta m + (1 - beta) delta                 momentum (0 at the start)
+        t     = min(t_end, max(t_start + (t_end - t_start) n / N,  t + alpha sigmoid(m) (1 - t)))
+
+    so t never falls behind the linear path from t_start to t_end, and moves ahead of it while the
+    loss falls fast. The first step only records J_0 (t stays t_start), as in the official code; a
+    step whose gradients were not finite (skipped) leaves the state alone. alpha = 0 is the linear
+    path alone (the official --taid_disable_adaptive).
+    """
+
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4  # the official --taid_alpha: t's rate of adaptive growth
+    beta: float = 0.99  # the official --taid_beta: momentum of the relative loss change
+
+    def __post_init__(self):
+        if not 0 <= self.t_start <= self.t_end <= 1:
+            raise ValueError(f"TAID needs 0 <= --taid_t_start <= --taid_t_end <= 1, got {self.t_start} and {self.t_end}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--taid_alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"--taid_beta must be in [0, 1), got {self.beta}")
+
+    def initial(self, device=None) -> torch.Tensor:
+        """(t, previous loss, momentum) before the first step: (t_start, inf, 0)."""
+        return torch.tensor([self.t_start, math.inf, 0.0], dtype=torch.float64, device=device)
+
+    def update(self, state, loss, step: int, total_steps: int, finite=None) -> torch.Tensor:
+        """The state after step `step` (0-based) of `total_steps`, whose KD term was `loss` (0-dim tensor)."""
+        t, previous, momentum = state.unbind()
+        loss = loss.to(state.dtype)
+        first = torch.isinf(previous)
+        momentum_new = self.beta * momentum + (1 - self.beta) * (previous - loss) / (previous + 1e-15)
+        momentum_new = torch.where(first, momentum, momentum_new)
+        linear = self.t_start + (self.t_end - self.t_start) * step / total_steps
+        t_new = (t + self.alpha * torch.sigmoid(momentum_new) * (1 - t)).clamp(min=linear).clamp(max=self.t_end)
+        new = torch.stack([torch.where(first, t, t_new), loss, momentum_new])
+        keep = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
+        return torch.where(keep, new, state)
 
 
 # ---- the divergences: per-row values from log-probabilities (rows x K) -----------------------
@@ -54,20 +117,55 @@ def _mix(log_a, log_b, weight_a: float):
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def divergence(spec: KdSpec, log_s, log_t):
+def _taid_target(log_s, log_t, taid_t):
+    """TAID's intermediate teacher: softmax((1 - t) * student + t * teacher) in logit space, the student detached.
+
+    Log-probabilities stand in for logits (a row's constant shift cancels in the softmax), so the same
+    formula serves the full vocabulary and the (k + 1) buckets of an offline teacher.
+    """
+    return torch.log_softmax((1 - taid_t) * log_s.detach() + taid_t * log_t, dim=-1)
+
+
+def _akl_head_weight(log_s, log_t, mu: float, tail_last: bool):
+    """AKL's weight of forward KL per row: g_head / (g_head + g_tail); reverse KL gets the rest.
+
+    Sort the vocabulary by the teacher's probability, largest first; the head is the first token and
+    every further one while the teacher's cumulative mass is at most mu; g = sum of |t - s| over the
+    head, and over the tail. Both distributions are detached: the weights steer, they are not trained
+    (Wu et al., 2024; the authors' get_ratio). `tail_last`: the last column is an offline teacher's tail
+    bucket, whose ids all lie below the k kept ones, so it sorts last. Identical rows (no gap): 1/2.
+    """
+    p_t, p_s = log_t.detach().exp(), log_s.detach().exp()
+    key = p_t if not tail_last else torch.cat([p_t[:, :-1], p_t.new_full((p_t.size(0), 1), -1.0)], dim=-1)
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    p_sorted = p_t.gather(-1, order)
+    gap = (p_sorted - p_s.gather(-1, order)).abs()
+    first = torch.arange(p_t.size(-1), device=p_t.device) == 0
+    head = (p_sorted.cumsum(-1) <= mu) | first
+    g_head, g_all = torch.where(head, gap, 0.0).sum(-1), gap.sum(-1)
+    return torch.where(g_all > 0, g_head / g_all.clamp(min=torch.finfo(g_all.dtype).tiny), 0.5)
+
+
+def divergence(spec: KdSpec, log_s, log_t, taid_t=None, tail_last: bool = False):
     """Per-row divergence between the student's (s) and the teacher's (t) distributions.
 
     fkl       KL(t || s) = sum t log(t / s)                     (Hinton et al.; the upstream example's term)
     rkl       KL(s || t) = sum s log(s / t)                     (mode-seeking; MiniLLM)
-    jsd       beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s    (generalised JSD, GKD)
+    jsd       beta KL(t || m) + (1 - beta) KL(s || m),  m = beta t + (1 - beta) s    (generalised JSD, GKD);
+              beta = 0 is KL(t || s) and beta = 1 is KL(s || t), as in TRL (the mixture's limits there are 0)
     skew_fkl  KL(t || a t + (1 - a) s)                          (DistiLLM's skew KL, a = --kd_skew)
     skew_rkl  KL(s || a s + (1 - a) t)                          (DistiLLM's skew reverse KL)
     tvd       1/2 sum |s - t|                                   (total variation distance)
+    taid      KL(p || s),  p = softmax((1 - tau) sg(s) + tau t) in logit space, tau = `taid_t` (TaidSchedule),
+              sg = stop-gradient                                (TAID, Shing et al., ICLR 2025)
+    akl       w KL(t || s) + (1 - w) KL(s || t),  w = g_head / (g_head + g_tail), detached  (AKL, Wu et al., 2024)
+
+    `taid_t`: a 0-dim tensor (taid only); `tail_last`: the last column is an offline teacher's tail bucket (akl).
     """
     kind = spec.kind
-    if kind == "fkl":
+    if kind == "fkl" or (kind == "jsd" and spec.beta == 0):
         return _kl(log_t, log_s)
-    if kind == "rkl":
+    if kind == "rkl" or (kind == "jsd" and spec.beta == 1):
         return _kl(log_s, log_t)
     if kind == "jsd":
         log_m = _mix(log_t, log_s, spec.beta)
@@ -78,6 +176,13 @@ def divergence(spec: KdSpec, log_s, log_t):
         return _kl(log_s, _mix(log_s, log_t, spec.skew))
     if kind == "tvd":
         return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
+    if kind == "taid":
+        if taid_t is None:
+            raise ValueError("taid needs its interpolation weight taid_t (a TaidSchedule's t)")
+        return _kl(_taid_target(log_s, log_t, taid_t), log_s)
+    if kind == "akl":
+        w = _akl_head_weight(log_s, log_t, spec.akl_mu, tail_last)
+        return w * _kl(log_t, log_s) + (1 - w) * _kl(log_s, log_t)
     raise ValueError(f"unknown KD objective {kind!r}; one of {', '.join(KD_LOSSES)}")
 
 
@@ -90,7 +195,9 @@ def topk_log_probs(s_logits, topk_ids, topk_logprobs, temperature: float):
     The teacher's tail is 1 - (sum of its top-k probabilities), floored at TAIL_FLOOR and renormalised
     with them (stored log-probabilities may round to a sum just above 1); the student's tail is its own
     mass outside those k ids, from a logsumexp over the other ids (no cancellation in 1 - sum), floored
-    alike (it is empty when k is the whole vocabulary).
+    at TAIL_FLOOR too, not renormalised: when k is the whole vocabulary both tails hold TAIL_FLOOR
+    instead of nothing (so fkl's t log(t / s) never meets log 0), and the student's buckets sum to
+    1 + 1e-8, which fp32 rounds to 1. Below the floor the student's tail gets no gradient.
     """
     z = s_logits / temperature
     log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -103,18 +210,21 @@ def topk_log_probs(s_logits, topk_ids, topk_logprobs, temperature: float):
     return torch.cat([s_top, s_tail], dim=-1), t_all - torch.logsumexp(t_all, dim=-1, keepdim=True)
 
 
-def kd_rows(spec: KdSpec, s_logits, teacher):
+def kd_rows(spec: KdSpec, s_logits, teacher, taid_t=None):
     """Per-row KD term, T^2 * divergence(student_T, teacher_T).
 
-    `teacher` is ("logits", t_logits) or ("topk", ids, log-probs at temperature T). The T^2 factor keeps
-    the gradient's scale independent of T (Hinton et al.), for every objective.
+    `teacher` is ("logits", t_logits) or ("topk", ids, log-probs at temperature T); `taid_t` is TAID's
+    interpolation weight (a 0-dim tensor, taid only). The T^2 factor keeps the gradient's scale
+    independent of T for the KL family (fkl, rkl, jsd, skew_*, taid, akl), whose gradient shrinks as
+    1/T^2 at large T (Hinton et al.); tvd's shrinks as 1/T only, so T^2 makes its gradient grow about
+    in proportion to T (tested): with tvd at T != 1, lower --alpha_ce accordingly.
     """
     if teacher[0] == "logits":
         log_s = F.log_softmax(s_logits / spec.temperature, dim=-1)
         log_t = F.log_softmax(teacher[1] / spec.temperature, dim=-1)
     else:
         log_s, log_t = topk_log_probs(s_logits, teacher[1], teacher[2], spec.temperature)
-    return divergence(spec, log_s, log_t) * spec.temperature**2
+    return divergence(spec, log_s, log_t, taid_t, tail_last=teacher[0] == "topk") * spec.temperature**2
 
 
 def clm_rows(s_logits, targets):
@@ -154,12 +264,12 @@ def _row_chunks(n_rows: int, size: int):
         yield slice(start, min(start + size, n_rows))
 
 
-def kd_loss_sum(s_logits, t_logits, mask, temperature: float, spec: KdSpec | None = None, teacher_topk=None):
-    """Sum over masked positions of the KD term (default: T^2 KL(teacher_T || student_T)).
+def kd_loss_sum(s_logits, t_logits, mask, spec: KdSpec, teacher_topk=None, taid_t=None):
+    """Sum over masked positions of the KD term, T^2 * divergence of the spec (kd_rows).
 
-    `teacher_topk` = (ids, log-probs), each (B, S, k), replaces `t_logits` for an offline teacher.
+    `teacher_topk` = (ids, log-probs), each (B, S, k), replaces `t_logits` for an offline teacher;
+    `taid_t`: TAID's interpolation weight (taid only).
     """
-    spec = spec or KdSpec(temperature=temperature)
     vocab = s_logits.size(-1)
     s_rows, keep = s_logits.reshape(-1, vocab), mask.reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
@@ -169,7 +279,7 @@ def kd_loss_sum(s_logits, t_logits, mask, temperature: float, spec: KdSpec | Non
         else:
             k = teacher_topk[0].size(-1)
             teacher = ("topk", teacher_topk[0].reshape(-1, k)[rows], teacher_topk[1].reshape(-1, k)[rows])
-        total = total + masked_sum(kd_rows(spec, s_rows[rows].float(), teacher), keep[rows])
+        total = total + masked_sum(kd_rows(spec, s_rows[rows].float(), teacher, taid_t), keep[rows])
     return total
 
 
@@ -213,7 +323,7 @@ def count_positions(mask: torch.Tensor) -> tuple[int, int]:
 # ---- the fused path: LM-head matmul, terms and gradient, chunk by chunk -----------------------
 
 
-def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float):
+def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float, taid_t=None):
     """fp32 math of one chunk for the forward-KL objective: (sums of KD, CLM, MSE; d(weighted sum)/ds).
 
     Hand-written gradients, the formulas of the docstrings of `divergence`, `clm_rows` and `mse_rows`:
@@ -221,10 +331,14 @@ def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float):
     CLM = -log softmax(s)[target] has softmax(s) - onehot(target); MSE = sum (s - t)^2 has 2 (s - t).
     `weights` = (w_kd, w_clm, w_mse), a tensor, so that a compiled version does not recompile per step;
     a weight of exactly 0 on the host side means the term is off (its input may be None).
+    taid: the teacher's logits become TAID's interpolation (1 - taid_t) s + taid_t t, s held constant,
+    so the same KL and gradient are TAID's (`divergence`).
     """
     kd = clm = mse = s.new_zeros(())
     grad = None
     if t is not None:
+        if taid_t is not None:
+            t = (1 - taid_t) * s + taid_t * t
         ls_t = torch.log_softmax(s / temperature, dim=-1)
         lt_t = torch.log_softmax(t / temperature, dim=-1)
         pt = lt_t.exp()
@@ -239,21 +353,22 @@ def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float):
     return kd, clm, mse, grad
 
 
-def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, weights):
+def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, weights, taid_t=None):
     """One chunk of real rows: (KD sum, CLM sum, MSE sum, gradient of the weighted sum w.r.t. s), fp32.
 
-    forward KL without MSE keeps its hand-written gradient (fkl_clm_mse_rows, the default and the
-    fastest); every other combination differentiates the textbook per-row formulas with torch.func,
-    inside the chunk, so no objective needs a second, hand-derived formula.
+    forward KL and TAID (a forward KL to a detached target) without MSE keep the hand-written gradient
+    (fkl_clm_mse_rows, the default and the fastest); every other combination differentiates the
+    textbook per-row formulas with torch.func, inside the chunk, so no objective needs a second,
+    hand-derived formula.
     """
-    if spec.kind == "fkl" and t_for_mse is None and (teacher is None or teacher[0] == "logits"):
+    if spec.kind in ("fkl", "taid") and t_for_mse is None and (teacher is None or teacher[0] == "logits"):
         kd, clm, mse, grad = fkl_clm_mse_rows(s, None if teacher is None else teacher[1], targets, real, pred,
-                                              weights, spec.temperature)
+                                              weights, spec.temperature, taid_t if spec.kind == "taid" else None)
         return kd, clm, mse, torch.where(real[:, None], grad, 0.0)
 
     def weighted(s_):
         zero = s_.new_zeros(())
-        kd = zero if teacher is None else masked_sum(kd_rows(spec, s_, teacher), real)
+        kd = zero if teacher is None else masked_sum(kd_rows(spec, s_, teacher, taid_t), real)
         clm = zero if targets is None else masked_sum(clm_rows(s_, targets), pred)
         mse = zero if t_for_mse is None else masked_sum(mse_rows(s_, t_for_mse), real)
         return weights[0] * kd + weights[1] * clm + weights[2] * mse, (kd, clm, mse)
@@ -263,7 +378,7 @@ def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, w
 
 
 def fused_chunk(spec: KdSpec, dtype, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, targets, real, pred,
-                weights, want_kd: bool, want_clm: bool, want_mse: bool):
+                weights, taid_t, want_kd: bool, want_clm: bool, want_mse: bool):
     """One row chunk: logits from hidden states, the terms, and the gradients for h, w and bias.
 
     The matmuls run in `dtype` (the autocast dtype, as the model's own LM head would) and the loss math
@@ -281,7 +396,7 @@ def fused_chunk(spec: KdSpec, dtype, h, w, bias, t_h, t_w, t_bias, topk_ids, top
     if want_kd:
         teacher = ("logits", t) if topk_ids is None else ("topk", topk_ids, topk_logprobs)
     kd, clm, mse, g = logit_terms_rows(spec, s, teacher, t if want_mse else None, targets if want_clm else None,
-                                       real, pred, weights)
+                                       real, pred, weights, taid_t)
     g = g.to(dtype)
     grad_h = g @ w.to(dtype)
     grad_w = g.t() @ h.to(dtype)
@@ -301,7 +416,8 @@ class FusedLogitTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, input_ids, lengths, weights, config):
+    def forward(ctx, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, input_ids, lengths, weights, taid_t,
+                config):
         spec, dtype, row_chunk, chunk_fn, enabled = config
         want_kd, want_clm, want_mse = enabled
         batch, seq, width = h.shape
@@ -324,7 +440,7 @@ class FusedLogitTerms(torch.autograd.Function):
                 out, g_h, g_w, g_b = chunk_fn(
                     spec, dtype, flat[rows], w_c, bias_c, None if t_flat is None else t_flat[rows], t_w_c, t_bias_c,
                     None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows],
-                    targets[rows], real[rows], pred[rows], weights, want_kd, want_clm, want_mse)
+                    targets[rows], real[rows], pred[rows], weights, taid_t, want_kd, want_clm, want_mse)
                 sums += out
                 grad_h[rows] = g_h
                 grad_w += g_w
@@ -341,18 +457,20 @@ class FusedLogitTerms(torch.autograd.Function):
         c = grad_sums[ctx.first] / weights[ctx.first]
         grad_h, grad_w, grad_bias = (None if g is None else g.mul_(c.to(g.dtype)) for g in ctx.grads)
         del ctx.grads
-        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpec, t_h=None, t_head=None,
-                      teacher_topk=None, dtype=torch.float32, chunk_fn=fused_chunk, row_chunk=FUSED_ROW_CHUNK):
+                      teacher_topk=None, taid_t=None, dtype=torch.float32, chunk_fn=fused_chunk,
+                      row_chunk=FUSED_ROW_CHUNK):
     """(KD, CLM, MSE) sums of a micro-batch from final hidden states, without B x S x V logits.
 
     h: the student's final hidden states (B, S, d); head: (weight (V, d), bias or None) of its LM head.
     t_h, t_head: the same for the teacher (its weight cut to the student's V rows), or None; teacher_topk:
-    (ids, log-probs), each (B, S, k), of an offline teacher instead. weights: float32 tensor (3,), the
-    loss weights of the terms (see FusedLogitTerms for how the caller must use them); enabled: three host
-    booleans saying which terms are on (an off term is returned as 0).
+    (ids, log-probs), each (B, S, k), of an offline teacher instead; taid_t: TAID's interpolation weight,
+    a 0-dim float32 tensor (taid only; a tensor, so a compiled chunk does not recompile as it moves).
+    weights: float32 tensor (3,), the loss weights of the terms (see FusedLogitTerms for how the caller
+    must use them); enabled: three host booleans saying which terms are on (an off term is returned as 0).
     """
     if not any(enabled):
         raise ValueError("fused_logit_terms needs at least one term")
@@ -360,4 +478,4 @@ def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpe
     ids, logprobs = teacher_topk if teacher_topk is not None else (None, None)
     config = (spec, dtype, row_chunk, chunk_fn, tuple(bool(e) for e in enabled))
     return FusedLogitTerms.apply(h, head[0], head[1], t_h, t_w, t_bias, ids, logprobs, input_ids, lengths,
-                                 weights, config)
+                                 weights, taid_t, config)

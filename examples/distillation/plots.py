@@ -1,7 +1,8 @@
 """Training curves in one PNG: each loss term, the held-out perplexity and task accuracy against tokens seen.
 
-One panel per loss term that any run logged (metrics.jsonl), one for the held-out perplexity and one
-per task's accuracy (--eval_tasks; both from eval_results.json), one line per run in the same colour in every panel, one legend. The weighted
+One panel per loss term that any run logged (metrics.jsonl), one for TAID's t where a run logged it,
+one for the held-out perplexity and one per task's accuracy (--eval_tasks; both from eval_results.json),
+one line per run in the same colour in every panel, one legend. The weighted
 total (`loss`) is left out: runs with other weights would not compare. The x axis
 is the real tokens the optimizer has trained on, so runs with other batch shapes line up; runs
 recorded before `tokens_seen` existed are drawn against optimizer steps instead (all of them, so
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from distil_ja import fileio
 from distil_ja.cli import DataError, UsageError, first_line
-from records import LOSS_TERMS, read_records
+from records import LOGGED_STATE, LOSS_TERMS, read_records
 
 PLOT_FILE = "curves.png"  # train.py's picture in DUMP_PATH
 PANEL_INCHES = (4.0, 2.9)
@@ -32,6 +33,7 @@ TITLES = {
     "clm": "clm: next-token cross-entropy",
     "mse": "mse: logits vs the teacher's",
     "cos": "cos: 1 - cosine to the teacher",
+    "taid_t": "taid_t: TAID's interpolation weight",
     "perplexity": "held-out perplexity",
 }
 
@@ -75,9 +77,9 @@ class Run:
 
 
 def panels(runs: list[Run]) -> list[str]:
-    """The loss terms any run logged, in LOSS_TERMS order, then the perplexity if any run measured it, then
-    each task's accuracy (--eval_tasks)."""
-    keys = [k for k in LOSS_TERMS if any(k in m for r in runs for m in r.metrics)]
+    """The loss terms and loop state any run logged (LOSS_TERMS, LOGGED_STATE order), then the perplexity if
+    any run measured it, then each task's accuracy (--eval_tasks)."""
+    keys = [k for k in LOSS_TERMS + LOGGED_STATE if any(k in m for r in runs for m in r.metrics)]
     if any("perplexity" in e for r in runs for e in r.evaluations):
         keys.append("perplexity")
     return keys + [TASK_PREFIX + name for name in dict.fromkeys(n for r in runs for n in r.task_names())]
@@ -132,7 +134,7 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
     ax.set_title(f"{key[len(TASK_PREFIX):]} accuracy (dashed: chance)" if task else TITLES.get(key, key),
                  fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
-    ax.set_ylabel("accuracy" if task else "perplexity" if key == "perplexity" else "loss per token")
+    ax.set_ylabel("accuracy" if task else {"perplexity": "perplexity", "taid_t": "t"}.get(key, "loss per token"))
     span = None if task else log_span(values)  # accuracy stays on a linear axis
     if span is not None and span > LOG_SPAN:  # a log y axis where it helps: values spread over > LOG_SPAN times
         ax.set_yscale("log")

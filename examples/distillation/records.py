@@ -1,7 +1,8 @@
 """The format of a run's records, written by training_log.py and read by plots.py and bench/quality.py.
 
 A run's folder (DUMP_PATH) holds `metrics.jsonl` (one JSON object per log line: step, tokens_seen,
-the weighted loss terms named by LOSS_TERMS, loss, skipped_steps) and `eval_results.json` (the
+the weighted loss terms named by LOSS_TERMS, loss, the loop state named by LOGGED_STATE where the
+run has it, skipped_steps) and `eval_results.json` (the
 latest evaluation, with every earlier one under "history"). This module is the one place that
 names those files and reads them back; it imports nothing of the training side.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from distil_ja.cli import DataError
 
 LOSS_TERMS = ("ce", "clm", "mse", "cos")  # the order of the sums in a step's tensor; "ce" is the KD term
+LOGGED_STATE = ("taid_t",)  # loop state logged beside the terms: TAID's t after the step (--kd_loss taid)
 METRICS = "metrics.jsonl"
 EVAL_RESULTS = "eval_results.json"
 

@@ -95,8 +95,12 @@ class TrainingLog:
     # ---- writing ------------------------------------------------------------------------
 
     def write(self, step: int, total_steps: int, lr: float, grad_norm: torch.Tensor | None, skipped: int,
-              tokens_seen: int) -> None:
-        """Reduce, write and reset the window (collective: every rank calls it)."""
+              tokens_seen: int, state: dict[str, float] | None = None) -> None:
+        """Reduce, write and reset the window (collective: every rank calls it).
+
+        `state`: loop state logged beside the terms (records.LOGGED_STATE, e.g. TAID's t), the same on every rank.
+        """
+        state = state or {}
         sums = self.sums.clone()
         if self.runtime.is_distributed:
             dist.all_reduce(sums)  # counts are already global
@@ -111,14 +115,15 @@ class TrainingLog:
                        "global/memory_gib": self.memory_gib(), "global/padding_fraction": self.padding_fraction()}
             if grad_norm is not None:  # None: the window was restored from a checkpoint and no step ran since
                 scalars["global/grad_norm"] = float(grad_norm)
+            scalars.update({f"kd/{k}": v for k, v in state.items()})
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:
             with open(self.dump_path / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **terms,
+                f.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **terms, **state,
                                     "skipped_steps": skipped}) + "\n")
             logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
-                        " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, tokens_per_s)
+                        " ".join(f"{k} {v:.4f}" for k, v in {**terms, **state}.items()), lr, tokens_per_s)
         self.reset()
 
     def write_eval(self, record: dict, history: list[dict]) -> None:

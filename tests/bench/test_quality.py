@@ -96,11 +96,17 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
     assert not (out / "text").exists()  # derived text is deleted once binarized
 
 
-def test_dry_run_gpu_size_commands(tmp_path, capsys):
+def fake_corpora(tmp_path):
+    """The four corpora the GPU size reads, one sentence each (enough for --dry_run)."""
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     for name in ("jawiki_jaquad_train", "jawiki_jaquad_dev", "jawikinews", "aozora_modern_50MB"):
         (corpora / f"{name}.txt.xz").write_bytes(lzma.compress("文。\n".encode()))
+    return corpora
+
+
+def test_dry_run_gpu_size_commands(tmp_path, capsys):
+    corpora = fake_corpora(tmp_path)
     code = quality.main(["--size", "gpu", "--corpora", str(corpora), "--out_dir", str(tmp_path / "q"), "--dry_run",
                          "--recipe", "T=1,ce=0.9,clm=0.1,cos=0", "--student_lr", "1e-3", "--kd_lr", "2e-3"])
     out = capsys.readouterr()
@@ -124,6 +130,16 @@ def test_dry_run_gpu_size_commands(tmp_path, capsys):
     students = [line for line in lines if line is not teacher]
     assert all("--max_steps 1200" in line and "--eval_interval 200" in line for line in students)
     assert all(f"--eval_data {tmp_path / 'q' / 'data' / 'dev'}" in line for line in students)
+
+
+@pytest.mark.parametrize("objective", ["taid", "akl"])
+def test_dry_run_gpu_size_takes_the_adaptive_objectives(tmp_path, objective, capsys):
+    code = quality.main(["--size", "gpu", "--corpora", str(fake_corpora(tmp_path)), "--out_dir", str(tmp_path / "q"),
+                         "--dry_run", "--recipe", f"kd={objective}", "--runs", "no_kd,kd,kd_init"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    kd = [line for line in out.out.splitlines() if "train.py" in line and "--teacher_name" in line]
+    assert len(kd) == 2 and all(f"--kd_loss {objective} " in line and "--precision bf16" in line for line in kd)
 
 
 @pytest.mark.slow

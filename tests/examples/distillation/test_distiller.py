@@ -17,12 +17,14 @@ from transformers import GPT2LMHeadModel
 
 import checkpoint
 import distiller
+import plots
 import models
 import train
 from config import parse_config
 from distil_ja.cli import EXIT_OK, EXIT_TRAINING
 from distiller import Distiller
-from helpers import assert_same_weights, random_sequences, train_args, weights
+from helpers import assert_same_weights, assert_taid_t_follows_the_logged_kd, random_sequences, train_args, weights
+from losses import TaidSchedule
 from lm_seqs_dataset import LmSeqsDataset
 from utils import Runtime
 
@@ -84,12 +86,15 @@ def crash_after_step_5(point, step):
         raise Crash
 
 
-def test_resume_restores_the_log_window(tiny_setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", [(), ("--kd_loss", "taid", "--taid_alpha", "0.3", "--taid_beta", "0.5")],
+                         ids=["fkl", "taid"])
+def test_resume_restores_the_log_window(tiny_setup, tmp_path, monkeypatch, objective):
     """Logging every 4 steps and checkpointing every 3: the checkpoint of step 3 holds steps 1-3 of the
-    window that the line of step 4 reports, so a resumed run writes it only if it restores the window."""
+    window that the line of step 4 reports, so a resumed run writes it only if it restores the window.
+    taid: its t (logged, and steering every step's loss) is loop state, so it resumes exactly too."""
     def args(dump, *extra):
         return train_args(tiny_setup, dump, "--max_steps", "8", "--log_interval", "4", "--checkpoint_interval", "3",
-                          *extra)
+                          *objective, *extra)
 
     reference, dump = tmp_path / "reference", tmp_path / "run"
     train.run(args(reference))
@@ -103,6 +108,22 @@ def test_resume_restores_the_log_window(tiny_setup, tmp_path, monkeypatch):
     assert [m["step"] for m in metrics(reference)] == [4, 8]
     assert (dump / "metrics.jsonl").read_text().splitlines() == (reference / "metrics.jsonl").read_text().splitlines()
     assert_same_weights(weights(reference), weights(dump), atol=0)
+    if objective:
+        assert all(0.4 < m["taid_t"] < 1 for m in metrics(dump))
+
+
+@pytest.mark.parametrize("path", ["--fused_loss", "--no-fused_loss"])
+def test_taid_t_follows_the_global_kd_term_and_is_logged(tiny_setup, tmp_path, path):
+    """t after each step is TaidSchedule's update from that step's KD term, as the run logged it; the
+    adaptive term (alpha 0.3) moves it ahead of the linear path (0.2 to 0.6), so the loss steers t."""
+    dump = tmp_path / "run"
+    train.run(train_args(tiny_setup, dump, path, "--kd_loss", "taid", "--taid_t_start", "0.2", "--taid_t_end", "0.6",
+                         "--taid_alpha", "0.3", "--taid_beta", "0.5", "--max_steps", "6", "--log_interval", "1"))
+    logged = assert_taid_t_follows_the_logged_kd(dump, TaidSchedule(0.2, 0.6, 0.3, 0.5), 6)
+    assert any(t > 0.2 + 0.4 * n / 6 + 1e-3 for n, t in enumerate(logged))
+    state = torch.load(dump / "checkpoint_step00000006" / "training_state.pt", weights_only=True)
+    assert state["loop_state"]["taid_state"][0].item() == logged[-1]
+    assert "taid_t" in plots.panels([plots.Run(dump)])
 
 
 # ---- the learning rate each optimizer step used -------------------------------------------------
@@ -375,7 +396,8 @@ class HostSync(AssertionError):
     pass
 
 
-@pytest.mark.parametrize("flags", [(), ("--no-fused_loss",), ("--kd_loss", "jsd"), ("--precision", "fp16")])
+@pytest.mark.parametrize("flags", [(), ("--no-fused_loss",), ("--kd_loss", "jsd"), ("--precision", "fp16"),
+                                   ("--kd_loss", "taid"), ("--kd_loss", "akl")])
 def test_optimize_step_never_reads_a_tensor_on_the_host(make_distiller, monkeypatch, flags):
     """Every way of reading a tensor's value on the host (what blocks the CPU until the GPU is done) raises
     inside optimize_step; on the CPU this catches what on CUDA would be a synchronisation. The step must

@@ -35,7 +35,7 @@ def plain(h, w, b, t_h, t_w, ids, lengths, weights, c, spec=KdSpec(temperature=2
     mask = losses.real_mask(lengths, S)
     s_logits = F.linear(h, w, b)
     t_logits = F.linear(t_h.float(), t_w[:V].float())
-    sums = torch.stack([kd_loss_sum(s_logits, t_logits, mask, spec.temperature, spec),
+    sums = torch.stack([kd_loss_sum(s_logits, t_logits, mask, spec),
                         clm_loss_sum(s_logits, ids, mask), mse_loss_sum(s_logits, t_logits, mask)])
     (c * (weights * sums).sum()).backward()
     return sums.detach(), h.grad, w.grad, None if b is None else b.grad

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import losses
-from losses import clm_loss_sum, cos_loss_sum, count_positions, kd_loss_sum, mse_loss_sum
+from losses import KdSpec, clm_loss_sum, cos_loss_sum, count_positions, kd_loss_sum, mse_loss_sum
 
 B, S, V, D = 3, 7, 11, 5
 LENGTHS = [7, 4, 1]
+T2 = KdSpec(temperature=2.0)  # fkl at T = 2
 
 
 def batch(seed=0):
@@ -41,7 +42,7 @@ def test_kd_matches_reference():
     for b, i in real_positions():
         ls, lt = log_softmax64(s[b, i] / temp), log_softmax64(t[b, i] / temp)
         ref += float((np.exp(lt) * (lt - ls)).sum()) * temp**2
-    assert kd_loss_sum(s, t, mask, temp).item() == pytest.approx(ref, rel=1e-5)
+    assert kd_loss_sum(s, t, mask, KdSpec(temperature=temp)).item() == pytest.approx(ref, rel=1e-5)
 
 
 def test_clm_matches_reference():
@@ -70,12 +71,12 @@ def test_cos_matches_reference():
 
 def test_padding_positions_do_not_count():
     s, t, sh, th, ids, mask = batch()
-    before = [kd_loss_sum(s, t, mask, 2.0), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask),
+    before = [kd_loss_sum(s, t, mask, T2), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask),
               cos_loss_sum(sh, th, mask)]
     pad = ~mask
     s2, t2, sh2, th2, ids2 = s.clone(), t.clone(), sh.clone(), th.clone(), ids.clone()
     s2[pad], t2[pad], sh2[pad], th2[pad], ids2[pad] = 1e4, -1e4, 7.0, -3.0, 0
-    after = [kd_loss_sum(s2, t2, mask, 2.0), clm_loss_sum(s2, ids2, mask), mse_loss_sum(s2, t2, mask),
+    after = [kd_loss_sum(s2, t2, mask, T2), clm_loss_sum(s2, ids2, mask), mse_loss_sum(s2, t2, mask),
              cos_loss_sum(sh2, th2, mask)]
     for x, y in zip(before, after):
         assert x.item() == y.item()
@@ -84,7 +85,7 @@ def test_padding_positions_do_not_count():
 def test_gradient_is_zero_on_padding():
     s, t, _, _, ids, mask = batch()
     s.requires_grad_(True)
-    (kd_loss_sum(s, t, mask, 2.0) + clm_loss_sum(s, ids, mask)).backward()
+    (kd_loss_sum(s, t, mask, T2) + clm_loss_sum(s, ids, mask)).backward()
     assert s.grad[~mask].abs().max().item() == 0.0
     assert s.grad[mask].abs().max().item() > 0.0
 
@@ -92,7 +93,7 @@ def test_gradient_is_zero_on_padding():
 def test_empty_mask_gives_finite_zero():
     s, t, sh, th, ids, _ = batch()
     empty = torch.zeros(B, S, dtype=torch.bool)
-    for value in (kd_loss_sum(s, t, empty, 2.0), clm_loss_sum(s, ids, empty), mse_loss_sum(s, t, empty),
+    for value in (kd_loss_sum(s, t, empty, T2), clm_loss_sum(s, ids, empty), mse_loss_sum(s, t, empty),
                   cos_loss_sum(sh, th, empty)):
         assert value.item() == 0.0
     assert count_positions(empty) == (0, 0)
@@ -100,9 +101,9 @@ def test_empty_mask_gives_finite_zero():
 
 def test_chunking_does_not_change_results(monkeypatch):
     s, t, _, _, ids, mask = batch()
-    whole = (kd_loss_sum(s, t, mask, 2.0), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask))
+    whole = (kd_loss_sum(s, t, mask, T2), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask))
     monkeypatch.setattr(losses, "ROW_CHUNK", 2)
-    chunked = (kd_loss_sum(s, t, mask, 2.0), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask))
+    chunked = (kd_loss_sum(s, t, mask, T2), clm_loss_sum(s, ids, mask), mse_loss_sum(s, t, mask))
     for x, y in zip(whole, chunked):
         assert x.item() == pytest.approx(y.item(), rel=1e-6)
 

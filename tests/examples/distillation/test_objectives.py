@@ -1,7 +1,8 @@
 """The KD objectives (--kd_loss) against their textbook formulas, written here again in float64 from
 probabilities (not log-probabilities), differentiated by autograd: values and gradients of the plain path
 (whole logits) and of the fused path (hidden states and LM head, chunk by chunk), padding included, for the
-full teacher distribution and for an offline teacher's top k plus a tail bucket."""
+full teacher distribution and for an offline teacher's top k plus a tail bucket. (taid and akl against
+their authors' code: test_adaptive_objectives.py.)"""
 
 import pytest
 import torch
@@ -14,10 +15,41 @@ B, S, D, V, K = 2, 7, 5, 17, 4
 LENGTHS = [7, 3]
 TEMPERATURE = 1.7  # not 1, so that a missing T or T^2 shows
 BETA, SKEW = 0.3, 0.2
+TAU, MU = 0.35, 0.4  # taid's interpolation weight, akl's head mass
 
 
-def textbook(kind, p_s, p_t):
+def geometric_target(p_s, p_t):
+    """TAID's intermediate distribution from probabilities: p_s^(1 - tau) p_t^tau, normalised, p_s held constant."""
+    g = p_s.detach() ** (1 - TAU) * p_t**TAU
+    return g / g.sum(-1, keepdim=True)
+
+
+def head_weight(p_s, p_t, sort):
+    """AKL's forward-KL weight per row, token by token: walk the teacher's ids from the most probable
+    (`sort`) or in the given order (top-k buckets, whose tail comes last); the first id and every id while
+    the teacher's running mass stays <= MU are the head."""
+    weights = []
+    for ps, pt in zip(p_s.detach().tolist(), p_t.tolist()):
+        order = sorted(range(len(pt)), key=lambda i: -pt[i]) if sort else range(len(pt))
+        head = tail = mass = 0.0
+        for n, i in enumerate(order):
+            mass += pt[i]
+            if n == 0 or mass <= MU:
+                head += abs(pt[i] - ps[i])
+            else:
+                tail += abs(pt[i] - ps[i])
+        weights.append(head / (head + tail))
+    return torch.tensor(weights, dtype=p_t.dtype)
+
+
+def textbook(kind, p_s, p_t, topk=False):
     """Divergence per row from probabilities, the formulas as papers write them."""
+    if kind == "taid":
+        p = geometric_target(p_s, p_t)
+        return (p * (p / p_s).log()).sum(-1)
+    if kind == "akl":
+        w = head_weight(p_s, p_t, sort=not topk)
+        return w * (p_t * (p_t / p_s).log()).sum(-1) + (1 - w) * (p_s * (p_s / p_t).log()).sum(-1)
     if kind == "fkl":
         return (p_t * (p_t / p_s).log()).sum(-1)
     if kind == "rkl":
@@ -49,7 +81,7 @@ def reference(kind, s_logits, t_logits, lengths, topk=False):
     if topk:
         ids = p_t.topk(K, dim=-1).indices
         p_s, p_t = buckets(p_s, ids), buckets(p_t, ids)
-    return (textbook(kind, p_s, p_t) * TEMPERATURE**2).sum()
+    return (textbook(kind, p_s, p_t, topk) * TEMPERATURE**2).sum()
 
 
 def data(seed=0):
@@ -71,7 +103,12 @@ def offline_topk(t_h, t_w):
 
 
 def spec(kind):
-    return KdSpec(kind, TEMPERATURE, BETA, SKEW)
+    return KdSpec(kind, TEMPERATURE, BETA, SKEW, MU)
+
+
+def taid_t(kind):
+    """The interpolation weight where the objective takes one (taid), else None."""
+    return torch.tensor(TAU) if kind == "taid" else None
 
 
 @pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
@@ -81,8 +118,8 @@ def test_plain_path_is_the_textbook_value_and_gradient(kind, topk):
     s_logits = F.linear(h, w).detach().requires_grad_(True)
     t_logits = F.linear(t_h, t_w)
     mask = losses.real_mask(lengths, S)
-    got = kd_loss_sum(s_logits, None if topk else t_logits, mask, TEMPERATURE, spec(kind),
-                      teacher_topk=offline_topk(t_h, t_w) if topk else None)
+    got = kd_loss_sum(s_logits, None if topk else t_logits, mask, spec(kind),
+                      teacher_topk=offline_topk(t_h, t_w) if topk else None, taid_t=taid_t(kind))
     got.backward()
     s64 = s_logits.detach().double().requires_grad_(True)
     want = reference(kind, s64, t_logits, lengths, topk)
@@ -101,7 +138,8 @@ def test_fused_path_is_the_textbook_value_and_gradient(kind, topk):
     h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     sums = fused_logit_terms(h_, (w_, None), ids, lengths, weights, (True, True, False), spec(kind),
                              t_h=None if topk else t_h, t_head=None if topk else (t_w, None),
-                             teacher_topk=offline_topk(t_h, t_w) if topk else None, row_chunk=3)
+                             teacher_topk=offline_topk(t_h, t_w) if topk else None, taid_t=taid_t(kind),
+                             row_chunk=3)
     (2.0 * (weights * sums).sum()).backward()
 
     h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
@@ -124,7 +162,7 @@ def test_bf16_fused_path_within_the_stated_tolerance(kind):
     weights = torch.tensor([1.0, 0.0, 0.0])
     h_ = h.clone().requires_grad_(True)
     sums = fused_logit_terms(h_, (w, None), ids, lengths, weights, (True, False, False), spec(kind),
-                             t_h=t_h, t_head=(t_w.bfloat16(), None), dtype=torch.bfloat16)
+                             t_h=t_h, t_head=(t_w.bfloat16(), None), taid_t=taid_t(kind), dtype=torch.bfloat16)
     sums[0].backward()
     h64 = h.double().requires_grad_(True)
     want = reference(kind, F.linear(h64, w.double()), F.linear(t_h, t_w).double(), lengths)
@@ -163,8 +201,9 @@ def test_topk_with_every_id_is_the_full_objective():
     every = logp.topk(V, dim=-1)
     mask = losses.real_mask(lengths, S)
     for kind in KD_LOSSES:
-        full = kd_loss_sum(s_logits, t_logits, mask, TEMPERATURE, spec(kind))
-        top = kd_loss_sum(s_logits, None, mask, TEMPERATURE, spec(kind), teacher_topk=(every.indices, every.values))
+        full = kd_loss_sum(s_logits, t_logits, mask, spec(kind), taid_t=taid_t(kind))
+        top = kd_loss_sum(s_logits, None, mask, spec(kind), teacher_topk=(every.indices, every.values),
+                          taid_t=taid_t(kind))
         assert top.item() == pytest.approx(full.item(), rel=1e-4, abs=1e-5), kind
 
 
@@ -173,4 +212,48 @@ def test_identical_distributions_give_zero():
     s_logits = F.linear(h, w)
     mask = losses.real_mask(lengths, S)
     for kind in KD_LOSSES:
-        assert abs(kd_loss_sum(s_logits, s_logits, mask, TEMPERATURE, spec(kind)).item()) < 1e-5, kind
+        assert abs(kd_loss_sum(s_logits, s_logits, mask, spec(kind), taid_t=taid_t(kind)).item()) < 1e-5, kind
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_t_squared_keeps_the_kl_family_gradient_scale_and_tvd_grows_with_t(kind):
+    """kd_rows' claim: at large T, T^2 * D has a gradient independent of T for the KL family, about
+    proportional to T for tvd (whose gradient shrinks as 1/T only). Doubling T from 4 to 8:"""
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(64, V, generator=g) * 2, torch.randn(64, V, generator=g) * 2
+
+    def grad_norm(temperature):
+        s_ = s.clone().requires_grad_(True)
+        losses.kd_rows(KdSpec(kind, temperature), s_, ("logits", t), taid_t(kind)).sum().backward()
+        return s_.grad.norm().item()
+
+    ratio = grad_norm(8.0) / grad_norm(4.0)
+    assert ratio == pytest.approx(2.0 if kind == "tvd" else 1.0, rel=0.15)
+
+
+def test_jsd_beta_at_its_ends_is_trls_forward_and_reverse_kl():
+    """TRL's GKDTrainer.generalized_jsd_loss and Liger's JSD take beta = 0 as KL(t || s) and 1 as KL(s || t)
+    (the mixture's own limits are 0); inside (0, 1), beta = 1e-6 is close to 0 (the jump is at the end)."""
+    h, w, t_h, t_w, ids, lengths = data(7)
+    s_logits, t_logits = F.linear(h, w), F.linear(t_h, t_w)
+    mask = losses.real_mask(lengths, S)
+
+    def kd(kind, beta=0.5):
+        return kd_loss_sum(s_logits, t_logits, mask, KdSpec(kind, TEMPERATURE, beta)).item()
+
+    assert kd("jsd", 0.0) == kd("fkl") and kd("jsd", 1.0) == kd("rkl")
+    assert kd("jsd", 1e-6) < 1e-4 * kd("fkl")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kind="kl"), "unknown KD objective 'kl'"),
+    (dict(temperature=0.0), "--temperature must be > 0"),
+    (dict(kind="jsd", beta=1.5), "--kd_beta (jsd's beta) must be in [0, 1], got 1.5"),
+    (dict(skew=0.0), "--kd_skew (the skew alpha) must be in (0, 1)"),
+    (dict(akl_mu=1.0), "--akl_mu (akl's head mass) must be in (0, 1)"),
+])
+def test_the_api_refuses_what_no_formula_computes_in_one_line(fields, message):
+    """KdSpec checks its own fields (train.py turns the same line into a usage error): no 'math domain error'."""
+    with pytest.raises(ValueError) as err:
+        KdSpec(**fields)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -106,6 +106,8 @@ def test_training_without_a_teacher(tiny_setup, tmp_path):
     (["--alpha_ce", "0", "--alpha_clm", "0", "--alpha_cos", "0"], "positive sum"),
     (["--n_gpu", "1"], "CUDA is not available"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--kd_loss", "jsd", "--kd_beta", "1.5"], "--kd_beta (jsd's beta) must be in [0, 1], got 1.5"),
+    (["--kd_loss", "taid", "--taid_t_start", "0.9", "--taid_t_end", "0.5"], "0 <= --taid_t_start <= --taid_t_end <= 1"),
     (["--student_config", "/nonexistent.json"], "unreadable student config"),
     (["--tokenizer_name", "/nonexistent/tokenizer"], "cannot load tokenizer '/nonexistent/tokenizer'"),
     (["--teacher_name", "/nonexistent/teacher"], "cannot load teacher '/nonexistent/teacher'"),
@@ -181,14 +183,23 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tiny_setup, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tiny_setup, tiny_run, tmp_path):
+@pytest.mark.parametrize("objective", [(), ("--kd_loss", "taid", "--taid_t_end", "0.6", "--taid_alpha", "0.3",
+                                            "--taid_beta", "0.5", "--log_interval", "1")], ids=["fkl", "taid"])
+def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path, objective):
+    """taid: t follows the KD term of the global batch, so two ranks (each half of it) keep the one t
+    that one process has; from a rank's own half it would drift (and DDP would mix two objectives)."""
+    train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4", *objective))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2")]
+           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *objective)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process group (gloo): rank 0 of 2" in result.stderr
-    assert_same_weights(weights(tiny_run), weights(tmp_path / "two"), atol=1e-5)  # one process, batches of 4
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    if objective:
+        one, two = ([json.loads(line)["taid_t"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                    for run in ("one", "two"))
+        assert two == pytest.approx(one, abs=1e-6) and two[-1] > two[1]
 
 
 def test_n_gpu_must_match_what_torchrun_started(monkeypatch):

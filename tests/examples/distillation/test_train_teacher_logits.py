@@ -19,7 +19,9 @@ import train
 from distil_ja import shards
 from config import parse_config
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE, UsageError
-from helpers import REPO, TRAIN_PY, dump_args, dump_script, gpt2_config, random_sequences, train_args, write_shard
+from helpers import (REPO, TRAIN_PY, assert_taid_t_follows_the_logged_kd, dump_args, dump_script, gpt2_config,
+                     random_sequences, train_args, write_shard)
+from losses import TaidSchedule
 
 DUMP = dump_script()
 
@@ -190,3 +192,15 @@ def test_an_offline_teacher_trains_and_resumes_exactly(offline_setup, offline_du
     assert metrics(tmp_path / "reference") == metrics(tmp_path / "run")
     a, b = load_file(str(tmp_path / "reference" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_taid_and_akl_train_from_an_offline_teacher(offline_setup, offline_dump, tmp_path):
+    """The adaptive objectives on the top-k buckets: taid's t follows the KD term the run logged, akl trains."""
+    taid = tmp_path / "taid"
+    train.run(offline_args(offline_setup, offline_dump, taid, "--kd_loss", "taid", "--taid_t_end", "0.6",
+                           "--taid_alpha", "0.3", "--taid_beta", "0.5", "--max_steps", "6", "--log_interval", "1"))
+    assert_taid_t_follows_the_logged_kd(taid, TaidSchedule(0.4, 0.6, 0.3, 0.5), 6)
+    akl = tmp_path / "akl"
+    train.run(offline_args(offline_setup, offline_dump, akl, "--kd_loss", "akl", "--max_steps", "3", "--log_interval", "1"))
+    logged = [json.loads(line) for line in (akl / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all(np.isfinite(m["ce"]) and m["ce"] > 0 for m in logged)
