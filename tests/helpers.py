@@ -157,3 +157,15 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def torchrun_train(args, nproc: int = 2, timeout: int = 300):
+    """train.py under torchrun, `nproc` gloo processes on this machine, one thread each: the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           free_port(), str(TRAIN_PY), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -302,7 +302,7 @@ def test_training_scores_the_student_on_the_tasks(tiny_setup, files, tmp_path):
 @pytest.mark.slow
 def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup, files, tmp_path):
     import train
-    from helpers import TRAIN_PY
+    from helpers import torchrun_train
 
     # a near-uniform student always prefers the 1-token choice to the 5-token one, so accuracy is the share of
     # items answered 0 (3 of 6); a rank scoring the other's items instead of its own would count 2 or 4
@@ -313,10 +313,7 @@ def test_train_py_under_two_gloo_processes_records_one_process_scores(tiny_setup
     spec = ["--eval_tasks", f"jcommonsenseqa={files['jcqa']},{short}={write_jsonl(tmp_path / 's.jsonl', rows)}",
             "--eval_interval", "3"]
     train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4", *spec))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *spec)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train(train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *spec))
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("one", "two"))
     assert [h["step"] for h in two["history"]] == [3, 6]

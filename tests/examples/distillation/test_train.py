@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from helpers import REPO, TRAIN_PY, assert_same_weights, free_port, read_scalars, train_args, weights
+from helpers import REPO, TRAIN_PY, assert_same_weights, read_scalars, torchrun_train, train_args, weights
 from distil_ja.cli import EXIT_DATA, EXIT_USAGE
 
 
@@ -189,10 +189,7 @@ def test_two_gloo_processes_match_one_process(tiny_setup, tmp_path, objective):
     """taid: t follows the KD term of the global batch, so two ranks (each half of it) keep the one t
     that one process has; from a rank's own half it would drift (and DDP would mix two objectives)."""
     train.run(train_args(tiny_setup, tmp_path / "one", "--batch_size", "4", *objective))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(TRAIN_PY), *train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *objective)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train(train_args(tiny_setup, tmp_path / "two", "--batch_size", "2", *objective))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process group (gloo): rank 0 of 2" in result.stderr
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
