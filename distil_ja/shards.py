@@ -11,6 +11,13 @@ A binarized directory holds
 
 --data_file / --data values name such directories or single .pickle shards (no manifest: no
 tokenizer check). Every reading error is a DataError naming the file.
+
+Extras: per-sequence side arrays that some corpora carry beside the ids (the teacher's ids and
+the alignment of a cross-tokenizer corpus; the loss mask of a chat corpus). Each is a sibling
+file `NNNNN.<name>.pickle` in the same format (a pickled list of 1-D integer arrays, one per
+sequence of the shard, in order), named in the shard's manifest entry under "extras":
+{name: {"file", "bytes", "sha256"}}, and checked like the shard itself. Upstream readers see the
+ids alone.
 """
 
 import hashlib
@@ -65,6 +72,16 @@ def write_shard(path, sequences: list[np.ndarray]) -> dict:
     return {"bytes": out.size, "sha256": out.sha256.hexdigest()}
 
 
+def write_extras(directory, shard_file: str, extras: dict[str, list[np.ndarray]]) -> dict:
+    """Write each extra of one shard beside it; returns the manifest entry's "extras" value."""
+    stem = shard_file.rsplit(".", 1)[0]
+    written = {}
+    for name, arrays in extras.items():
+        file = f"{stem}.{name}.pickle"
+        written[name] = {"file": file, **write_shard(Path(directory) / file, arrays)}
+    return written
+
+
 def write_manifest(directory, manifest: dict) -> dict:
     """The manifest, last: its presence marks a complete directory. Returns what was written."""
     return fileio.write_manifest(Path(directory) / MANIFEST, FORMAT, manifest)
@@ -116,6 +133,22 @@ def read_shard(path, expected_entry: dict | None = None, verify: bool = True) ->
     return data
 
 
+def read_extras(directory, entry: dict, names, verify: bool = True) -> dict[str, list[np.ndarray]]:
+    """The named extras of one shard (its manifest entry), each checked: bytes, sha256, one array per
+    sequence. A missing one is a DataError saying the corpus was binarized without it."""
+    found = entry.get("extras", {})
+    out = {}
+    for name in names:
+        if name not in found:
+            raise DataError(f"{Path(directory) / entry['file']}: no {name!r} beside it (binarized without it)")
+        arrays = read_shard(Path(directory) / found[name]["file"], found[name], verify)
+        if "sequences" in entry and len(arrays) != entry["sequences"]:
+            raise DataError(f"{Path(directory) / found[name]['file']}: {len(arrays)} arrays for "
+                            f"{entry['sequences']} sequences")
+        out[name] = arrays
+    return out
+
+
 def check_bytes(path: Path, raw: bytes, entry: dict, verify: bool = True) -> None:
     """The shard's size and (verify) sha256 against its manifest entry (DataError naming the shard)."""
     if "bytes" in entry and entry["bytes"] != len(raw):
@@ -143,11 +176,22 @@ def shard_paths(data_files) -> tuple[list[tuple[Path, dict | None]], dict | None
     return shards, manifest
 
 
-def load_sequences(data_files, verify: bool = True) -> tuple[list[np.ndarray], dict | None]:
+def load_sequences(data_files, verify: bool = True, extras=()) -> tuple[list[np.ndarray], dict | None]:
     """Every sequence of the named directories and shards, in order, and the manifest (if any);
-    each shard checked against its manifest entry (read_shard)."""
+    each shard checked against its manifest entry (read_shard).
+
+    With `extras` (names), returns (sequences, manifest, {name: arrays in the same order}); every
+    shard must then come from a binarized directory that has them.
+    """
     shards, manifest = shard_paths(data_files)
-    sequences = []
+    sequences, side = [], {name: [] for name in extras}
     for path, entry in shards:
         sequences += read_shard(path, entry, verify)
+        if extras:
+            if entry is None:
+                raise DataError(f"{path}: a shard without its directory's manifest carries no {', '.join(extras)}")
+            for name, arrays in read_extras(path.parent, entry, extras, verify).items():
+                side[name] += arrays
+    if extras:
+        return sequences, manifest, side
     return sequences, manifest

@@ -4,6 +4,9 @@ Rank 0 reads the pickled shards once and writes the filtered sequences as one fl
 array plus offsets (`tokens.npy`, `offsets.npy`); every process then maps them read-only, so
 the corpus sits once in the page cache instead of once per process, and forked workers copy
 nothing on write.
+
+Extras (distil_ja.shards: per-sequence side arrays, e.g. a cross-tokenizer corpus's teacher ids)
+are cached the same way, `<name>.npy` and `<name>_offsets.npy` each, before the main offsets.
 """
 
 from pathlib import Path
@@ -20,8 +23,14 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def write_cache(folder: Path, sequences: list[np.ndarray]) -> None:
+def write_cache(folder: Path, sequences: list[np.ndarray], extras: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    for name, arrays in (extras or {}).items():
+        _write_ragged(folder, arrays, f"{name}.npy", f"{name}_offsets.npy")
+    _write_ragged(folder, sequences, TOKENS, OFFSETS)  # written last: its presence marks a complete cache
+
+
+def _write_ragged(folder: Path, sequences: list[np.ndarray], tokens_name: str, offsets_name: str) -> None:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -29,8 +38,8 @@ def write_cache(folder: Path, sequences: list[np.ndarray]) -> None:
     tokens = np.empty(int(offsets[-1]), dtype=dtype)
     for seq, start in zip(sequences, offsets[:-1]):
         tokens[start : start + len(seq)] = seq
-    _save_atomic(folder / TOKENS, tokens)
-    _save_atomic(folder / OFFSETS, offsets)  # written last: its presence marks a complete cache
+    _save_atomic(folder / tokens_name, tokens)
+    _save_atomic(folder / offsets_name, offsets)
 
 
 def is_complete(folder: Path) -> bool:
@@ -41,9 +50,11 @@ def is_complete(folder: Path) -> bool:
 class MappedSequences:
     """A read-only list-like view of the cached sequences: item i is a 1-D numpy array."""
 
-    def __init__(self, folder: Path):
-        self.tokens = np.load(Path(folder) / TOKENS, mmap_mode="r")
-        self.offsets = np.load(Path(folder) / OFFSETS)
+    def __init__(self, folder: Path, extra: str | None = None):
+        """The sequences, or (extra) the side arrays of that name (write_cache's extras)."""
+        tokens, offsets = (TOKENS, OFFSETS) if extra is None else (f"{extra}.npy", f"{extra}_offsets.npy")
+        self.tokens = np.load(Path(folder) / tokens, mmap_mode="r")
+        self.offsets = np.load(Path(folder) / offsets)
 
     def __len__(self):
         return len(self.offsets) - 1

@@ -168,3 +168,36 @@ def test_read_shard_checks_the_bytes_and_sha256_of_its_manifest_entry(tmp_path):
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(DataError, match="bytes, its manifest says"):
         shards.read_shard(path, entry)
+
+
+# ---- extras: per-sequence side arrays beside a shard ---------------------------------------
+
+
+def _with_extras(tmp_path):
+    seqs = [np.array([1, 5, 2], dtype=np.uint16), np.array([1, 6, 7, 2], dtype=np.uint16)]
+    side = [np.array([0, 3, -1], dtype=np.int32), np.array([1, 2, -1, 4], dtype=np.int32)]
+    entry = {"file": "00000.pickle", "sequences": 2, "tokens": 7, **shards.write_shard(tmp_path / "00000.pickle", seqs)}
+    entry["extras"] = shards.write_extras(tmp_path, "00000.pickle", {"alignment": side})
+    shards.write_manifest(tmp_path, {"shards": [entry]})
+    return seqs, side
+
+
+def test_extras_read_back_in_sequence_order(tmp_path):
+    seqs, side = _with_extras(tmp_path)
+    assert (tmp_path / "00000.alignment.pickle").is_file()
+    got, _, extras = shards.load_sequences([tmp_path], extras=("alignment",))
+    assert [s.tolist() for s in got] == [s.tolist() for s in seqs]
+    assert [a.tolist() for a in extras["alignment"]] == [a.tolist() for a in side]
+    assert len(shards.load_sequences([tmp_path])) == 2  # without extras: the old (sequences, manifest)
+
+
+def test_extras_missing_or_changed_are_refused(tmp_path):
+    _with_extras(tmp_path)
+    with pytest.raises(DataError, match="no 'loss_mask' beside it"):
+        shards.load_sequences([tmp_path], extras=("loss_mask",))
+    path = tmp_path / "00000.alignment.pickle"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="00000.alignment.pickle: sha256"):
+        shards.load_sequences([tmp_path], extras=("alignment",))

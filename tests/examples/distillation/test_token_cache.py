@@ -63,3 +63,13 @@ def test_empty_list(tmp_path):
     assert mapped.lengths().tolist() == []
     assert np.load(tmp_path / "cache" / OFFSETS).tolist() == [0]
     assert len(mapped.tokens) == 0
+
+
+def test_extras_are_cached_beside_the_sequences(tmp_path):
+    sequences = [np.array([1, 9, 2], dtype=np.uint16), np.array([1, 4, 5, 6, 2], dtype=np.uint16)]
+    side = [np.array([7, 8], dtype=np.int32), np.array([-1], dtype=np.int32)]
+    write_cache(tmp_path, sequences, extras={"teacher_ids": side})
+    mapped = MappedSequences(tmp_path, extra="teacher_ids")
+    assert [mapped[i].tolist() for i in range(len(mapped))] == [[7, 8], [-1]]
+    assert mapped[0].dtype == np.int32
+    assert [s.tolist() for s in MappedSequences(tmp_path)] == [s.tolist() for s in sequences]
