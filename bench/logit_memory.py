@@ -66,7 +66,7 @@ def child(args) -> None:
     start = time.perf_counter()
     if args.child == "fused":
         sums = losses.fused_logit_terms(h, (w, None), ids, lengths, weights, (True, True, False), spec,
-                                        t_h=t_h, t_head=(t_w, None), dtype=torch.float32)
+                                        teacher=losses.HiddenTeacher(t_h, (t_w, None)), dtype=torch.float32)
         kd, clm = sums[0], sums[1]
     else:
         s_logits = F.linear(h, w)

@@ -233,20 +233,18 @@ class Distiller:
                 with torch.no_grad():
                     t_hidden = self.teacher_body(token_ids)
         head = head_of(self.raw, self.vocab_size)
-        t_head = None if self.teacher is None else head_of(self.teacher, self.vocab_size)
-        topk = tuple(teacher_topk) or None
         sums = {}
         if want["ce"] or want["clm"] or want["mse"]:
             if self.fused_loss:
+                teacher = self.teacher_side(t_hidden, teacher_topk, want, self.amp_dtype or torch.float32)
                 enabled = (want["ce"], want["clm"], want["mse"])
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
                     s_hidden, head, token_ids, lengths, self.step_weights[:len(LOGIT_TERMS)], enabled, self.kd,
-                    t_h=t_hidden if want["ce"] and topk is None or want["mse"] else None, t_head=t_head,
-                    teacher_topk=topk, taid_t=self.step_taid_t, dtype=self.amp_dtype or torch.float32,
+                    teacher=teacher, taid_t=self.step_taid_t, dtype=self.amp_dtype or torch.float32,
                     chunk_fn=self.chunk_fn)
                 sums = {k: out[i] for i, k in enumerate(LOGIT_TERMS) if want[k]}
             else:
-                sums = self.plain_logit_terms(s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want)
+                sums = self.plain_logit_terms(s_hidden, head, t_hidden, token_ids, lengths, teacher_topk, want)
         if want["cos"]:
             if self.cos_projection is not None:
                 with self.autocast():
@@ -254,7 +252,16 @@ class Distiller:
             sums["cos"] = cos_loss_sum(s_hidden, t_hidden, real_mask(lengths, token_ids.size(1)))
         return sums
 
-    def plain_logit_terms(self, s_hidden, head, t_hidden, t_head, token_ids, lengths, topk, want):
+    def teacher_side(self, t_hidden, teacher_topk, want, dtype) -> losses.Teacher | None:
+        """The teacher's side of the fused logit terms: its hidden states and head (online), or its
+        top-k rows (offline); None when neither KD nor MSE is on."""
+        if teacher_topk:
+            return losses.TopkTeacher(*teacher_topk) if want["ce"] else None
+        if t_hidden is None or not (want["ce"] or want["mse"]):
+            return None
+        return losses.HiddenTeacher(t_hidden, head_of(self.teacher, self.vocab_size), dtype)
+
+    def plain_logit_terms(self, s_hidden, head, t_hidden, token_ids, lengths, teacher_topk, want):
         """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
         mask = real_mask(lengths, token_ids.size(1))
         with self.autocast():
@@ -262,10 +269,11 @@ class Distiller:
             t_logits = None
             if t_hidden is not None:
                 with torch.no_grad():
-                    t_logits = F.linear(t_hidden, *t_head)
+                    t_logits = F.linear(t_hidden, *head_of(self.teacher, self.vocab_size))
         sums = {}
         if want["ce"]:
-            sums["ce"] = kd_loss_sum(s_logits, t_logits, mask, self.kd, teacher_topk=topk, taid_t=self.step_taid_t)
+            teacher = losses.TopkTeacher(*teacher_topk) if teacher_topk else losses.LogitsTeacher(t_logits)
+            sums["ce"] = kd_loss_sum(s_logits, teacher, mask, self.kd, taid_t=self.step_taid_t)
         if want["clm"]:
             sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
         if want["mse"]:

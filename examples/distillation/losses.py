@@ -12,10 +12,17 @@ Two paths compute the same values:
 - the fused one (`fused_logit_terms`, the default): the LM-head matmul is done chunk by chunk together
   with the terms and their gradient (for the student's logits and the teacher's), so no
   batch x seq x vocab tensor ever exists; backward only scales the stored gradient.
+
+The teacher's side of the KD term is one object (a `Teacher`): an online teacher's logits or its
+final hidden states and head, an offline top-k dump, or either of those aligned to another
+tokenizer (`AlignedTeacher`). Both paths ask it for the rows of a chunk of student positions
+(`Teacher.chunk`) and compare them with the student's through `kd_rows`; nothing else branches on
+which kind it is.
 """
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,10 @@ FUSED_ROW_CHUNK = 1024  # rows per chunk of the fused path: 1024 x 32000 x 4 B =
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "taid", "akl")
 LOGIT_TERMS = ("ce", "clm", "mse")  # the terms computed from logits, in the order of the fused path's sums
 TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket, the teacher's and the student's: log(0) is -inf
+# The log-probability given, on both sides, to a bucket that does not exist in a row (a teacher's top-k
+# entry without a student counterpart): finite, so no 0 * inf reaches a gradient, and exp() of it is
+# exactly 0 in fp32, so the bucket adds nothing to any divergence.
+ABSENT = -1e4
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class KdSpec:
     beta: float = 0.5  # jsd: weight of the teacher in the mixture; 0 and 1 are the two KLs (TRL's ends)
     skew: float = 0.1  # skew_fkl / skew_rkl: DistiLLM's alpha
     akl_mu: float = 0.5  # akl: the teacher's probability mass that makes the head (AKL's mu)
+    uld_weight: float = 1.0  # cross-tokenizer: weight of the ULD term on the pieces the vocabularies do not share
 
     def __post_init__(self):
         """Refuse what no formula below can compute, in one line named by train.py's flag (a usage error there)."""
@@ -52,6 +64,8 @@ class KdSpec:
             raise ValueError(f"--kd_skew (the skew alpha) must be in (0, 1), got {self.skew}")
         if not 0 < self.akl_mu < 1:
             raise ValueError(f"--akl_mu (akl's head mass) must be in (0, 1), got {self.akl_mu}")
+        if not self.uld_weight >= 0 or math.isinf(self.uld_weight):
+            raise ValueError(f"--uld_weight must be finite and >= 0, got {self.uld_weight}")
 
 
 @dataclass(frozen=True)
@@ -210,21 +224,247 @@ def topk_log_probs(s_logits, topk_ids, topk_logprobs, temperature: float):
     return torch.cat([s_top, s_tail], dim=-1), t_all - torch.logsumexp(t_all, dim=-1, keepdim=True)
 
 
-def kd_rows(spec: KdSpec, s_logits, teacher, taid_t=None):
-    """Per-row KD term, T^2 * divergence(student_T, teacher_T).
+# ---- the teacher's side: one object, asked for the rows of a chunk of student positions ---------
 
-    `teacher` is ("logits", t_logits) or ("topk", ids, log-probs at temperature T); `taid_t` is TAID's
-    interpolation weight (a 0-dim tensor, taid only). The T^2 factor keeps the gradient's scale
-    independent of T for the KL family (fkl, rkl, jsd, skew_*, taid, akl), whose gradient shrinks as
-    1/T^2 at large T (Hinton et al.); tvd's shrinks as 1/T only, so T^2 makes its gradient grow about
-    in proportion to T (tested): with tvd at T != 1, lower --alpha_ce accordingly.
+
+class Logits(NamedTuple):
+    """Rows of teacher logits over the student's vocabulary (fp32)."""
+
+    logits: torch.Tensor
+
+
+class Hidden(NamedTuple):
+    """Rows of teacher final hidden states and its LM head, in the matmul dtype: logits once multiplied."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class Topk(NamedTuple):
+    """Rows of an offline teacher: its top-k ids and their log-probabilities at the KD temperature."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+class VocabMap(NamedTuple):
+    """Two vocabularies' shared pieces (same surface string; special tokens by role), as device tensors.
+
+    student_ids[m] and teacher_ids[m] are the two ids of shared piece m; student_shared (V_s,) and
+    teacher_shared (V_t,) mark them; teacher_to_student (V_t,) maps a teacher id to its student id, -1
+    where it has none.
     """
-    if teacher[0] == "logits":
-        log_s = F.log_softmax(s_logits / spec.temperature, dim=-1)
-        log_t = F.log_softmax(teacher[1] / spec.temperature, dim=-1)
+
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+    student_shared: torch.Tensor
+    teacher_shared: torch.Tensor
+    teacher_to_student: torch.Tensor
+
+    @classmethod
+    def build(cls, student_ids, teacher_ids, student_vocab: int, teacher_vocab: int, device=None) -> "VocabMap":
+        s_ids = torch.as_tensor(student_ids, dtype=torch.long, device=device)
+        t_ids = torch.as_tensor(teacher_ids, dtype=torch.long, device=device)
+        s_shared = torch.zeros(student_vocab, dtype=torch.bool, device=device).index_fill_(0, s_ids, True)
+        t_shared = torch.zeros(teacher_vocab, dtype=torch.bool, device=device).index_fill_(0, t_ids, True)
+        t2s = torch.full((teacher_vocab,), -1, dtype=torch.long, device=device).index_copy_(0, t_ids, s_ids)
+        return cls(s_ids, t_ids, s_shared, t_shared, t2s)
+
+
+class Aligned(NamedTuple):
+    """Rows of a teacher with another tokenizer, at the student positions of the chunk: `inner` holds the
+    teacher's rows (Logits, Hidden or Topk over the teacher's vocabulary) gathered for those positions;
+    `aligned` (n,) says which positions have a teacher position ending at the same character offset
+    (the others count no KD term)."""
+
+    inner: "Logits | Hidden | Topk"
+    aligned: torch.Tensor
+    vocab: VocabMap
+
+
+class Teacher:
+    """The teacher's side of the KD term for one micro-batch of B x S student positions.
+
+    `chunk(rows)` returns the teacher's rows for those student positions (a slice or an index tensor
+    of flattened positions): Logits, Hidden, Topk or Aligned. The rows are tensors only, so a compiled
+    chunk function sees a NamedTuple of tensors.
+    """
+
+    def chunk(self, rows):
+        raise NotImplementedError
+
+
+class LogitsTeacher(Teacher):
+    """Whole-batch teacher logits (B, S, V), the plain path's online teacher."""
+
+    def __init__(self, logits):
+        self.flat = logits.reshape(-1, logits.size(-1))
+
+    def chunk(self, rows):
+        return Logits(self.flat[rows].float())
+
+
+class HiddenTeacher(Teacher):
+    """Final hidden states (B, S, d) and LM head (weight (V, d), bias or None), cast once to `dtype`."""
+
+    def __init__(self, hidden, head, dtype=torch.float32):
+        self.flat = hidden.detach().reshape(-1, hidden.size(-1))
+        weight, bias = head
+        self.weight, self.bias = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+
+    def chunk(self, rows):
+        return Hidden(self.flat[rows], self.weight, self.bias)
+
+
+class TopkTeacher(Teacher):
+    """An offline teacher's rows: ids and log-probabilities, each (B, S, k)."""
+
+    def __init__(self, ids, logprobs):
+        k = ids.size(-1)
+        self.ids, self.logprobs = ids.reshape(-1, k), logprobs.reshape(-1, k)
+
+    def chunk(self, rows):
+        return Topk(self.ids[rows], self.logprobs[rows])
+
+
+class AlignedTeacher(Teacher):
+    """A teacher with another tokenizer: `inner`'s row index[p] is student position p's, where index[p] >= 0.
+
+    index (B, S) long: for an online teacher, the flattened position of the teacher's own batch that ends
+    at the same character offset as student position p (binarize.py --teacher_tokenizer's alignment); for
+    an offline dump, stored per student position, simply p. -1: no aligned position.
+    """
+
+    def __init__(self, inner: Teacher, index, vocab: VocabMap):
+        self.inner, self.index, self.vocab = inner, index.reshape(-1), vocab
+
+    def chunk(self, rows):
+        index = self.index[rows]
+        return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab)
+
+
+def as_teacher(teacher) -> Teacher:
+    """A Teacher as it is; a tensor is the teacher's whole-batch logits (LogitsTeacher)."""
+    return LogitsTeacher(teacher) if isinstance(teacher, torch.Tensor) else teacher
+
+
+def materialise(rows, dtype):
+    """Hidden rows become Logits (the head matmul in `dtype`, as the teacher's own head would, then fp32)."""
+    if isinstance(rows, Hidden):
+        t = rows.hidden.to(dtype) @ rows.weight.t()
+        return Logits((t if rows.bias is None else t + rows.bias).float())
+    if isinstance(rows, Aligned):
+        return rows._replace(inner=materialise(rows.inner, dtype))
+    return rows
+
+
+def kd_positions(rows, real):
+    """The positions of a chunk whose KD term counts: real ones, and for another tokenizer aligned ones."""
+    return real & rows.aligned if isinstance(rows, Aligned) else real
+
+
+# ---- the KD term of a chunk of rows --------------------------------------------------------
+
+
+def shared_buckets(log_s, log_t, vocab: VocabMap):
+    """Student and teacher log-probabilities over M + 1 buckets: the M shared pieces, and the rest.
+
+    log_s (n, V_s) and log_t (n, V_t) are full log-softmaxes; bucket m is piece m of both vocabularies,
+    the last bucket each side's mass on the pieces it does not share, floored at TAIL_FLOOR (a logsumexp,
+    no cancellation). Both rows are proper distributions (up to the floor), so every divergence applies.
+    """
+    floor = math.log(TAIL_FLOOR)
+    s_rest = torch.logsumexp(log_s.masked_fill(vocab.student_shared, float("-inf")), -1, keepdim=True)
+    t_rest = torch.logsumexp(log_t.masked_fill(vocab.teacher_shared, float("-inf")), -1, keepdim=True)
+    return (torch.cat([log_s[:, vocab.student_ids], s_rest.clamp(min=floor)], -1),
+            torch.cat([log_t[:, vocab.teacher_ids], t_rest.clamp(min=floor)], -1))
+
+
+def shared_topk_buckets(log_s, ids, logprobs, vocab: VocabMap):
+    """The offline version of shared_buckets: k + 1 buckets, the teacher's top-k ids that have a student
+    piece, and the rest (as topk_log_probs does for one vocabulary).
+
+    A top-k entry without a student piece is an absent bucket (ABSENT on both sides) and its mass joins
+    the teacher's rest, which is 1 - (sum of the matched top-k probabilities), floored and renormalised;
+    the student's rest is its mass outside the matched ids. With k = V_t this equals shared_buckets with
+    the absent buckets removed (tested).
+    """
+    sid = vocab.teacher_to_student[ids]
+    matched = sid >= 0
+    n, v = log_s.shape
+    s_top = torch.where(matched, log_s.gather(-1, sid.clamp(min=0)), ABSENT)
+    hole = torch.where(matched, sid, v)  # unmatched entries scatter into a spare column
+    outside = torch.cat([log_s, log_s.new_zeros(n, 1)], -1).scatter(-1, hole, float("-inf"))[:, :v]
+    s_rest = torch.logsumexp(outside, -1, keepdim=True).clamp(min=math.log(TAIL_FLOOR))
+    t_top = torch.where(matched, logprobs.float(), ABSENT)
+    t_rest = torch.log((1 - t_top.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR))
+    t_all = torch.cat([t_top, t_rest], -1)
+    t_all = torch.where(torch.cat([matched, matched.new_ones(n, 1)], -1),
+                        t_all - torch.logsumexp(t_all, -1, keepdim=True), ABSENT)
+    return torch.cat([s_top, s_rest], -1), t_all
+
+
+def sorted_gap(p_s, p_t):
+    """ULD's term per row: sum_i |a_i - b_i|, a and b the two probability vectors sorted in decreasing
+    order, the shorter padded with zeros: the Wasserstein-1 distance between the two distributions when
+    pieces are matched by rank, not by identity (Boizard et al., 2024, "Towards cross-tokenizer
+    distillation: the Universal Logit Distillation loss")."""
+    a = p_s.sort(-1, descending=True).values
+    b = p_t.sort(-1, descending=True).values
+    width = max(a.size(-1), b.size(-1))
+    a, b = F.pad(a, (0, width - a.size(-1))), F.pad(b, (0, width - b.size(-1)))
+    return (a - b).abs().sum(-1)
+
+
+def cross_kd_rows(spec: KdSpec, s_logits, rows: Aligned, taid_t=None):
+    """Per-row KD term between a student and a teacher of different vocabularies, at aligned positions:
+
+        T^2 [ D(s_shared || t_shared) + uld_weight * W1(sort(s_unshared), sort(t_unshared)) ]
+
+    D is the spec's divergence over the shared pieces plus one bucket for the rest (shared_buckets,
+    or shared_topk_buckets for an offline teacher); W1 is ULD's sorted gap (sorted_gap) between the
+    probabilities of the pieces each side does not share (an offline teacher's: its unmatched top-k
+    entries, the rest unknown and taken as 0). Shared pieces mean the same next text on both sides,
+    so they are compared exactly; the others have no counterpart, so only the shape of their
+    distribution is matched, by rank (the hybrid TRL's GOLD documents).
+    """
+    temperature, vocab, inner = spec.temperature, rows.vocab, rows.inner
+    log_s = F.log_softmax(s_logits / temperature, dim=-1)
+    p_s_unshared = log_s.exp().masked_fill(vocab.student_shared, 0.0)
+    if isinstance(inner, Logits):
+        log_t = F.log_softmax(inner.logits / temperature, dim=-1)
+        bucket_s, bucket_t = shared_buckets(log_s, log_t, vocab)
+        p_t_unshared = log_t.exp().masked_fill(vocab.teacher_shared, 0.0)
     else:
-        log_s, log_t = topk_log_probs(s_logits, teacher[1], teacher[2], spec.temperature)
-    return divergence(spec, log_s, log_t, taid_t, tail_last=teacher[0] == "topk") * spec.temperature**2
+        bucket_s, bucket_t = shared_topk_buckets(log_s, inner.ids, inner.logprobs, vocab)
+        p_t_unshared = torch.where(vocab.teacher_to_student[inner.ids] < 0, inner.logprobs.float().exp(), 0.0)
+    total = divergence(spec, bucket_s, bucket_t, taid_t, tail_last=True)
+    if spec.uld_weight > 0:
+        total = total + spec.uld_weight * sorted_gap(p_s_unshared, p_t_unshared)
+    return total * temperature**2
+
+
+def kd_rows(spec: KdSpec, s_logits, rows, taid_t=None):
+    """Per-row KD term, T^2 * divergence(student_T, teacher_T), against a teacher's rows (Teacher.chunk).
+
+    Logits: over the full vocabulary; Topk: over the teacher's k ids and a tail bucket (topk_log_probs);
+    Aligned (another tokenizer): cross_kd_rows. `taid_t` is TAID's interpolation weight (a 0-dim
+    tensor, taid only). The T^2 factor keeps the gradient's scale independent of T for the KL family
+    (fkl, rkl, jsd, skew_*, taid, akl), whose gradient shrinks as 1/T^2 at large T (Hinton et al.);
+    tvd's shrinks as 1/T only, so T^2 makes its gradient grow about in proportion to T (tested): with
+    tvd at T != 1, lower --alpha_ce accordingly.
+    """
+    if isinstance(rows, Aligned):
+        return cross_kd_rows(spec, s_logits, rows, taid_t)
+    if isinstance(rows, Logits):
+        log_s = F.log_softmax(s_logits / spec.temperature, dim=-1)
+        log_t = F.log_softmax(rows.logits / spec.temperature, dim=-1)
+    elif isinstance(rows, Topk):
+        log_s, log_t = topk_log_probs(s_logits, rows.ids, rows.logprobs, spec.temperature)
+    else:
+        raise TypeError(f"kd_rows needs materialised teacher rows, got {type(rows).__name__}")
+    return divergence(spec, log_s, log_t, taid_t, tail_last=isinstance(rows, Topk)) * spec.temperature**2
 
 
 def clm_rows(s_logits, targets):
@@ -264,22 +504,19 @@ def _row_chunks(n_rows: int, size: int):
         yield slice(start, min(start + size, n_rows))
 
 
-def kd_loss_sum(s_logits, t_logits, mask, spec: KdSpec, teacher_topk=None, taid_t=None):
-    """Sum over masked positions of the KD term, T^2 * divergence of the spec (kd_rows).
+def kd_loss_sum(s_logits, teacher, mask, spec: KdSpec, taid_t=None):
+    """Sum over masked positions (aligned ones, for another tokenizer) of the KD term (kd_rows).
 
-    `teacher_topk` = (ids, log-probs), each (B, S, k), replaces `t_logits` for an offline teacher;
-    `taid_t`: TAID's interpolation weight (taid only).
+    `teacher`: a Teacher (LogitsTeacher, TopkTeacher, AlignedTeacher), or the teacher's logits
+    (B, S, V) as a tensor; `taid_t`: TAID's interpolation weight (taid only).
     """
+    teacher = as_teacher(teacher)
     vocab = s_logits.size(-1)
     s_rows, keep = s_logits.reshape(-1, vocab), mask.reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
     for rows in _row_chunks(s_rows.size(0), ROW_CHUNK):
-        if teacher_topk is None:
-            teacher = ("logits", t_logits.reshape(-1, t_logits.size(-1))[rows].float())
-        else:
-            k = teacher_topk[0].size(-1)
-            teacher = ("topk", teacher_topk[0].reshape(-1, k)[rows], teacher_topk[1].reshape(-1, k)[rows])
-        total = total + masked_sum(kd_rows(spec, s_rows[rows].float(), teacher, taid_t), keep[rows])
+        t_rows = materialise(teacher.chunk(rows), torch.float32)
+        total = total + masked_sum(kd_rows(spec, s_rows[rows].float(), t_rows, taid_t), kd_positions(t_rows, keep[rows]))
     return total
 
 
@@ -354,21 +591,24 @@ def fkl_clm_mse_rows(s, t, targets, real, pred, weights, temperature: float, tai
 
 
 def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, weights, taid_t=None):
-    """One chunk of real rows: (KD sum, CLM sum, MSE sum, gradient of the weighted sum w.r.t. s), fp32.
+    """One chunk of rows: (KD sum, CLM sum, MSE sum, gradient of the weighted sum w.r.t. s), fp32.
 
-    forward KL and TAID (a forward KL to a detached target) without MSE keep the hand-written gradient
-    (fkl_clm_mse_rows, the default and the fastest); every other combination differentiates the
-    textbook per-row formulas with torch.func, inside the chunk, so no objective needs a second,
-    hand-derived formula.
+    `teacher`: the teacher's materialised rows for the KD term (Logits, Topk or Aligned), or None (KD
+    off); `t_for_mse`: teacher logits for the MSE term, or None (MSE off); `targets`: None (CLM off).
+    Forward KL and TAID (a forward KL to a detached target) against Logits without MSE keep the
+    hand-written gradient (fkl_clm_mse_rows, the default and the fastest); every other combination
+    differentiates the textbook per-row formulas with torch.func, inside the chunk, so no objective
+    needs a second, hand-derived formula.
     """
-    if spec.kind in ("fkl", "taid") and t_for_mse is None and (teacher is None or teacher[0] == "logits"):
-        kd, clm, mse, grad = fkl_clm_mse_rows(s, None if teacher is None else teacher[1], targets, real, pred,
+    if spec.kind in ("fkl", "taid") and t_for_mse is None and (teacher is None or isinstance(teacher, Logits)):
+        kd, clm, mse, grad = fkl_clm_mse_rows(s, None if teacher is None else teacher.logits, targets, real, pred,
                                               weights, spec.temperature, taid_t if spec.kind == "taid" else None)
         return kd, clm, mse, torch.where(real[:, None], grad, 0.0)
+    kd_real = None if teacher is None else kd_positions(teacher, real)
 
     def weighted(s_):
         zero = s_.new_zeros(())
-        kd = zero if teacher is None else masked_sum(kd_rows(spec, s_, teacher, taid_t), real)
+        kd = zero if teacher is None else masked_sum(kd_rows(spec, s_, teacher, taid_t), kd_real)
         clm = zero if targets is None else masked_sum(clm_rows(s_, targets), pred)
         mse = zero if t_for_mse is None else masked_sum(mse_rows(s_, t_for_mse), real)
         return weights[0] * kd + weights[1] * clm + weights[2] * mse, (kd, clm, mse)
@@ -377,28 +617,25 @@ def logit_terms_rows(spec: KdSpec, s, teacher, t_for_mse, targets, real, pred, w
     return kd, clm, mse, torch.where(real[:, None], grad, 0.0)
 
 
-def fused_chunk(spec: KdSpec, dtype, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, targets, real, pred,
-                weights, taid_t, want_kd: bool, want_clm: bool, want_mse: bool):
-    """One row chunk: logits from hidden states, the terms, and the gradients for h, w and bias.
+def fused_chunk(spec: KdSpec, dtype, h, head, teacher, targets, real, pred, weights, taid_t, enabled):
+    """One row chunk: logits from hidden states, the terms, and the gradients for h and the head.
 
-    The matmuls run in `dtype` (the autocast dtype, as the model's own LM head would) and the loss math
-    in fp32. Returns (sums (3,), grad_h, grad_w, grad_bias or None).
+    head = (weight, bias or None) in `dtype`; teacher = the teacher's rows of the chunk (Teacher.chunk:
+    Hidden rows are multiplied here) or None; enabled = (KD, CLM, MSE) host booleans. The matmuls run in
+    `dtype` (the autocast dtype, as the model's own LM head would) and the loss math in fp32. Returns
+    (sums (3,), grad_h, grad_w, grad_bias or None).
     """
-    s_logits = h.to(dtype) @ w.to(dtype).t()
+    want_kd, want_clm, want_mse = enabled
+    w, bias = head
+    s_logits = h.to(dtype) @ w.t()
     if bias is not None:
-        s_logits = s_logits + bias.to(dtype)
+        s_logits = s_logits + bias
     s = s_logits.float()
-    t = None
-    if t_h is not None:
-        t = t_h.to(dtype) @ t_w.to(dtype).t()
-        t = (t if t_bias is None else t + t_bias.to(dtype)).float()
-    teacher = None
-    if want_kd:
-        teacher = ("logits", t) if topk_ids is None else ("topk", topk_ids, topk_logprobs)
-    kd, clm, mse, g = logit_terms_rows(spec, s, teacher, t if want_mse else None, targets if want_clm else None,
-                                       real, pred, weights, taid_t)
+    teacher = None if teacher is None or not (want_kd or want_mse) else materialise(teacher, dtype)
+    kd, clm, mse, g = logit_terms_rows(spec, s, teacher if want_kd else None, teacher.logits if want_mse else None,
+                                       targets if want_clm else None, real, pred, weights, taid_t)
     g = g.to(dtype)
-    grad_h = g @ w.to(dtype)
+    grad_h = g @ w
     grad_w = g.t() @ h.to(dtype)
     grad_bias = g.sum(0) if bias is not None else None
     return torch.stack([kd, clm, mse]), grad_h, grad_w, grad_bias
@@ -416,31 +653,23 @@ class FusedLogitTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, bias, t_h, t_w, t_bias, topk_ids, topk_logprobs, input_ids, lengths, weights, taid_t,
-                config):
+    def forward(ctx, h, w, bias, input_ids, lengths, weights, taid_t, teacher, config):
         spec, dtype, row_chunk, chunk_fn, enabled = config
-        want_kd, want_clm, want_mse = enabled
         batch, seq, width = h.shape
         real = real_mask(lengths, seq)
         pred = predicted_mask(real).reshape(-1)
         real, targets = real.reshape(-1), next_tokens(input_ids).reshape(-1)
         flat = h.detach().reshape(-1, width)
-        t_flat = None if t_h is None else t_h.detach().reshape(-1, t_h.size(-1))
-        if topk_ids is not None:
-            topk_ids, topk_logprobs = topk_ids.reshape(-1, topk_ids.size(-1)), topk_logprobs.reshape(-1, topk_ids.size(-1))
         grad_h = torch.empty_like(flat)
         grad_w = torch.zeros_like(w, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         sums = torch.zeros(3, dtype=torch.float32, device=h.device)
-        w_c, t_w_c = w.detach().to(dtype), None if t_w is None else t_w.to(dtype)  # cast once, not per chunk
-        bias_c = None if bias is None else bias.detach().to(dtype)
-        t_bias_c = None if t_bias is None else t_bias.to(dtype)
+        head = (w.detach().to(dtype), None if bias is None else bias.detach().to(dtype))  # cast once, not per chunk
         with torch.autocast(h.device.type, enabled=False):
             for rows in _row_chunks(flat.size(0), row_chunk):
                 out, g_h, g_w, g_b = chunk_fn(
-                    spec, dtype, flat[rows], w_c, bias_c, None if t_flat is None else t_flat[rows], t_w_c, t_bias_c,
-                    None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows],
-                    targets[rows], real[rows], pred[rows], weights, taid_t, want_kd, want_clm, want_mse)
+                    spec, dtype, flat[rows], head, None if teacher is None else teacher.chunk(rows),
+                    targets[rows], real[rows], pred[rows], weights, taid_t, enabled)
                 sums += out
                 grad_h[rows] = g_h
                 grad_w += g_w
@@ -457,25 +686,24 @@ class FusedLogitTerms(torch.autograd.Function):
         c = grad_sums[ctx.first] / weights[ctx.first]
         grad_h, grad_w, grad_bias = (None if g is None else g.mul_(c.to(g.dtype)) for g in ctx.grads)
         del ctx.grads
-        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None
 
 
-def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpec, t_h=None, t_head=None,
-                      teacher_topk=None, taid_t=None, dtype=torch.float32, chunk_fn=fused_chunk,
-                      row_chunk=FUSED_ROW_CHUNK):
+def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpec, teacher: Teacher | None = None,
+                      taid_t=None, dtype=torch.float32, chunk_fn=fused_chunk, row_chunk=FUSED_ROW_CHUNK):
     """(KD, CLM, MSE) sums of a micro-batch from final hidden states, without B x S x V logits.
 
     h: the student's final hidden states (B, S, d); head: (weight (V, d), bias or None) of its LM head.
-    t_h, t_head: the same for the teacher (its weight cut to the student's V rows), or None; teacher_topk:
-    (ids, log-probs), each (B, S, k), of an offline teacher instead; taid_t: TAID's interpolation weight,
-    a 0-dim float32 tensor (taid only; a tensor, so a compiled chunk does not recompile as it moves).
-    weights: float32 tensor (3,), the loss weights of the terms (see FusedLogitTerms for how the caller
-    must use them); enabled: three host booleans saying which terms are on (an off term is returned as 0).
+    teacher: the teacher's side (a Teacher: HiddenTeacher for an online teacher, its head cut to the
+    student's V rows; TopkTeacher for an offline one; AlignedTeacher for another tokenizer), or None
+    when neither KD nor MSE is on. taid_t: TAID's interpolation weight, a 0-dim float32 tensor (taid
+    only; a tensor, so a compiled chunk does not recompile as it moves). weights: float32 tensor (3,),
+    the loss weights of the terms (see FusedLogitTerms for how the caller must use them); enabled:
+    three host booleans saying which terms are on (an off term is returned as 0).
     """
     if not any(enabled):
         raise ValueError("fused_logit_terms needs at least one term")
-    t_w, t_bias = t_head if t_head is not None else (None, None)
-    ids, logprobs = teacher_topk if teacher_topk is not None else (None, None)
+    if (enabled[0] or enabled[2]) and teacher is None:
+        raise ValueError("the KD and MSE terms need a teacher")
     config = (spec, dtype, row_chunk, chunk_fn, tuple(bool(e) for e in enabled))
-    return FusedLogitTerms.apply(h, head[0], head[1], t_h, t_w, t_bias, ids, logprobs, input_ids, lengths,
-                                 weights, taid_t, config)
+    return FusedLogitTerms.apply(h, head[0], head[1], input_ids, lengths, weights, taid_t, teacher, config)

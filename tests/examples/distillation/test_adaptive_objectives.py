@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from losses import KdSpec, TaidSchedule, fused_logit_terms, kd_loss_sum
+from losses import HiddenTeacher, KdSpec, TaidSchedule, fused_logit_terms, kd_loss_sum
 
 B, S, D, V = 2, 6, 5, 23
 LENGTHS = [6, 4]
@@ -95,7 +95,7 @@ def toolkit_mean_and_grads(spec, h, w, t_h, t_w, ids, lengths, taid_t=None, fuse
     t = None if taid_t is None else torch.tensor(taid_t)
     if fused:
         total = fused_logit_terms(h_, (w_, None), ids, lengths, torch.tensor([1.0, 0.0, 0.0]), (True, False, False),
-                                  spec, t_h=t_h, t_head=(t_w, None), taid_t=t, row_chunk=5)[0]
+                                  spec, teacher=HiddenTeacher(t_h, (t_w, None)), taid_t=t, row_chunk=5)[0]
     else:
         total = kd_loss_sum(F.linear(h_, w_), F.linear(t_h, t_w), mask, spec, taid_t=t)
     mean = total / mask.sum()

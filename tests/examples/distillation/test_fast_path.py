@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import losses
 import train
 from helpers import read_scalars, train_args, weights
-from losses import KdSpec, clm_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum
+from losses import HiddenTeacher, KdSpec, clm_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum
 
 torch.set_num_threads(1)
 
@@ -45,7 +45,8 @@ def fused(h, w, b, t_h, t_w, ids, lengths, weights, c, spec=KdSpec(temperature=2
           **kwargs):
     h, w = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     b = None if b is None else b.detach().clone().requires_grad_(True)
-    sums = fused_logit_terms(h, (w, b), ids, lengths, weights, enabled, spec, t_h=t_h, t_head=(t_w[:V], None),
+    sums = fused_logit_terms(h, (w, b), ids, lengths, weights, enabled, spec,
+                             teacher=None if t_h is None else HiddenTeacher(t_h, (t_w[:V], None), kwargs.get("dtype", torch.float32)),
                              **kwargs)
     (c * (weights * sums).sum()).backward()
     return sums.detach(), h.grad, w.grad, None if b is None else b.grad
@@ -94,8 +95,8 @@ def test_nan_loss_gives_nan_gradients():
     h, w, b, t_h, t_w, ids, lengths = hidden_batch(3)
     h.requires_grad_(True)
     weights = torch.tensor([1.0, 1.0, 0.0])
-    sums = fused_logit_terms(h, (w, None), ids, lengths, weights, (True, True, False), KdSpec(), t_h=t_h,
-                             t_head=(t_w, None))
+    sums = fused_logit_terms(h, (w, None), ids, lengths, weights, (True, True, False), KdSpec(),
+                             teacher=HiddenTeacher(t_h, (t_w, None)))
     (sums[0] * float("nan") + sums[1]).backward()
     assert torch.isnan(h.grad[losses.real_mask(lengths, S)]).all()
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from losses import KD_LOSSES, KdSpec, fused_logit_terms, kd_loss_sum
+from losses import KD_LOSSES, HiddenTeacher, KdSpec, TopkTeacher, fused_logit_terms, kd_loss_sum
 
 B, S, D, V, K = 2, 7, 5, 17, 4
 LENGTHS = [7, 3]
@@ -118,8 +118,8 @@ def test_plain_path_is_the_textbook_value_and_gradient(kind, topk):
     s_logits = F.linear(h, w).detach().requires_grad_(True)
     t_logits = F.linear(t_h, t_w)
     mask = losses.real_mask(lengths, S)
-    got = kd_loss_sum(s_logits, None if topk else t_logits, mask, spec(kind),
-                      teacher_topk=offline_topk(t_h, t_w) if topk else None, taid_t=taid_t(kind))
+    got = kd_loss_sum(s_logits, TopkTeacher(*offline_topk(t_h, t_w)) if topk else t_logits, mask, spec(kind),
+                      taid_t=taid_t(kind))
     got.backward()
     s64 = s_logits.detach().double().requires_grad_(True)
     want = reference(kind, s64, t_logits, lengths, topk)
@@ -137,8 +137,8 @@ def test_fused_path_is_the_textbook_value_and_gradient(kind, topk):
     weights = torch.tensor([0.7, 0.2, 0.0])
     h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     sums = fused_logit_terms(h_, (w_, None), ids, lengths, weights, (True, True, False), spec(kind),
-                             t_h=None if topk else t_h, t_head=None if topk else (t_w, None),
-                             teacher_topk=offline_topk(t_h, t_w) if topk else None, taid_t=taid_t(kind),
+                             teacher=TopkTeacher(*offline_topk(t_h, t_w)) if topk else HiddenTeacher(t_h, (t_w, None)),
+                             taid_t=taid_t(kind),
                              row_chunk=3)
     (2.0 * (weights * sums).sum()).backward()
 
@@ -162,7 +162,8 @@ def test_bf16_fused_path_within_the_stated_tolerance(kind):
     weights = torch.tensor([1.0, 0.0, 0.0])
     h_ = h.clone().requires_grad_(True)
     sums = fused_logit_terms(h_, (w, None), ids, lengths, weights, (True, False, False), spec(kind),
-                             t_h=t_h, t_head=(t_w.bfloat16(), None), taid_t=taid_t(kind), dtype=torch.bfloat16)
+                             teacher=HiddenTeacher(t_h, (t_w, None), torch.bfloat16), taid_t=taid_t(kind),
+                             dtype=torch.bfloat16)
     sums[0].backward()
     h64 = h.double().requires_grad_(True)
     want = reference(kind, F.linear(h64, w.double()), F.linear(t_h, t_w).double(), lengths)
@@ -202,7 +203,7 @@ def test_topk_with_every_id_is_the_full_objective():
     mask = losses.real_mask(lengths, S)
     for kind in KD_LOSSES:
         full = kd_loss_sum(s_logits, t_logits, mask, spec(kind), taid_t=taid_t(kind))
-        top = kd_loss_sum(s_logits, None, mask, spec(kind), teacher_topk=(every.indices, every.values),
+        top = kd_loss_sum(s_logits, TopkTeacher(every.indices, every.values), mask, spec(kind),
                           taid_t=taid_t(kind))
         assert top.item() == pytest.approx(full.item(), rel=1e-4, abs=1e-5), kind
 
@@ -224,7 +225,7 @@ def test_t_squared_keeps_the_kl_family_gradient_scale_and_tvd_grows_with_t(kind)
 
     def grad_norm(temperature):
         s_ = s.clone().requires_grad_(True)
-        losses.kd_rows(KdSpec(kind, temperature), s_, ("logits", t), taid_t(kind)).sum().backward()
+        losses.kd_rows(KdSpec(kind, temperature), s_, losses.Logits(t), taid_t(kind)).sum().backward()
         return s_.grad.norm().item()
 
     ratio = grad_norm(8.0) / grad_norm(4.0)

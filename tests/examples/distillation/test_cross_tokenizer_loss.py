@@ -1,0 +1,186 @@
+"""The KD term between vocabularies (losses.cross_kd_rows), against a float64 rewrite of its formula.
+
+    T^2 [ D(shared pieces + rest) + uld_weight * sum_i |sort(s_unshared)_i - sort(t_unshared)_i| ]
+
+rewritten here with numpy-style float64 operations (probabilities, 1 - sum for the rest buckets,
+explicit sorts and zero padding), then checked in value and gradient, on the plain path and the
+fused one, online and offline, with padding and unaligned positions that must not count.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+from losses import (AlignedTeacher, HiddenTeacher, KdSpec, LogitsTeacher, TopkTeacher, VocabMap, fused_logit_terms,
+                    kd_loss_sum)
+
+B, S, S_T, D, D_T, V_S, V_T = 2, 6, 7, 5, 4, 11, 13
+STUDENT_IDS = [0, 1, 2, 3, 5, 7, 9]  # shared piece m is student id STUDENT_IDS[m] and teacher id TEACHER_IDS[m]
+TEACHER_IDS = [0, 2, 1, 4, 6, 8, 12]
+TEMPERATURE = 1.7
+
+
+def vocab():
+    return VocabMap.build(STUDENT_IDS, TEACHER_IDS, V_S, V_T)
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(B, S, D, generator=g), torch.randn(V_S, D, generator=g)
+    t_h, t_w = torch.randn(B, S_T, D_T, generator=g) * 2, torch.randn(V_T, D_T, generator=g)
+    lengths = torch.tensor([S, S - 2])
+    ids = torch.randint(0, V_S, (B, S), generator=g)
+    # the teacher row of each student position in the teacher's own (B, S_T) batch, flattened; -1: unaligned
+    alignment = torch.tensor([[0, 2, -1, 3, 5, 6], [7, -1, 9, 10, 12, 13]])
+    return h, w, t_h, t_w, ids, lengths, alignment
+
+
+def reference(s, t, kind="fkl", uld_weight=1.0):
+    """Per-row float64 term from the formula: probabilities, rest = 1 - sum, sorted gap."""
+    p_s = torch.softmax(s.double() / TEMPERATURE, -1)
+    p_t = torch.softmax(t.double() / TEMPERATURE, -1)
+    q = torch.cat([p_s[:, STUDENT_IDS], (1 - p_s[:, STUDENT_IDS].sum(-1, keepdim=True)).clamp(min=1e-8)], -1)
+    p = torch.cat([p_t[:, TEACHER_IDS], (1 - p_t[:, TEACHER_IDS].sum(-1, keepdim=True)).clamp(min=1e-8)], -1)
+    if kind == "fkl":
+        d = (p * (p.log() - q.log())).sum(-1)
+    elif kind == "rkl":
+        d = (q * (q.log() - p.log())).sum(-1)
+    else:  # tvd
+        d = 0.5 * (p - q).abs().sum(-1)
+    s_rest = [i for i in range(V_S) if i not in STUDENT_IDS]
+    t_rest = [i for i in range(V_T) if i not in TEACHER_IDS]
+    a = p_s[:, s_rest].sort(-1, descending=True).values
+    b = p_t[:, t_rest].sort(-1, descending=True).values
+    width = max(a.size(-1), b.size(-1))
+    gap = (F.pad(a, (0, width - a.size(-1))) - F.pad(b, (0, width - b.size(-1)))).abs().sum(-1)
+    return TEMPERATURE**2 * (d + uld_weight * gap)
+
+
+def reference_sum(s_logits, t_logits_flat, lengths, alignment, kind="fkl", uld_weight=1.0):
+    real = losses.real_mask(lengths, S).reshape(-1)
+    index = alignment.reshape(-1)
+    keep = real & (index >= 0)
+    rows = reference(s_logits.reshape(-1, V_S)[keep], t_logits_flat[index[keep]], kind, uld_weight)
+    return rows.sum()
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd"])
+@pytest.mark.parametrize("uld_weight", [0.0, 1.0, 2.5])
+def test_plain_path_is_the_formula_in_value_and_gradient(kind, uld_weight):
+    h, w, t_h, t_w, ids, lengths, alignment = data()
+    s_logits = F.linear(h, w).requires_grad_(True)
+    t_logits = F.linear(t_h, t_w)
+    teacher = AlignedTeacher(LogitsTeacher(t_logits), alignment, vocab())
+    spec = KdSpec(kind, TEMPERATURE, uld_weight=uld_weight)
+    got = kd_loss_sum(s_logits, teacher, losses.real_mask(lengths, S), spec)
+    got.backward()
+    s64 = s_logits.detach().double().requires_grad_(True)
+    want = reference_sum(s64, t_logits.reshape(-1, V_T), lengths, alignment, kind, uld_weight)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # padding and unaligned positions get no gradient at all
+    dead = ~(losses.real_mask(lengths, S) & (alignment >= 0))
+    assert dead.any() and s_logits.grad[dead].abs().max() == 0
+
+
+def test_the_uld_term_is_there_and_matches_by_rank_not_identity():
+    """Permuting the teacher's unshared pieces changes nothing; moving mass between shared ones does."""
+    h, w, t_h, t_w, ids, lengths, alignment = data(1)
+    s = F.linear(h, w).reshape(-1, V_S)[:3]
+    t = F.linear(t_h, t_w).reshape(-1, V_T)[:3]
+    rows = losses.Aligned(losses.Logits(t), torch.ones(3, dtype=torch.bool), vocab())
+    spec = KdSpec("fkl", TEMPERATURE)
+    base = losses.kd_rows(spec, s, rows)
+    unshared = [i for i in range(V_T) if i not in TEACHER_IDS]
+    permuted = t.clone()
+    permuted[:, unshared] = t[:, unshared[::-1]]
+    torch.testing.assert_close(losses.kd_rows(spec, s, rows._replace(inner=losses.Logits(permuted))), base)
+    swapped = t.clone()
+    swapped[:, [TEACHER_IDS[1], TEACHER_IDS[2]]] = t[:, [TEACHER_IDS[2], TEACHER_IDS[1]]]
+    assert not torch.allclose(losses.kd_rows(spec, s, rows._replace(inner=losses.Logits(swapped))), base)
+    no_uld = losses.kd_rows(KdSpec("fkl", TEMPERATURE, uld_weight=0.0), s, rows)
+    assert (base - no_uld).min() > 0
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "akl"])
+def test_fused_path_equals_the_plain_path(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(2)
+    spec = KdSpec(kind, TEMPERATURE)
+    weights = torch.tensor([0.6, 0.3, 0.0])
+    h_f, w_f = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    teacher = AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, vocab())
+    sums = fused_logit_terms(h_f, (w_f, None), ids, lengths, weights, (True, True, False), spec, teacher=teacher,
+                             row_chunk=4)
+    (1.3 * (weights * sums).sum()).backward()
+    h_p, w_p = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    s_logits = F.linear(h_p, w_p)
+    mask = losses.real_mask(lengths, S)
+    plain_teacher = AlignedTeacher(LogitsTeacher(F.linear(t_h, t_w)), alignment, vocab())
+    kd = kd_loss_sum(s_logits, plain_teacher, mask, spec)
+    clm = losses.clm_loss_sum(s_logits, ids, mask)
+    (1.3 * (weights[0] * kd + weights[1] * clm)).backward()
+    torch.testing.assert_close(sums[:2], torch.stack([kd, clm]).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_f.grad, h_p.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_f.grad, w_p.grad, rtol=1e-4, atol=1e-6)
+
+
+def offline_rows(t_logits_flat, alignment, k):
+    """What an offline dump stores per student position: the aligned teacher row's top-k at T."""
+    index = alignment.reshape(-1).clamp(min=0)
+    top = torch.log_softmax(t_logits_flat[index] / TEMPERATURE, -1).topk(k, -1)
+    return top.indices.reshape(B, S, k), top.values.reshape(B, S, k)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd"])
+def test_offline_with_every_teacher_piece_equals_online(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(3)
+    s_logits = F.linear(h, w)
+    t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
+    mask = losses.real_mask(lengths, S)
+    spec = KdSpec(kind, TEMPERATURE)
+    online = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, vocab()), mask, spec)
+    rows = torch.arange(B * S).reshape(B, S).masked_fill(alignment < 0, -1)
+    offline = kd_loss_sum(s_logits, AlignedTeacher(TopkTeacher(*offline_rows(t_flat, alignment, V_T)), rows, vocab()),
+                          mask, spec)
+    assert offline.item() == pytest.approx(online.item(), rel=1e-5)
+
+
+def test_offline_top_k_puts_the_unkept_mass_in_the_rest_bucket():
+    """k < V_T: the buckets are the kept teacher pieces that the student has, plus the rest; the
+    student's rest is its mass outside those pieces (written out by hand for one row)."""
+    h, w, t_h, t_w, ids, lengths, alignment = data(4)
+    s = F.linear(h, w).reshape(-1, V_S)[:1].double()
+    t = F.linear(t_h, t_w).reshape(-1, V_T)[:1].double()
+    lt = torch.log_softmax(t / TEMPERATURE, -1)
+    top = lt.topk(4, -1)
+    got = losses.kd_rows(KdSpec("fkl", TEMPERATURE), s, losses.Aligned(losses.Topk(top.indices, top.values),
+                                                                       torch.ones(1, dtype=torch.bool), vocab()))
+    p_s = torch.softmax(s / TEMPERATURE, -1)[0]
+    kept = [(int(i), float(v.exp())) for i, v in zip(top.indices[0], top.values[0])]
+    pairs = [(STUDENT_IDS[TEACHER_IDS.index(i)], p) for i, p in kept if i in TEACHER_IDS]
+    unmatched = sorted((p for i, p in kept if i not in TEACHER_IDS), reverse=True)
+    p = [pt for _, pt in pairs] + [1 - sum(pt for _, pt in pairs)]
+    q = [float(p_s[i]) for i, _ in pairs] + [1 - sum(float(p_s[i]) for i, _ in pairs)]
+    kl = sum(a * math.log(a / b) for a, b in zip(p, q))
+    s_unshared = sorted((float(p_s[i]) for i in range(V_S) if i not in STUDENT_IDS), reverse=True)
+    b = unmatched + [0.0] * (len(s_unshared) - len(unmatched))
+    gap = sum(abs(x - y) for x, y in zip(s_unshared, b))
+    assert got.item() == pytest.approx(TEMPERATURE**2 * (kl + gap), rel=1e-6)  # stored log-probs are read as fp32
+
+
+def test_a_shared_vocabulary_reduces_to_the_same_tokenizer_term():
+    """Every piece shared (the identity map) and aligned everywhere: the plain full-vocabulary KD term."""
+    h, w, _, _, ids, lengths, _ = data(5)
+    s_logits = F.linear(h, w)
+    t_logits = s_logits.flip(-1) * 1.5
+    mask = losses.real_mask(lengths, S)
+    identity = VocabMap.build(range(V_S), range(V_S), V_S, V_S)
+    every = torch.arange(B * S).reshape(B, S)
+    spec = KdSpec("fkl", TEMPERATURE)
+    cross = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_logits), every, identity), mask, spec)
+    same = kd_loss_sum(s_logits, t_logits, mask, spec)
+    assert cross.item() == pytest.approx(same.item(), rel=1e-5)
