@@ -3,6 +3,11 @@
 Input is the sequences of binarized shards (distil_ja.shards: what data_prep/binarize.py
 writes, and what the upstream example's binarized_data.py wrote), each one `<s> ... </s>`
 sequence; here they are cut to the model context, filtered and padded into batches.
+
+A cross-tokenizer corpus (binarize.py --teacher_tokenizer) carries with each sequence the
+teacher's ids of the same text and the alignment (for each student position, the teacher
+position ending at the same character offset, or -1): `Aligned`. Such sequences are cut only at
+aligned positions, so each piece is the same text on both sides (split_aligned).
 """
 
 import functools
@@ -42,25 +47,104 @@ def split_long(seq: np.ndarray, max_len: int, ids: SpecialIds) -> list[np.ndarra
     ]
 
 
-class LmSeqsDataset(Dataset):
-    """Holds sequences that fit the model context; items are integer arrays, or with an offline
-    teacher (teacher_topk) (sequence, top-k ids, top-k log-probs) tuples."""
+@dataclass(frozen=True)
+class Aligned:
+    """One sequence's teacher side: the teacher's ids and, per student position, the aligned teacher position."""
 
-    def __init__(self, sequences: list[np.ndarray], max_len: int, ids: SpecialIds = SpecialIds()):
+    teacher_ids: np.ndarray
+    alignment: np.ndarray
+
+
+def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len: int, ids: SpecialIds):
+    """Cut a sequence and its teacher side at aligned positions, so that both fit their contexts.
+
+    The student's pieces are wrapped in <s> ... </s> as split_long's; the teacher's keep its leading
+    special token (when it has one: its position 0 is aligned with <s>) and its last one (eos). A piece
+    ends at the furthest aligned position within both limits. Returns ([(student, Aligned)], tokens
+    dropped): where no aligned position falls within the limits, the rest of the sequence is dropped
+    and counted, never cut mid-text.
+    """
+    if len(seq) <= max_len and len(side.teacher_ids) <= teacher_max_len:
+        return [(seq, side)], 0
+    head = 1 if side.alignment[0] == 0 else 0  # the teacher's leading special token
+    body, t_body, t_head, t_tail = seq[1:-1], side.teacher_ids[head:-1], side.teacher_ids[:head], side.teacher_ids[-1:]
+    # boundaries after student body token b and teacher body token c (-1: the start)
+    i = np.flatnonzero(side.alignment[1:-1] >= 0)
+    bounds = [(-1, -1)] + [(int(b), int(side.alignment[b + 1]) - head) for b in i]
+    pieces, start, dropped = [], 0, 0
+    while start < len(bounds) - 1:
+        b0, c0 = bounds[start]
+        end = start
+        for k in range(start + 1, len(bounds)):
+            b1, c1 = bounds[k]
+            if b1 - b0 + 2 > max_len or c1 - c0 + head + 1 > teacher_max_len:
+                break
+            end = k
+        if end == start:  # the next aligned position is beyond a context: drop the rest
+            dropped = len(body) - (b0 + 1)
+            break
+        b1, c1 = bounds[end]
+        student = np.concatenate(([ids.bos], body[b0 + 1 : b1 + 1], [ids.eos])).astype(seq.dtype)
+        teacher = np.concatenate((t_head, t_body[c0 + 1 : c1 + 1], t_tail)).astype(side.teacher_ids.dtype)
+        original = side.alignment[b0 + 2 : b1 + 2]
+        shifted = np.where(original >= 0, original - (c0 + 1), -1)
+        alignment = np.concatenate(([0 if head else -1], shifted, [-1])).astype(side.alignment.dtype)
+        pieces.append((student, Aligned(teacher, alignment)))
+        start = end
+    if start == len(bounds) - 1 and bounds[start][0] < len(body) - 1:  # text after the last aligned position
+        dropped += len(body) - 1 - bounds[start][0]
+    return pieces, dropped
+
+
+class LmSeqsDataset(Dataset):
+    """Holds sequences that fit the model context. Items are integer arrays; with a teacher of another
+    tokenizer (aligned) (sequence, teacher ids, alignment); with an offline teacher (teacher_topk) the
+    top-k ids and log-probs follow."""
+
+    def __init__(self, sequences: list[np.ndarray], max_len: int, ids: SpecialIds = SpecialIds(),
+                 aligned: list[Aligned] | None = None, teacher_max_len: int | None = None):
         self.ids = ids
         n_in = len(sequences)
-        split = [chunk for seq in sequences for chunk in split_long(seq, max_len, ids)]
-        long_kept = [s for s in split if len(s) >= MIN_SEQ_LEN]
-        kept = [s for s in long_kept if np.count_nonzero(s == ids.unk) <= MAX_UNK_FRACTION * len(s)]
+        dropped = 0
+        if aligned is None:
+            split = [(chunk, None) for seq in sequences for chunk in split_long(seq, max_len, ids)]
+        else:
+            split = []
+            for seq, side in zip(sequences, aligned, strict=True):
+                pieces, lost = split_aligned(seq, side, max_len, teacher_max_len or max_len, ids)
+                split += pieces
+                dropped += lost
+        long_kept = [x for x in split if len(x[0]) >= MIN_SEQ_LEN]
+        kept = [x for x in long_kept if np.count_nonzero(x[0] == ids.unk) <= MAX_UNK_FRACTION * len(x[0])]
         logger.info(
             "Dataset: %d sequences in, %d after splitting to max_len %d, %d too short (< %d tokens) "
             "and %d mostly <unk> dropped, %d kept",
             n_in, len(split), max_len, len(split) - len(long_kept), MIN_SEQ_LEN,
             len(long_kept) - len(kept), len(kept),
         )
-        self.sequences = kept
-        self.lengths = np.array([len(s) for s in kept], dtype=np.int64)
+        if dropped:
+            logger.warning("Dataset: %d tokens dropped where no aligned position fell within the contexts", dropped)
+        self.sequences = [x[0] for x in kept]
+        self.lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
+        self.aligned = None if aligned is None else [x[1] for x in kept]
         self.teacher_topk = None
+        if self.aligned is not None:
+            n_aligned = sum(int(np.count_nonzero(a.alignment >= 0)) for a in self.aligned)
+            n_positions = int(self.lengths.sum()) - len(self.sequences)  # every </s> predicts nothing
+            logger.info("Dataset: %d of %d positions (%.1f%%) aligned with a teacher position", n_aligned,
+                        n_positions, 100 * n_aligned / max(n_positions, 1))
+
+    @property
+    def teacher_ids(self) -> list[np.ndarray] | None:
+        return None if self.aligned is None else [a.teacher_ids for a in self.aligned]
+
+    @property
+    def alignments(self) -> list[np.ndarray] | None:
+        return None if self.aligned is None else [a.alignment for a in self.aligned]
+
+    def cache_extras(self) -> dict:
+        """What token_cache.write_cache keeps beside the sequences (from_cache reads it back)."""
+        return {} if self.aligned is None else {"teacher_ids": self.teacher_ids, "alignment": self.alignments}
 
     @classmethod
     def from_cache(cls, folder: Path, ids: SpecialIds = SpecialIds(), teacher_topk=None) -> "LmSeqsDataset":
@@ -73,6 +157,9 @@ class LmSeqsDataset(Dataset):
         dataset.sequences = MappedSequences(folder)
         dataset.lengths = dataset.sequences.lengths()
         dataset.teacher_topk = teacher_topk
+        dataset.aligned = None
+        if (Path(folder) / "alignment.npy").is_file():
+            dataset.aligned = CachedAligned(MappedSequences(folder, "teacher_ids"), MappedSequences(folder, "alignment"))
         if teacher_topk is not None and not np.array_equal(teacher_topk.lengths(), dataset.lengths):
             raise DataError(f"{teacher_topk.folder}: its rows do not line up with the training sequences")
         return dataset
@@ -81,26 +168,56 @@ class LmSeqsDataset(Dataset):
         return len(self.sequences)
 
     def __getitem__(self, index):
-        if self.teacher_topk is None:
+        if self.teacher_topk is None and self.aligned is None:
             return self.sequences[index]
-        return (self.sequences[index], *self.teacher_topk[index])
+        item = (self.sequences[index],)
+        if self.aligned is not None:
+            side = self.aligned[index]
+            item += (side.teacher_ids, side.alignment)
+        if self.teacher_topk is not None:
+            item += tuple(self.teacher_topk[index])
+        return item
 
     def batch_sequences(self, batch: list, multiple: int = 1) -> tuple[torch.Tensor, ...]:
         """Pad to the longest sequence, its length rounded up to a multiple of `multiple` (but never beyond
         the dataset's longest sequence, so never beyond the model context): fewer distinct shapes, so
-        compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), and with an
-        offline teacher also (topk_ids (B, S, k) int64, topk_logprobs (B, S, k) float32), padded with 0
-        (padded positions are beyond `lengths`: masked)."""
-        if self.teacher_topk is None:
+        compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), then
+
+        - with a teacher of another tokenizer: teacher_ids (B, S_t) int64 (right-padded with 0; padding
+          is never attended to, attention being causal) and alignment (B, S) int64: for each student
+          position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1;
+        - with an offline teacher: topk_ids (B, S, k) int64 and topk_logprobs (B, S, k) float32, padded
+          with 0 (padded positions are beyond `lengths`: masked).
+        """
+        if self.teacher_topk is None and self.aligned is None:
             return self.pad_tokens(batch, multiple)
-        sequences, topk_ids, topk_logprobs = zip(*batch)
-        token_ids, lengths = self.pad_tokens(sequences, multiple)
-        shape = (*token_ids.shape, self.teacher_topk.top_k)
-        ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.float32)
-        for row, (row_ids, row_logprobs) in enumerate(zip(topk_ids, topk_logprobs)):
-            ids[row, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
-            logprobs[row, : len(row_logprobs)] = torch.from_numpy(row_logprobs.astype(np.float32))
-        return token_ids, lengths, ids, logprobs
+        columns = list(zip(*batch))
+        token_ids, lengths = self.pad_tokens(columns.pop(0), multiple)
+        out = (token_ids, lengths)
+        if self.aligned is not None:
+            t_seqs, alignments = columns.pop(0), columns.pop(0)
+            out += self.pad_aligned(t_seqs, alignments, token_ids.shape)
+        if self.teacher_topk is not None:
+            topk_ids, topk_logprobs = columns
+            shape = (*token_ids.shape, self.teacher_topk.top_k)
+            ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.float32)
+            for row, (row_ids, row_logprobs) in enumerate(zip(topk_ids, topk_logprobs)):
+                ids[row, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
+                logprobs[row, : len(row_logprobs)] = torch.from_numpy(row_logprobs.astype(np.float32))
+            out += (ids, logprobs)
+        return out
+
+    @staticmethod
+    def pad_aligned(teacher_seqs, alignments, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher_ids (B, S_t), alignment (B, S) as flattened teacher-batch positions or -1)."""
+        width = max(len(t) for t in teacher_seqs)
+        teacher_ids = torch.zeros((len(teacher_seqs), width), dtype=torch.long)
+        alignment = torch.full(shape, -1, dtype=torch.long)
+        for row, (t, a) in enumerate(zip(teacher_seqs, alignments)):
+            teacher_ids[row, : len(t)] = torch.from_numpy(t.astype(np.int64))
+            a = torch.from_numpy(a.astype(np.int64))
+            alignment[row, : len(a)] = torch.where(a >= 0, a + row * width, -1)
+        return teacher_ids, alignment
 
     def pad_tokens(self, batch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
@@ -115,3 +232,16 @@ class LmSeqsDataset(Dataset):
     def longest(self) -> int:
         """The longest sequence of the dataset (every sequence fits the model context)."""
         return int(self.lengths.max()) if len(self.lengths) else 0
+
+
+class CachedAligned:
+    """The teacher side of cached sequences (token_cache extras), item by item, memory-mapped."""
+
+    def __init__(self, teacher_ids, alignment):
+        self.teacher_ids, self.alignment = teacher_ids, alignment
+
+    def __len__(self):
+        return len(self.alignment)
+
+    def __getitem__(self, index) -> Aligned:
+        return Aligned(self.teacher_ids[index], self.alignment[index])

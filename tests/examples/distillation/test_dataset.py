@@ -147,3 +147,58 @@ def test_token_cache_maps_the_same_sequences(tmp_path):
     batch = [mapped[i] for i in (1, 3)]
     for x, y in zip(mapped.batch_sequences(batch), dataset.batch_sequences([dataset[1], dataset[3]])):
         assert torch.equal(x, y)
+
+
+# ---- a teacher of another tokenizer: cut at aligned positions, batches with flattened alignment ----
+# Text "abcdef". Student: <s> [a] [bc] [d] [ef] </s>, ending at offsets 0 1 3 4 6; teacher: <tb> [ab] [c]
+# [de] [f] <te> (ids 50..55), ending at 0 2 3 5 6. Aligned: <s>-<tb>, [bc]-[c], [ef]-[f].
+from lm_seqs_dataset import Aligned, split_aligned  # noqa: E402
+
+STUDENT = seq(10, 11, 12, 13)
+TEACHER = np.array([50, 51, 52, 53, 54, 55], dtype=np.int32)
+ALIGNMENT = np.array([0, -1, 2, -1, 4, -1], dtype=np.int32)
+
+
+def test_split_aligned_cuts_only_where_both_sides_end_together():
+    pieces, dropped = split_aligned(STUDENT, Aligned(TEACHER, ALIGNMENT), max_len=4, teacher_max_len=10, ids=IDS)
+    assert dropped == 0
+    assert [p[0].tolist() for p in pieces] == [[1, 10, 11, 2], [1, 12, 13, 2]]
+    assert [p[1].teacher_ids.tolist() for p in pieces] == [[50, 51, 52, 55], [50, 53, 54, 55]]
+    assert [p[1].alignment.tolist() for p in pieces] == [[0, -1, 2, -1], [0, -1, 2, -1]]
+
+
+def test_split_aligned_without_a_teacher_bos_and_with_the_teacher_limit():
+    teacher, alignment = TEACHER[1:], np.array([-1, -1, 1, -1, 3, -1], dtype=np.int32)
+    pieces, dropped = split_aligned(STUDENT, Aligned(teacher, alignment), max_len=10, teacher_max_len=3, ids=IDS)
+    assert dropped == 0
+    assert [p[1].teacher_ids.tolist() for p in pieces] == [[51, 52, 55], [53, 54, 55]]
+    assert [p[1].alignment.tolist() for p in pieces] == [[-1, -1, 1, -1], [-1, -1, 1, -1]]
+    pieces, dropped = split_aligned(STUDENT, Aligned(teacher, alignment), max_len=3, teacher_max_len=10, ids=IDS)
+    assert pieces == [] and dropped == 4  # no aligned position within 1 body token: nothing is cut mid-text
+
+
+def pairs_side(n_pairs, first_id=60):
+    """A student of 2 n tokens under a teacher whose every piece is two student pieces (with <tb>, <te>)."""
+    student = seq(*range(10, 10 + 2 * n_pairs))
+    teacher = np.arange(first_id, first_id + n_pairs + 2, dtype=np.int32)
+    alignment = np.array([0] + [k // 2 if k % 2 == 0 else -1 for k in range(1, 2 * n_pairs + 1)] + [-1], dtype=np.int32)
+    return student, Aligned(teacher, alignment)
+
+
+def test_aligned_batches_point_at_flattened_teacher_positions(tmp_path):
+    (s6, a6), (s7, a7) = pairs_side(6), pairs_side(7, first_id=80)
+    ds = LmSeqsDataset([s6, s7], max_len=64, ids=IDS, aligned=[a6, a7])
+    assert len(ds) == 2 and ds.aligned[0] is a6
+    token_ids, lengths, teacher_ids, alignment = ds.batch_sequences([ds[0], ds[1]])
+    assert teacher_ids.shape == (2, 9) and lengths.tolist() == [14, 16]
+    assert teacher_ids[0, :8].tolist() == list(range(60, 68)) and teacher_ids[0, 8] == 0
+    assert alignment[0, :4].tolist() == [0, -1, 1, -1] and alignment[1, :4].tolist() == [9, -1, 10, -1]
+    flat = teacher_ids.reshape(-1)
+    assert flat[alignment[1, 14]] == 87  # the last content piece of each side: the teacher's last before <te>
+    assert (alignment[0, 13:] == -1).all()  # </s> and padding
+
+    from token_cache import write_cache
+    write_cache(tmp_path / "cache", ds.sequences, ds.cache_extras())
+    mapped = LmSeqsDataset.from_cache(tmp_path / "cache", IDS)
+    for x, y in zip(mapped.batch_sequences([mapped[1], mapped[0]]), ds.batch_sequences([ds[1], ds[0]])):
+        assert torch.equal(x, y)
