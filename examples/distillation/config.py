@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "a teacher (excludes --teacher_name; needs --alpha_mse 0 --alpha_cos 0).")
     models.add_argument("--tokenizer_name", default=None,
                         help="Tokenizer: hub name or directory (default: the teacher's, or the one saved in --teacher_logits).")
+    models.add_argument("--teacher_tokenizer", default=None,
+                        help="The teacher's tokenizer (default: the teacher's own). When its vocabulary is not the "
+                             "student's (--tokenizer_name), training distils across tokenizers: the data must be "
+                             "binarized with binarize.py --teacher_tokenizer of the same tokenizer.")
 
     loss = parser.add_argument_group("losses (weights of the terms; defaults: the recommended recipe)")
     loss.add_argument("--temperature", type=float, help="Softmax temperature of the KD term.")
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="taid: momentum of the relative change of the loss that drives t, in [0, 1).")
     loss.add_argument("--akl_mu", type=float, default=0.5,
                       help="akl: the teacher's probability mass that makes the head, in (0, 1).")
+    loss.add_argument("--uld_weight", type=float, default=1.0,
+                      help="A teacher of another tokenizer: the weight of the ULD term (sorted-probability gap) on the "
+                           "pieces the two vocabularies do not share, beside the exact divergence on the shared ones.")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
     loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
@@ -229,6 +236,9 @@ def check_arguments(params) -> None:
         if needs_model:
             raise UsageError(f"{', '.join(needs_model)} {verb(needs_model)} the teacher model, which "
                              f"--teacher_logits replaces: set {pronoun(needs_model)} to 0")
+    if params.teacher_tokenizer is not None and params.teacher_name is None:
+        raise UsageError("--teacher_tokenizer names the tokenizer of a teacher model (--teacher_name); a dump "
+                         "(--teacher_logits) records its own")
     if params.shard_teacher and params.teacher_name is None:
         raise UsageError("--shard_teacher needs a teacher model (--teacher_name)")
     no_teacher = params.teacher_name is None and params.teacher_logits is None
@@ -451,7 +461,8 @@ def log_overrides(recipe: dict, args: argparse.Namespace, path: str) -> None:
 
 def kd_spec(params) -> KdSpec:
     """The KD objective of the run's flags."""
-    return KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew, params.akl_mu)
+    return KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew, params.akl_mu,
+                  params.uld_weight)
 
 
 def taid_schedule(params) -> TaidSchedule | None:

@@ -104,7 +104,7 @@ class Distiller:
     """Trains `student` to match `teacher` (and the data) on `dataset`; params is train.py's config."""
 
     def __init__(self, params, runtime: Runtime, dataset: LmSeqsDataset, student, teacher=None, eval_sequences=None,
-                 eval_tasks=()):
+                 eval_tasks=(), cross=None):
         self.params = params
         self.runtime = runtime
         self.device = runtime.device
@@ -125,6 +125,13 @@ class Distiller:
         self.fused_loss = params.fused_loss  # head matmul, logit terms and their gradient in one chunked pass
         self.chunk_fn = losses.fused_chunk
         self.vocab_size = student.config.vocab_size
+        # A teacher of another tokenizer (train.CrossTokenizer): the shared pieces on the device, and the
+        # teacher's vocabulary (its head cut to its tokenizer). The batches then carry the teacher's ids and
+        # the alignment (LmSeqsDataset.batch_sequences); the KD term counts aligned positions only.
+        self.cross = cross
+        self.vocab_map = None if cross is None else losses.VocabMap.build(
+            cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device)
+        self.offline = dataset.teacher_topk is not None
         # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,
@@ -217,34 +224,39 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor, *teacher_topk) -> dict[str, torch.Tensor]:
+    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor, *teacher_data) -> dict[str, torch.Tensor]:
         """Summed (not averaged) loss terms of one micro-batch, over real positions only.
 
-        Padding is on the right and attention is causal, so no real position can attend to padding:
-        the models run without an attention mask, which keeps SDPA on its fused causal kernels. They
-        return final hidden states; the logit terms apply the heads (fused: chunk by chunk). The loss
-        weights of this step are `self.step_weights` (set by optimize_step).
+        `teacher_data`: what the batch carries for the teacher (LmSeqsDataset.batch_sequences): nothing
+        (online teacher, or none), (topk_ids, topk_logprobs) (offline), (teacher_ids, alignment) (another
+        tokenizer), or all four (another tokenizer, offline). Padding is on the right and attention is
+        causal, so no real position can attend to padding: the models run without an attention mask,
+        which keeps SDPA on its fused causal kernels. They return final hidden states; the logit terms
+        apply the heads (fused: chunk by chunk). The loss weights of this step are `self.step_weights`
+        (set by optimize_step).
         """
         want = {k: self.alphas[k] > 0 for k in LOSS_TERMS}
+        teacher_ids, alignment, topk = self.split_teacher_data(teacher_data)
         with self.autocast():
             s_hidden = self.student(token_ids)
             t_hidden = None
             if self.teacher_body is not None:
                 with torch.no_grad():
-                    t_hidden = self.teacher_body(token_ids)
+                    t_hidden = self.teacher_body(token_ids if teacher_ids is None else teacher_ids)
         head = head_of(self.raw, self.vocab_size)
         sums = {}
         if want["ce"] or want["clm"] or want["mse"]:
-            if self.fused_loss:
-                teacher = self.teacher_side(t_hidden, teacher_topk, want, self.amp_dtype or torch.float32)
+            plain = not self.fused_loss
+            teacher = self.teacher_side(t_hidden, alignment, topk, want, self.amp_dtype or torch.float32, plain)
+            if not plain:
                 enabled = (want["ce"], want["clm"], want["mse"])
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
                     s_hidden, head, token_ids, lengths, self.step_weights[:len(LOGIT_TERMS)], enabled, self.kd,
                     teacher=teacher, taid_t=self.step_taid_t, dtype=self.amp_dtype or torch.float32,
-                    chunk_fn=self.chunk_fn)
+                    chunk_fn=self.chunk_fn, row_chunk=self.row_chunk)
                 sums = {k: out[i] for i, k in enumerate(LOGIT_TERMS) if want[k]}
             else:
-                sums = self.plain_logit_terms(s_hidden, head, t_hidden, token_ids, lengths, teacher_topk, want)
+                sums = self.plain_logit_terms(s_hidden, head, teacher, token_ids, lengths, want)
         if want["cos"]:
             if self.cos_projection is not None:
                 with self.autocast():
@@ -252,32 +264,57 @@ class Distiller:
             sums["cos"] = cos_loss_sum(s_hidden, t_hidden, real_mask(lengths, token_ids.size(1)))
         return sums
 
-    def teacher_side(self, t_hidden, teacher_topk, want, dtype) -> losses.Teacher | None:
-        """The teacher's side of the fused logit terms: its hidden states and head (online), or its
-        top-k rows (offline); None when neither KD nor MSE is on."""
-        if teacher_topk:
-            return losses.TopkTeacher(*teacher_topk) if want["ce"] else None
-        if t_hidden is None or not (want["ce"] or want["mse"]):
-            return None
-        return losses.HiddenTeacher(t_hidden, head_of(self.teacher, self.vocab_size), dtype)
+    def split_teacher_data(self, teacher_data):
+        """(teacher_ids or None, alignment or None, (topk_ids, topk_logprobs) or None) of a batch."""
+        teacher_ids = alignment = None
+        if self.cross is not None:
+            teacher_ids, alignment, *teacher_data = teacher_data
+        return teacher_ids, alignment, tuple(teacher_data) or None
 
-    def plain_logit_terms(self, s_hidden, head, t_hidden, token_ids, lengths, teacher_topk, want):
+    @property
+    def row_chunk(self) -> int:
+        """Rows per fused chunk: fewer for another tokenizer, whose chunk also holds the teacher's full
+        vocabulary (and sorts both for ULD)."""
+        return losses.FUSED_ROW_CHUNK if self.cross is None else losses.FUSED_ROW_CHUNK // 4
+
+    def teacher_side(self, t_hidden, alignment, topk, want, dtype, plain: bool) -> losses.Teacher | None:
+        """The teacher's side of the logit terms (losses.Teacher), None when neither KD nor MSE is on.
+
+        Online: its hidden states and head (plain path: its whole-batch logits); offline: its top-k rows;
+        another tokenizer: either of those, aligned (AlignedTeacher; offline, the dump's rows are the
+        student's positions, so an aligned position indexes its own row).
+        """
+        if not (want["ce"] or want["mse"]):
+            return None
+        if topk is not None:
+            inner = losses.TopkTeacher(*topk)
+            if alignment is not None:
+                own = torch.arange(alignment.numel(), device=alignment.device).view_as(alignment)
+                return losses.AlignedTeacher(inner, torch.where(alignment >= 0, own, -1), self.vocab_map)
+            return inner
+        if t_hidden is None:
+            return None
+        t_vocab = self.vocab_size if self.cross is None else self.cross.teacher_vocab_size
+        t_head = head_of(self.teacher, t_vocab)
+        if plain:
+            with self.autocast(), torch.no_grad():
+                inner = losses.LogitsTeacher(F.linear(t_hidden, *t_head))
+        else:
+            inner = losses.HiddenTeacher(t_hidden, t_head, dtype)
+        return inner if alignment is None else losses.AlignedTeacher(inner, alignment, self.vocab_map)
+
+    def plain_logit_terms(self, s_hidden, head, teacher, token_ids, lengths, want):
         """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
         mask = real_mask(lengths, token_ids.size(1))
         with self.autocast():
             s_logits = F.linear(s_hidden, *head)
-            t_logits = None
-            if t_hidden is not None:
-                with torch.no_grad():
-                    t_logits = F.linear(t_hidden, *head_of(self.teacher, self.vocab_size))
         sums = {}
         if want["ce"]:
-            teacher = losses.TopkTeacher(*teacher_topk) if teacher_topk else losses.LogitsTeacher(t_logits)
             sums["ce"] = kd_loss_sum(s_logits, teacher, mask, self.kd, taid_t=self.step_taid_t)
         if want["clm"]:
             sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
         if want["mse"]:
-            sums["mse"] = mse_loss_sum(s_logits, t_logits, mask)
+            sums["mse"] = mse_loss_sum(s_logits, teacher.flat.view_as(s_logits), mask)
         return sums
 
     # ---- one optimizer step ---------------------------------------------------------------
@@ -286,11 +323,13 @@ class Distiller:
         return tuple(x.to(self.device, non_blocking=True) for x in batch)
 
     def global_counts(self, batches) -> torch.Tensor:
-        """(real positions, predicted positions) over every micro-batch of this step on every rank, on the device."""
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        """(real positions, predicted positions, KD positions) over every micro-batch of this step on every
+        rank, on the device. KD positions are the real ones, or for another tokenizer the aligned ones."""
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in batches:
             lengths = batch[1]
-            counts += torch.stack([lengths.sum(), (lengths - 1).clamp(min=0).sum()]).to(counts.dtype)
+            kd = lengths.sum() if self.cross is None else (batch[3] >= 0).sum()
+            counts += torch.stack([lengths.sum(), (lengths - 1).clamp(min=0).sum(), kd]).to(counts.dtype)
         if self.runtime.is_distributed:
             dist.all_reduce(counts)
         return counts
@@ -310,8 +349,8 @@ class Distiller:
         """
         batches = [self.to_device(batch) for batch in window]
         counts = self.global_counts(batches)
-        n_real, n_pred = counts.clamp(min=1).unbind()
-        norms = torch.stack([n_pred if k == "clm" else n_real for k in LOSS_TERMS])
+        n_real, n_pred, n_kd = counts.clamp(min=1).unbind()
+        norms = torch.stack([n_pred if k == "clm" else n_kd if k == "ce" else n_real for k in LOSS_TERMS])
         self.step_weights = (self.alpha_vector.double() / norms * self.runtime.world_size).float()
         self.step_taid_t = None if self.taid is None else self.taid_state[0].float()
         step_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
@@ -329,7 +368,7 @@ class Distiller:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
         finite = torch.isfinite(grad_norm)  # same on every rank: gradients are already all-reduced
         if self.taid is not None:
-            self.update_taid(step_sums[LOSS_TERMS.index("ce")], n_real, finite)
+            self.update_taid(step_sums[LOSS_TERMS.index("ce")], n_kd, finite)
         if not self.scaler.is_enabled():  # under fp16 the scaler sets found_inf from its own check
             self.optimizer.found_inf = (~finite).float()
         self.scaler.step(self.optimizer)

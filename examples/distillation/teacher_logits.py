@@ -10,6 +10,8 @@ shards cut to max_len and filtered by LmSeqsDataset) and writes one folder:
     sequences/                 the sequences, in token_cache.py's format (tokens.npy, offsets.npy):
                                sequence i has rows offsets[i] .. offsets[i+1] of the arrays below
     tokenizer/                 the tokenizer of the ids (train.py's default with --teacher_logits)
+    teacher_tokenizer/         a teacher of another tokenizer only: its tokenizer (the stored top-k ids are
+                               its ids; the manifest's "teacher_tokenizer" is its identity)
     shard-RRRRR.ids.npy        (rows, k) the top-k token ids, most probable first: uint16 below
                                65,536 ids (shards.dtype_for_vocab), else int32
     shard-RRRRR.logprobs.npy   (rows, k) their log-probabilities: float16 rounded down (default),
@@ -20,6 +22,11 @@ token j + 1 (the last row predicts past </s>; the loss decides what to use). It 
 len(tokenizer) ids only: a teacher whose embedding matrix is padded beyond its tokenizer has those
 extra logits dropped and the rest renormalised. Rank r of the dump writes shard r: the contiguous
 sequences [first_sequence, first_sequence + sequences) of the manifest's entry.
+
+With a teacher of another tokenizer (the data binarized with binarize.py --teacher_tokenizer), the
+teacher runs on its own ids of the same text, and row j is its distribution at the teacher position
+aligned with student position j (ending at the same character offset), over the teacher's vocabulary;
+a row of a position without one is all zeros and never read (training counts aligned positions only).
 
 Why float16, rounded towards -inf: 2 bytes instead of 4 per value (k = 64: 256 instead of 384 bytes a
 token). Its relative error, 2^-11, is under the teacher's own when it runs in bf16 (2^-8), and rounding
@@ -48,6 +55,7 @@ FORMAT = "distil-ja/teacher-topk/v1"
 MANIFEST = "manifest.json"
 SEQUENCES = "sequences"
 TOKENIZER = "tokenizer"
+TEACHER_TOKENIZER = "teacher_tokenizer"
 LOGPROB_DTYPES = ("float16", "float32")
 SORT_WINDOW = 16  # batches: sorted by length together (less padding), and never split between ranks
 
@@ -112,10 +120,10 @@ def data_identity(data_files, binarized: dict | None) -> dict:
 
 def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None) -> int:
     """Refuse a teacher that does not fit the tokenizer or the flags; returns the max_len to cut at
-    (default: the teacher's context)."""
+    (default: the teacher's context). ids None: a teacher of another tokenizer, with special ids of its own."""
     if config.vocab_size < vocab_size:
         raise UsageError(f"teacher vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
-    for name, expected in (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
+    for name, expected in () if ids is None else (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
         if not models.special_id_agrees(getattr(config, name, None), expected):
             raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
     if top_k > vocab_size:
@@ -238,6 +246,34 @@ def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_s
     return rows
 
 
+@torch.inference_mode()
+def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int,
+                          temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """topk_logprobs for a teacher of another tokenizer: per sequence (its lm_seqs_dataset.Aligned side),
+    one row per student position, the top k of the aligned teacher position, zeros where none is aligned."""
+    width = max(len(side.teacher_ids) for side in sides)
+    token_ids = torch.zeros((len(sides), width), dtype=torch.long)
+    for row, side in enumerate(sides):
+        token_ids[row, : len(side.teacher_ids)] = torch.from_numpy(side.teacher_ids.astype(np.int64))
+    logits = model(input_ids=token_ids.to(device), use_cache=False).logits
+    rows = []
+    for row, side in enumerate(sides):
+        alignment = torch.from_numpy(side.alignment.astype(np.int64))
+        ids = torch.zeros((len(alignment), top_k), dtype=torch.long)
+        values = torch.zeros((len(alignment), top_k), dtype=torch.float32)
+        aligned = alignment >= 0
+        logprobs = torch.log_softmax(logits[row, alignment[aligned].to(device), :vocab_size].float() / temperature, -1)
+        top = logprobs.topk(top_k, dim=-1)
+        ids[aligned], values[aligned] = top.indices.cpu(), top.values.cpu()
+        rows.append((ids, values))
+    return rows
+
+
+def teacher_tokenizer_of(folder, manifest: dict) -> str | None:
+    """The saved tokenizer of a dump's teacher of another tokenizer, or None (the student's tokenizer)."""
+    return str(Path(folder) / TEACHER_TOKENIZER) if manifest.get("teacher_tokenizer") else None
+
+
 def stored_logprobs(logprobs: np.ndarray, dtype: str) -> np.ndarray:
     """float32 log-probs in the storage dtype; float16 rounded towards -inf, so that no stored
     probability exceeds the true one (the tail mass 1 - sum stays >= 0)."""
@@ -311,14 +347,18 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
             ids = np.empty((offsets[w_end] - base, settings.top_k), dtype=ids_dtype)
             logprobs = np.empty(ids.shape, dtype=np.float32)
             for batch in window_batches(dataset.lengths, w_start, w_end, settings.batch_size):
-                token_ids, lengths = dataset.pad_tokens([dataset.sequences[i] for i in batch])
-                results = topk_logprobs(model, token_ids.to(device), lengths, settings.vocab_size,
-                                        settings.top_k, settings.temperature)
+                if dataset.aligned is None:
+                    token_ids, lengths = dataset.pad_tokens([dataset.sequences[i] for i in batch])
+                    results = topk_logprobs(model, token_ids.to(device), lengths, settings.vocab_size,
+                                            settings.top_k, settings.temperature)
+                else:
+                    results = aligned_topk_logprobs(model, [dataset.aligned[i] for i in batch], device,
+                                                    settings.vocab_size, settings.top_k, settings.temperature)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
                     ids[a:b] = top_ids.numpy()
                     logprobs[a:b] = top_logprobs.numpy()
-                bar.update(int(lengths.sum()))
+                bar.update(int(sum(dataset.lengths[i] for i in batch)))
             ids_file.write(ids)
             logprobs_file.write(stored_logprobs(logprobs, settings.logprobs_dtype))
     return entry | {"ids": ids_file.entry(), "logprobs": logprobs_file.entry(), "seconds": time.perf_counter() - t0}

@@ -30,14 +30,15 @@ from distil_ja import fileio, outputs, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distiller import Distiller  # noqa: E402
-from lm_seqs_dataset import LmSeqsDataset, SpecialIds  # noqa: E402
+from lm_seqs_dataset import Aligned, LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
 from perplexity import load_encoder, load_eval_sequences  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
 from tasks import load_task_def, prepare_task  # noqa: E402
 from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
                    set_seed, setup_logging)
-from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
+from vocab import (CrossTokenizer, check_cross_manifest, check_manifest, cross_tokenizer, own_tokenizer,  # noqa: E402
+                   save_tokenizer, special_ids_of)
 
 TOKEN_CACHE = "token_cache"  # in dump_path: the training sequences, memory-mapped by every rank
 TEACHER_LOGITS = "teacher_logits.json"  # in dump_path: the manifest of --teacher_logits, for --resume to compare
@@ -193,12 +194,34 @@ def load_eval_tasks(params, tokenizer_source: str) -> list:
 
 
 def context_length(student, teacher) -> int:
-    """The longest training sequence: the shorter context of the two models (longer data is split)."""
+    """The longest training sequence: the shorter context of the two models (longer data is split), or
+    one model's (teacher None: a teacher of another tokenizer has a context of its own, in its tokens)."""
     limits = [models.max_positions(m.config) for m in (student, teacher) if m is not None]
     limits = [n for n in limits if n is not None]
     if not limits:
         raise UsageError(f"no model config names a context length ({', '.join(models.POSITION_LIMITS)})")
     return min(limits)
+
+
+def check_cross(params, tokenizer, teacher, topk) -> CrossTokenizer | None:
+    """The teacher's tokenizer against the student's: a CrossTokenizer when they differ (train across
+    tokenizers), None when they are the same (the same-tokenizer path, unchanged)."""
+    if topk is not None:
+        cross = cross_tokenizer(tokenizer, teacher_logits.teacher_tokenizer_of(params.teacher_logits, topk.manifest))
+    elif teacher is not None:
+        cross = cross_tokenizer(tokenizer, params.teacher_tokenizer or own_tokenizer(params.teacher_name,
+                                                                                     params.tokenizer_name))
+    else:
+        return None
+    if cross is None:
+        return None
+    position_terms = [f"--{k}" for k in ("alpha_mse", "alpha_cos") if getattr(params, k) > 0]
+    if position_terms:
+        raise UsageError(f"{', '.join(position_terms)} compare the two models position by position over one "
+                         "vocabulary: with a teacher of another tokenizer set them to 0")
+    if teacher is not None and teacher.config.vocab_size < cross.teacher_vocab_size:
+        raise UsageError(f"teacher vocab_size {teacher.config.vocab_size} < its tokenizer's {cross.teacher_vocab_size}")
+    return cross
 
 
 def open_teacher_logits(params, tokenizer, tokenizer_source: str, ids: SpecialIds, student):
@@ -217,19 +240,31 @@ def open_teacher_logits(params, tokenizer, tokenizer_source: str, ids: SpecialId
 
 
 def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids: SpecialIds, student,
-                 teacher, topk=None) -> LmSeqsDataset | DataError | UsageError:
+                 teacher, topk=None, cross: CrossTokenizer | None = None) -> LmSeqsDataset | DataError | UsageError:
     """Rank 0 reads, checks, splits and filters the shards; returns the error instead of raising it.
-    With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from."""
+    With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from;
+    with a teacher of another tokenizer (cross) they carry its ids and the alignment, cut at aligned positions."""
     try:
-        sequences, manifest = shards.load_sequences(params.data_file, verify=params.verify == "full")
-        check_compatibility(student, teacher, ids, len(tokenizer), sequences)
+        verify = params.verify == "full"
+        if cross is None:
+            sequences, manifest = shards.load_sequences(params.data_file, verify=verify)
+            aligned = None
+        else:
+            sequences, manifest, extras = shards.load_sequences(params.data_file, verify=verify,
+                                                                extras=("teacher_ids", "alignment"))
+            check_cross_manifest(manifest, cross)
+            aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
+        check_compatibility(student, teacher if cross is None else None, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
+        teacher_max_len = None
         if topk is not None:  # the dump's cut (open_teacher_logits: within the student's context)
             max_len = topk.manifest["max_len"]
+            teacher_max_len = topk.manifest.get("teacher_max_len")
         else:
-            max_len = context_length(student, teacher)
-        dataset = LmSeqsDataset(sequences, max_len, ids)
+            max_len = context_length(student, teacher if cross is None else None)
+            teacher_max_len = None if cross is None else context_length(teacher, None)
+        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len)
         if topk is not None:
             teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
             teacher_logits.verify_files(params.teacher_logits, topk.manifest, full=params.verify == "full")
@@ -283,12 +318,14 @@ def train(params) -> None:
     teacher = load_teacher(params)
     student = load_student(params)
     topk = open_teacher_logits(params, tokenizer, tokenizer_source, ids, student)
+    cross = check_cross(params, tokenizer, teacher, topk)
     # A resumed run trains on the sequences it started with: its token cache, written (and its shards read
     # and verified against their sha256) once, at the first start.
     reuse_cache = params.resume and token_cache.is_complete(Path(params.dump_path) / TOKEN_CACHE)
     dataset = None
     if runtime.is_master and not reuse_cache:
-        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk)
+        dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher, topk,
+                               cross)
     raise_first_error(dataset if isinstance(dataset, Exception) else None)  # rank 0's data error, on every rank
     eval_sequences = load_eval_data(params, tokenizer_source)
     eval_tasks = load_eval_tasks(params, tokenizer_source)
@@ -302,7 +339,7 @@ def train(params) -> None:
         reuse_cache = params.resume and token_cache.is_complete(cache)  # this node's own folder's, if it has one
         if runtime.writes_node_copy and not reuse_cache:  # a node with a folder of its own reads the data itself
             dataset = load_dataset(params, runtime.world_size, tokenizer, tokenizer_source, ids, student, teacher,
-                                   topk)
+                                   topk, cross)
         raise_first_error(dataset if isinstance(dataset, Exception) else None)
         if reuse_cache and runtime.writes_training_state:
             logger.info("Resuming: the token cache %s is reused (the shards were read and checked against their "
@@ -310,7 +347,7 @@ def train(params) -> None:
         if runtime.writes_training_state:  # what a resume on this node reads back
             fileio.write_json(Path(params.dump_path) / "parameters.json", settings)
         if runtime.writes_training_state and not reuse_cache:
-            token_cache.write_cache(cache, dataset.sequences)
+            token_cache.write_cache(cache, dataset.sequences, dataset.cache_extras())
             if topk is not None:
                 fileio.write_json(Path(params.dump_path) / TEACHER_LOGITS, topk.manifest)
         if runtime.is_master:
@@ -323,7 +360,7 @@ def train(params) -> None:
         logger.info("Student: %.1fM parameters; teacher: %s", student.num_parameters() / 1e6,
                     f"offline, top {topk.top_k} from {params.teacher_logits}" if topk is not None else
                     "none" if teacher is None else f"{teacher.num_parameters() / 1e6:.1f}M parameters")
-        distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences, eval_tasks)
+        distiller = Distiller(params, runtime, dataset, student, teacher, eval_sequences, eval_tasks, cross=cross)
         if params.resume and not distiller.resume():
             logger.warning("--resume: no checkpoint in %s yet: starting from the first step, with the earlier "
                            "attempt's metrics.jsonl and eval_results.json cleared", params.dump_path)

@@ -48,7 +48,7 @@ class TrainingLog:
     def reset(self) -> None:
         device = self.runtime.device
         self.sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # this rank's, unreduced
-        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (real, predicted), global
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # (real, predicted, KD), global
         self.slots = self.real = 0  # this rank's positions with and without padding
         self.start = time.perf_counter()
 
@@ -60,7 +60,10 @@ class TrainingLog:
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["log_sums"].to(self.runtime.device)
-        self.counts = state["log_counts"].to(self.runtime.device)
+        counts = state["log_counts"].to(self.runtime.device)
+        if counts.numel() == 2:  # a checkpoint from before the KD count: KD counted the real positions
+            counts = torch.cat([counts, counts[:1]])
+        self.counts = counts
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
 
     def truncate_metrics(self, step: int) -> None:
@@ -104,8 +107,8 @@ class TrainingLog:
         sums = self.sums.clone()
         if self.runtime.is_distributed:
             dist.all_reduce(sums)  # counts are already global
-        n_real, n_pred = self.counts.clamp(min=1).tolist()
-        terms = {k: sums[i].item() / (n_pred if k == "clm" else n_real)
+        n_real, n_pred, n_kd = self.counts.clamp(min=1).tolist()
+        terms = {k: sums[i].item() / (n_pred if k == "clm" else n_kd if k == "ce" else n_real)
                  for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
         tokens_per_s = self.counts[0].item() / max(time.perf_counter() - self.start, 1e-9)  # real tokens, all ranks

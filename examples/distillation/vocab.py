@@ -5,10 +5,14 @@ Used by train.py and scripts/dump_teacher_logits.py, which must read and check t
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from distil_ja.cli import UsageError, first_line
-from distil_ja.tokenization import resolve_spiece, sha256_file
+import numpy as np
+
+from distil_ja import alignment
+from distil_ja.cli import DataError, UsageError, first_line
+from distil_ja.tokenization import load_tokenizer, resolve_spiece, sha256_file
 from lm_seqs_dataset import SpecialIds
 from utils import logger
 
@@ -56,3 +60,76 @@ def save_tokenizer(tokenizer, source: str, dump_path: str) -> None:
         shutil.copyfile(resolve_spiece(source), Path(dump_path) / "spiece.model")
     except OSError as err:
         logger.warning("No spiece.model saved with the student (%s)", err)
+
+
+# ---- a teacher of another tokenizer ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrossTokenizer:
+    """A teacher whose vocabulary is not the student's: what training needs of the pair.
+
+    student_ids / teacher_ids: the shared pieces (distil_ja.alignment.shared_vocabulary);
+    teacher_vocab_size: the teacher's tokenizer's size (its head is cut to it); identity: the teacher
+    tokenizer as binarize.py --teacher_tokenizer records it, which the data must match.
+    """
+
+    source: str
+    identity: dict
+    student_ids: np.ndarray
+    teacher_ids: np.ndarray
+    teacher_vocab_size: int
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")
+
+
+def own_tokenizer(teacher_name: str, tokenizer_name: str | None) -> str | None:
+    """The teacher's own tokenizer to compare with the student's, or None: the same name, or a local
+    teacher folder without tokenizer files (a bare checkpoint), is taken to share the student's (logged)."""
+    if tokenizer_name is None or teacher_name == tokenizer_name:
+        return None
+    folder = Path(teacher_name)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        logger.info("The teacher %s has no tokenizer files: taken to share the student's tokenizer %s (name its own "
+                    "with --teacher_tokenizer)", teacher_name, tokenizer_name)
+        return None
+    return teacher_name
+
+
+def cross_tokenizer(student_tokenizer, teacher_source: str | None) -> CrossTokenizer | None:
+    """The cross-tokenizer pair when the teacher's tokenizer (teacher_source) differs from the student's
+    in content (the pieces in id order, not only their number); None when they are the same (the
+    same-tokenizer path, unchanged) or there is no teacher tokenizer to compare with."""
+    if teacher_source is None:
+        return None
+    try:
+        teacher_tokenizer = load_tokenizer(teacher_source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load the teacher's tokenizer {teacher_source!r}: {first_line(err)}") from err
+    if alignment.same_vocabulary(student_tokenizer, teacher_tokenizer):
+        return None
+    student_ids, teacher_ids = alignment.shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    if len(student_ids) == 0:
+        raise UsageError(f"the teacher's tokenizer {teacher_source!r} shares no piece with the student's")
+    logger.info("Cross-tokenizer distillation: the teacher's tokenizer %s (%d pieces) and the student's (%d) share "
+                "%d pieces", teacher_source, len(teacher_tokenizer), len(student_tokenizer), len(student_ids))
+    return CrossTokenizer(teacher_source, alignment.tokenizer_identity(teacher_tokenizer, teacher_source),
+                          np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer))
+
+
+def check_cross_manifest(manifest: dict | None, cross: CrossTokenizer) -> None:
+    """Data for a cross-tokenizer run must be binarized with --teacher_tokenizer of that very tokenizer,
+    and align well enough (DataError, exit 1, naming what to do)."""
+    recorded = (manifest or {}).get("teacher_tokenizer")
+    if recorded is None:
+        raise DataError(f"the teacher's tokenizer ({cross.source}) is not the student's, but the data was binarized "
+                        f"without --teacher_tokenizer: binarize it again with --teacher_tokenizer {cross.source}")
+    if recorded.get("sha256") != cross.identity.get("sha256"):
+        raise DataError(f"the data was binarized for the teacher tokenizer {recorded.get('name')!r} "
+                        f"(sha256 {str(recorded.get('sha256'))[:12]}…), not {cross.source!r} "
+                        f"({str(cross.identity.get('sha256'))[:12]}…): binarize it again with --teacher_tokenizer")
+    share = manifest.get("totals", {}).get("aligned_share")
+    if share is not None and share < alignment.MIN_ALIGNED_SHARE:
+        raise DataError(f"only {share:.1%} of the positions align between the two tokenizers (at least "
+                        f"{alignment.MIN_ALIGNED_SHARE:.0%} needed): this pair cannot be distilled position by position")

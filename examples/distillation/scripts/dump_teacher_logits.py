@@ -12,6 +12,11 @@ filtered by the same code. Under torchrun each rank dumps a contiguous share of 
 and rank 0 writes the manifest last. The format is described in teacher_logits.py; the tokenizer is
 --tokenizer_name (default: the teacher's), saved into the output folder for train.py.
 
+A teacher of another tokenizer (--teacher_tokenizer, default the teacher's own, differs from
+--tokenizer_name, the student's): the data must be binarized with binarize.py --teacher_tokenizer;
+the teacher runs on its own ids, and each student position aligned with a teacher position gets that
+position's top k, in the teacher's ids (teacher_logits.py).
+
 Exit status: 0 done, 1 bad data, 2 bad arguments or models.
 """
 
@@ -36,13 +41,18 @@ from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402
 from token_cache import write_cache  # noqa: E402
 from utils import attempt, init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
-from vocab import check_manifest, save_tokenizer, special_ids_of  # noqa: E402
+from lm_seqs_dataset import Aligned  # noqa: E402
+from vocab import (check_cross_manifest, check_manifest, cross_tokenizer, own_tokenizer, save_tokenizer,  # noqa: E402
+                   special_ids_of)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="Teacher causal LM: hub name or folder (any family).")
     parser.add_argument("--tokenizer_name", default=None, help="Tokenizer: hub name or folder (default: the teacher's).")
+    parser.add_argument("--teacher_tokenizer", default=None,
+                        help="The teacher's tokenizer (default: the teacher's own); when it is not --tokenizer_name's, "
+                             "the dump is cross-tokenizer (the data binarized with binarize.py --teacher_tokenizer).")
     parser.add_argument("--data_file", nargs="+", required=True,
                         help="What train.py's --data_file will be: a binarize.py output directory or .pickle shards.")
     parser.add_argument("--output_dir", required=True, help="The dump (train.py --teacher_logits).")
@@ -81,7 +91,8 @@ def check_output_dir(folder: Path, force: bool) -> None:
 
 
 def load_teacher(args, ids, vocab_size: int, runtime):
-    """The frozen teacher in its dtype on this rank's device, its identity (rank 0) and the max_len."""
+    """The frozen teacher in its dtype on this rank's device, its identity (rank 0) and the max_len
+    (ids None: a teacher of another tokenizer, whose vocab_size is its tokenizer's)."""
     teacher = models.load_causal_lm(args.teacher, "teacher")
     max_len = teacher_logits.check_teacher(teacher.config, ids, vocab_size, args.top_k, args.max_len)
     identity = teacher_logits.teacher_identity(teacher, args.teacher) if runtime.is_master else None
@@ -94,14 +105,21 @@ def load_teacher(args, ids, vocab_size: int, runtime):
     return teacher, identity, max_len
 
 
-def load_sequences(args, tokenizer, source: str, ids, max_len: int):
+def load_sequences(args, tokenizer, source: str, ids, max_len: int, cross=None, teacher_max_len=None):
     """Rank 0: the sequences train.py trains on with this max_len, and the binarize manifest; returns
-    the error instead of raising it (every rank raises it)."""
+    the error instead of raising it (every rank raises it). cross: a teacher of another tokenizer
+    (vocab.CrossTokenizer), whose ids and alignment the data must carry."""
     try:
-        sequences, binarized = shards.load_sequences(args.data_file)
+        aligned = None
+        if cross is None:
+            sequences, binarized = shards.load_sequences(args.data_file)
+        else:
+            sequences, binarized, extras = shards.load_sequences(args.data_file, extras=("teacher_ids", "alignment"))
+            check_cross_manifest(binarized, cross)
+            aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
         if binarized is not None:
             check_manifest(binarized, ids, len(tokenizer), source)
-        dataset = LmSeqsDataset(sequences, max_len, ids)
+        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len)
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
         max_id = max(int(s.max()) for s in dataset.sequences)
@@ -112,14 +130,17 @@ def load_sequences(args, tokenizer, source: str, ids, max_len: int):
         return err
 
 
-def prepare_output(folder: Path, force: bool, dataset, tokenizer, source: str) -> None:
-    """Rank 0, once everything is checked: empty the folder (--force), then the sequences and the tokenizer."""
+def prepare_output(folder: Path, force: bool, dataset, tokenizer, source: str, cross=None) -> None:
+    """Rank 0, once everything is checked: empty the folder (--force), then the sequences and the
+    tokenizer (and a teacher of another tokenizer's)."""
     if force and folder.is_dir() and outputs.entries(folder):
         logger.info("--force: deleting what %s holds (an earlier dump)", folder)
         outputs.empty(folder)
     outputs.claim(folder, "dump_teacher_logits.py")
-    write_cache(folder / teacher_logits.SEQUENCES, dataset.sequences)
+    write_cache(folder / teacher_logits.SEQUENCES, dataset.sequences, dataset.cache_extras())
     save_tokenizer(tokenizer, source, str(folder / teacher_logits.TOKENIZER))
+    if cross is not None:
+        save_tokenizer(load_tokenizer(cross.source), cross.source, str(folder / teacher_logits.TEACHER_TOKENIZER))
 
 
 def gather(entry: dict) -> list[dict]:
@@ -139,19 +160,22 @@ def dump(args, runtime) -> None:
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load tokenizer {source!r}: {first_line(err)}") from err
     ids = special_ids_of(tokenizer)
-    teacher, identity, max_len = load_teacher(args, ids, len(tokenizer), runtime)
+    cross = cross_tokenizer(tokenizer, args.teacher_tokenizer or own_tokenizer(args.teacher, args.tokenizer_name))
+    vocab_size = len(tokenizer) if cross is None else cross.teacher_vocab_size  # the ids the rows hold
+    teacher, identity, max_len = load_teacher(args, ids if cross is None else None, vocab_size, runtime)
+    teacher_max_len = None if cross is None else models.max_positions(teacher.config)
 
-    loaded = load_sequences(args, tokenizer, source, ids, max_len) if runtime.is_master else None
+    loaded = load_sequences(args, tokenizer, source, ids, max_len, cross, teacher_max_len) if runtime.is_master else None
     raise_first_error(loaded if isinstance(loaded, Exception) else None)
     if runtime.is_master:
         dataset, binarized = loaded
         sequences_sha256 = teacher_logits.sequences_sha256(dataset.sequences)
-        prepare_output(folder, args.force, dataset, tokenizer, source)
+        prepare_output(folder, args.force, dataset, tokenizer, source, cross)
     if runtime.is_distributed:
         torch.distributed.barrier()  # the sequences are on disk before any rank maps them
     dataset = LmSeqsDataset.from_cache(folder / teacher_logits.SEQUENCES, ids)
 
-    settings = teacher_logits.DumpSettings(args.top_k, args.temperature, len(tokenizer), args.batch_size,
+    settings = teacher_logits.DumpSettings(args.top_k, args.temperature, vocab_size, args.batch_size,
                                            args.logprobs_dtype)
     offsets = teacher_logits.offsets_of(dataset.lengths)
     start, end = teacher_logits.rank_slice(offsets, args.batch_size, runtime.world_size, runtime.global_rank)
@@ -170,16 +194,17 @@ def dump(args, runtime) -> None:
     teacher_logits.write_manifest(folder, {
         "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,
         "sequences": len(dataset), "tokens": tokens, "sequences_sha256": sequences_sha256,
-        "ids_dtype": shards.dtype_for_vocab(len(tokenizer)).name, "logprobs_dtype": args.logprobs_dtype,
+        "ids_dtype": shards.dtype_for_vocab(vocab_size).name, "logprobs_dtype": args.logprobs_dtype,
         "logprobs_rounding": "down" if args.logprobs_dtype == "float16" else "none",
         "precision": args.precision, "tokenizer": teacher_logits.tokenizer_identity(tokenizer, source, ids),
         "teacher": identity, "data": teacher_logits.data_identity(args.data_file, binarized),
+        **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len}),
         "world_size": runtime.world_size, "shards": [e for e in entries if e["sequences"]],
         "bytes_per_token": row_bytes / tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
     })
     logger.info("Dumped %d tokens in %.1f s: %.0f tokens/s, %.1f bytes/token (top-%d ids %s, log-probs %s) in %s",
                 tokens, seconds, tokens / seconds, row_bytes / tokens, args.top_k,
-                shards.dtype_for_vocab(len(tokenizer)).name, args.logprobs_dtype, folder)
+                shards.dtype_for_vocab(vocab_size).name, args.logprobs_dtype, folder)
 
 
 def run(argv=None) -> None:

@@ -41,7 +41,7 @@ def distillers(monkeypatch):
     made = []
 
     class RecordingDistiller:
-        def __init__(self, params, runtime, dataset, student, teacher, eval_sequences, eval_tasks=None):
+        def __init__(self, params, runtime, dataset, student, teacher, eval_sequences, eval_tasks=None, cross=None):
             self.params, self.dataset, self.teacher = params, dataset, teacher
             self.log = types.SimpleNamespace(clear=lambda: None)
             made.append(self)
