@@ -103,8 +103,8 @@ def test_text_is_tokenized_exactly_like_binarize(tiny_tokenizer, tmp_path):
     text = tmp_path / "dev.txt"
     text.write_text("GPUとPythonで計算した。\nＡＢＣの本を読んだ。\n\n二つ目の文書です。\n", encoding="utf-8")
     binarize([str(text)], str(tiny_tokenizer), str(tmp_path / "bin"), num_workers=1, progress=False)
-    from_text = perplexity.load_eval_sequences(str(text), str(tiny_tokenizer))
-    from_shards = perplexity.load_eval_sequences(str(tmp_path / "bin"))
+    from_text = perplexity.read_eval_data(str(text), str(tiny_tokenizer)).sequences
+    from_shards = perplexity.read_eval_data(str(tmp_path / "bin")).sequences
     assert len(from_text) == 2
     assert [s.tolist() for s in from_text] == [s.tolist() for s in from_shards]
     assert from_text[0][0] == 1 and from_text[0][-1] == 2
