@@ -54,7 +54,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 
 import torch  # noqa: E402
 
-from distil_ja import fileio, hub  # noqa: E402
+from distil_ja import fileio, hub, shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging  # noqa: E402
 from models import load_causal_lm  # noqa: E402
 from perplexity import check_window, held_out_scores, load_encoder, read_eval_data  # noqa: E402
@@ -207,26 +207,29 @@ def run(args) -> dict:
     if len(set(labels)) != len(labels):
         raise UsageError(f"duplicate model labels: {labels}")
     tokenizers = model_tokenizers(models, args.tokenizer)
-    # read and tokenized once per tokenizer (binarized data: once, as it is)
-    eval_data = {tok: read_eval_data(args.data, tok, args.unit, args.allow_bad_text)
-                 for tok in dict.fromkeys(tokenizers.values())} if args.data else {}
+    # text is read and tokenized once per tokenizer; binarized data once, its ids being the same for every model
+    text_given = bool(args.data) and not all(shards.is_binarized(path) for path in args.data)
+    data_key = {label: tok if text_given else None for label, tok in tokenizers.items()}
+    eval_data = {key: read_eval_data(args.data, key, args.unit, args.allow_bad_text)
+                 for key in dict.fromkeys(data_key.values())} if args.data else {}
     task_data = {tok: load_task(args, tok) for tok in dict.fromkeys(tokenizers.values())}
-    for tok, data in eval_data.items():
-        logger.info("Scoring %d sequences (%d tokens of %s) with %d model(s) on %s", len(data),
-                    sum(len(s) for s in data.sequences), tok, list(tokenizers.values()).count(tok), device)
+    for key, data in eval_data.items():
+        logger.info("Scoring %d sequences (%d tokens%s) with %d model(s) on %s", len(data),
+                    sum(len(s) for s in data.sequences), f" of {key}" if key else "",
+                    list(data_key.values()).count(key), device)
     amp_dtype = torch.bfloat16 if args.bf16 else None
     rows, task_rows, task_items = {}, {}, {}
     for label, target in models:
         tok = tokenizers[label]
         model = load_causal_lm(target).to(device).eval()
         vocab = model.get_input_embeddings().num_embeddings
-        sequences = eval_data[tok].sequences if args.data else []
+        sequences = eval_data[data_key[label]].sequences if args.data else []
         top = max([int(s.max()) for s in sequences] + [task_data[tok].max_id if task_data[tok] else 0])
         if top >= vocab:
             raise UsageError(f"the data holds token id {top}, beyond {label}'s vocabulary ({vocab}): wrong tokenizer?")
         pad_id = getattr(model.config, "pad_token_id", None) or 0
         if args.data:
-            rows[label] = held_out_scores(model, eval_data[tok], max_length=args.max_length, stride=args.stride,
+            rows[label] = held_out_scores(model, eval_data[data_key[label]], max_length=args.max_length, stride=args.stride,
                                           batch_size=args.batch_size, device=device, amp_dtype=amp_dtype,
                                           progress=True, pad_id=pad_id)
             rows[label].update(model=target, tokenizer=tok)

@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 import perplexity
-from helpers import REPO, free_port, gpt2_config, random_sequences, write_shard
+from helpers import REPO, gpt2_config, random_sequences, torchrun, write_shard
 
 EVALUATE_PY = REPO / "examples" / "distillation" / "evaluate.py"
 HELDOUT_WORKER = REPO / "tests" / "examples" / "distillation" / "heldout_worker.py"
@@ -294,11 +294,7 @@ def test_cli_scores_each_model_with_its_own_tokenizer(tiny_tokenizer, tiny_bpe_t
 @pytest.mark.slow
 def test_two_gloo_processes_share_the_documents_and_agree_with_one(tiny_bpe_tokenizer, wide_model, dev_text, tmp_path):
     wide_model.save_pretrained(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, REPO / "examples" / "distillation", REPO / "tests"))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           free_port(), str(HELDOUT_WORKER), str(tmp_path / "model"), str(tiny_bpe_tokenizer),
-                           str(dev_text), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(HELDOUT_WORKER, [tmp_path / "model", tiny_bpe_tokenizer, dev_text, tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["own_chars"] for s in shared] == DOC_CHARS  # one document each: the totals need both ranks
