@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality experiment: raw Japanese text -> tokenizer -> teacher -> three students -> perplexity table.
+"""Quality experiment: raw Japanese text -> tokenizer -> teacher -> three students -> perplexity and bits/char table.
 
     python bench/quality.py --size tiny                  # CPU, ~6-10 min on 2 cores
     python bench/quality.py --size gpu [--corpora DIR]   # one GPU, < 8 min (H100/H200)
@@ -10,7 +10,7 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
  1. data_prep/build_corpus.py  raw text (the .xz corpora, or slices of them) -> rinna layout;
                                 the held-out set is JaQuAD *dev* (other Wikipedia articles than train)
  2. data_prep/make_tokenizer.py a sentencepiece vocabulary with rinna's special ids
- 3. data_prep/binarize.py       train and dev text -> token shards
+ 3. data_prep/binarize.py       train text -> token shards (the dev text is read as text: its characters count)
  4. train.py (no teacher)       pretrain the teacher
  5. scripts/extract.py          student init from evenly spread teacher layers
  6. scripts/dump_teacher_logits.py, once per k, for the kd_topK students only
@@ -21,7 +21,7 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
       kd_init    distilled with the same recipe, initialised from teacher layers
       kd_topK    as kd, from the teacher's top-K log-probabilities dumped in step 6 (--teacher_logits;
                  the dump has no hidden states, so the recipe needs cos=0), e.g. kd_top8, kd_top64
- 8. evaluate.py --json          perplexity of the models on the held-out dev paragraphs, and with
+ 8. evaluate.py --json          perplexity and bits per character of the models on the held-out dev paragraphs, and with
                                 --task_data TASK=FILE[,...] their zero-shot accuracy on each task (evaluate.py --task)
 
 --recipe also picks the KD term's objective (kd=fkl|rkl|jsd|skew_fkl|skew_rkl|tvd, train.py's
@@ -29,8 +29,8 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
 heads; its cosine term then trains train.py's projection to the teacher's width; no kd_init).
 
 Output (in --out_dir, default checkpoints/quality/SIZE): results-TAG.json and results-TAG.md
-(the table: perplexity, student/teacher perplexity ratio, tokens seen, token efficiency, wall
-time, tensorboard log folder of each run; then the students' curves, curves-TAG.png),
+(the table: perplexity, bits per character, student/teacher perplexity ratio, tokens seen, token
+efficiency, wall time, tensorboard log folder of each run; then the students' curves, curves-TAG.png),
 logs/ (each command's output), one folder per model, and a line per invocation in sweep.jsonl.
 
 Task accuracy (--task_data, e.g. jcommonsenseqa=valid-v1.3.json from JGLUE): a column per task,
@@ -50,8 +50,13 @@ T=1,ce=0.9,clm=0.1 --tag t1` only trains the two KD students (and the no-KD stud
 steps they both need exist (the teacher, the dumps, a no_kd student of the same seed), with
 --keep_text so that neither deletes the text the other's corpus steps check.
 
+Bits per character (evaluate.py, train.py --eval_data): the summed NLL / ln 2 / the characters of the
+dev text as build_corpus.py wrote it (each paragraph's lines joined by "\n"), and per UTF-8 byte the
+same; unlike perplexity it compares models with different tokenizers.
+
 The corpora (../shared/corpora; see its README) are read in place; text derived from them is
-written under --out_dir (git-ignored) and deleted once binarized unless --keep_text.
+written under --out_dir (git-ignored); the training text is deleted once binarized unless --keep_text,
+the dev text is kept (it is what the models are scored on).
 Exit status: 0 done, 1 a step failed (its log is named), 2 bad arguments or missing corpora.
 """
 
@@ -362,16 +367,16 @@ def fmt(x, spec):
 def markdown_table(result: dict) -> str:
     rows = result["runs"]
     task_names = list(dict.fromkeys(t for r in rows.values() for t in r.get("tasks", {})))
-    lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | ppl ÷ teacher | "
-             "tokens to no-KD ppl | " + "".join(f"{t} acc | " for t in task_names) + "tensorboard |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+    lines = ["| run | model | init | teacher | recipe | lr | steps | tokens seen | wall s | dev ppl | dev bits/char | "
+             "ppl ÷ teacher | tokens to no-KD ppl | " + "".join(f"{t} acc | " for t in task_names) + "tensorboard |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
              + "---: | " * len(task_names) + "--- |"]
     for name, r in rows.items():
         recipe = r.get("recipe_text", "")
         accuracy = "".join(f"{task_cell(r.get('tasks', {}).get(t))} | " for t in task_names)
         lines.append(f"| {name} | {r['model']} | {r['init']} | {teacher_cell(r)} | {recipe} | "
                      f"{r['lr']:g} | {r['steps']} | {fmt(r['tokens_seen'], ',')} | {fmt(r['wall_s'], '.0f')}"
-                     f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | "
+                     f"{'*' if r.get('cached') else ''} | {fmt(r['perplexity'], '.2f')} | {fmt(r.get('bits_per_char'), '.4f')} | "
                      f"{fmt(r['ratio'], '.3f')} | {efficiency_cell(r.get('token_efficiency'))} | {accuracy}"
                      f"`{r['tensorboard']}` |")
     return "\n".join(lines)
@@ -514,6 +519,7 @@ def main(argv=None) -> int:
                             "student": arch(size.student), "student_lr": size.student_lr, "kd_lr": args.kd_lr,
                             "student_steps": size.student_steps,
                             "perplexity": {k: v["perplexity"] for k, v in result["runs"].items()},
+                            "bits_per_char": {k: v.get("bits_per_char") for k, v in result["runs"].items()},
                             "tokens_to_no_kd_ppl": {k: v["token_efficiency"]["fraction"] for k, v in result["runs"].items()
                                                     if "token_efficiency" in v}}) + "\n")
     print()
@@ -541,13 +547,13 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     binarize = [py, REPO / "data_prep" / "binarize.py", "--tokenizer", tok, "--num_workers", workers, "--quiet", "--overwrite"]
     # the tokenizer's hash is part of the key: a new vocabulary re-binarizes
     tok_hash = None if args.dry_run else hashlib.sha256((tok / "spiece.model").read_bytes()).hexdigest()
-    data, dev = out / "data" / "train", out / "data" / "dev"
+    data, dev = out / "data" / "train", dev_text  # dev: text, so that its characters are counted (bits/char)
     steps["binarize_train"] = runner.run("binarize_train", binarize + ["--input", *train_dirs, "--output_dir", data],
                                          data / "manifest.json", key_extra=tok_hash)
-    steps["binarize_dev"] = runner.run("binarize_dev", binarize + ["--input", dev_text, "--output_dir", dev],
-                                       dev / "manifest.json", key_extra=tok_hash)
-    if not args.keep_text and not args.dry_run:
-        shutil.rmtree(text_dir, ignore_errors=True)  # the shards are all the later steps need
+    if not args.keep_text and not args.dry_run:  # the shards are all the training needs; the dev text stays
+        for folder in text_dir.iterdir():
+            if folder.name != "dev":
+                shutil.rmtree(folder, ignore_errors=True)
 
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
@@ -646,7 +652,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     runs = {"teacher": {"model": arch(size.teacher), "init": "random", "teacher": False, "recipe_text": "clm only",
                         "lr": size.teacher_lr, "steps": size.teacher_steps, "tokens_seen": tokens_seen(teacher),
                         "wall_s": steps["teacher"]["wall_s"], "cached": steps["teacher"]["cached"],
-                        "perplexity": t_ppl, "ratio": 1.0, "tensorboard": rel(teacher / "log"), "path": rel(teacher)}}
+                        "perplexity": t_ppl, "ratio": 1.0, "tensorboard": rel(teacher / "log"), "path": rel(teacher),
+                        **per_text(ppl, "teacher")}}
     for name, dump, cmd, _ in jobs_list:
         spec = specs[name]
         p = ppl["perplexity"][name]
@@ -654,7 +661,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                       "teacher_topk": spec["topk"], "recipe_text": recipe if spec["teacher"] else "clm only",
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
-                      "perplexity": p, "ratio": p / t_ppl, "tensorboard": rel(dump / "log"), "path": rel(dump),
+                      "perplexity": p, "ratio": p / t_ppl, **per_text(ppl, name),
+                      "tensorboard": rel(dump / "log"), "path": rel(dump),
                       "command": " ".join(shlex.quote(str(c)) for c in cmd)}
     tasks = {}
     for label, path in task_jsons.items():
@@ -667,7 +675,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     curves = students_curves(out, args.tag, [(name, dump) for name, dump, _, _ in jobs_list])
     for name, efficiency in curves["token_efficiency"].items():
         runs[name]["token_efficiency"] = efficiency
-    dev_tokens = details["teacher"]["tokens"]
+    dev_tokens, dev_chars = details["teacher"]["tokens"], details["teacher"].get("chars")
     date = time.strftime("%a %b %d %H:%M %Z %Y")
     title = (f"quality --size {args.size} ({date}): teacher {arch(size.teacher)}, student {arch(size.student)}, "
              f"vocab {size.vocab}, context {size.n_positions}, batch {size.batch_size}x{size.grad_accum}, "
@@ -682,7 +690,10 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                             f"({runs[n]['perplexity']:.2f} vs {runs['no_kd']['perplexity']:.2f})")
     train_manifest = json.loads((data / "manifest.json").read_text())["totals"]
     notes = (f"Held-out: {dev_tokens:,} predicted tokens of jawiki_jaquad_dev"
-             f"{'' if size.sample else f' ({size.dev_docs or 1431} paragraphs)'}; training data "
+             f"{'' if size.sample else f' ({size.dev_docs or 1431} paragraphs)'}"
+             + (f", {dev_chars:,} characters: dev bits/char = the summed NLL / ln 2 / those characters of the "
+                f"original text (it compares models of different tokenizers; perplexity only models of one)"
+                if dev_chars else "") + "; training data "
              f"{train_manifest['tokens']:,} tokens in {train_manifest['documents']:,} documents. "
              f"ppl ÷ teacher = student perplexity / teacher perplexity. Wall s: the train.py process "
              f"(students {jobs} at a time; * = reused from an earlier run). " + "; ".join(verdicts) + ". "
@@ -694,9 +705,15 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         notes = notes.replace("jawiki_jaquad_dev", "data_prep/sample/ja_dev.txt")
     return {"title": title, "notes": notes, "date": date, "size": args.size, "argv": sys.argv[1:],
             "recipe": args.recipe, "student_lr": size.student_lr, "kd_lr": args.kd_lr, "config": asdict(size),
-            "dev_tokens": dev_tokens, "train_tokens": train_manifest["tokens"], "runs": runs, "tasks": tasks,
+            "dev_tokens": dev_tokens, "dev_chars": dev_chars, "dev_bytes": details["teacher"].get("bytes"),
+            "train_tokens": train_manifest["tokens"], "runs": runs, "tasks": tasks,
             "kd_beats_no_kd": {n: runs[n]["perplexity"] < runs["no_kd"]["perplexity"] for n in kd_names}
             if "no_kd" in runs else {}, "curves": curves["png"], "curves_note": curves["note"], "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+
+
+def per_text(ppl: dict, label: str) -> dict:
+    """A model's bits per character and per byte of the dev text, from evaluate.py's JSON (None: not measured)."""
+    return {key: ppl.get(key, {}).get(label) for key in ("bits_per_char", "bits_per_byte")}
 
 
 def students_curves(out: Path, tag: str, students: list[tuple[str, Path]]) -> dict:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny rinna-layout tokenizer, tiny GPT-2 models and random token shards."""
+"""Shared fixtures: a tiny rinna-layout tokenizer, a tiny byte-level BPE, tiny GPT-2 models and random token shards."""
 
 import json
 from pathlib import Path
@@ -37,6 +37,23 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     text.write_text(TOKENIZER_TEXT * 3, encoding="utf-8")
     train_tokenizer([str(text)], 160, str(folder / "tok"))
     return folder / "tok"
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
+    """A folder holding a byte-level BPE of about 400 ids trained on TOKENIZER_TEXT, laid out like Qwen's:
+    tokenizer.json only (no spiece.model), cased, no normaliser, one special token `<|endoftext|>`
+    (id 0: eos and pad) and no bos. Another family and granularity than tiny_tokenizer's unigram."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TOKENIZER_TEXT.splitlines() * 3, vocab_size=400, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    folder = tmp_path_factory.mktemp("bpe") / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -159,13 +159,19 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def torchrun_train(args, nproc: int = 2, timeout: int = 300):
-    """train.py under torchrun, `nproc` gloo processes on this machine, one thread each: the CompletedProcess."""
+def torchrun(script, args, nproc: int = 2, timeout: int = 300):
+    """A script under torchrun, `nproc` gloo processes on this machine, one thread each, the repo root and
+    examples/distillation importable: the CompletedProcess."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'examples' / 'distillation'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           free_port(), str(TRAIN_PY), *args]
+           free_port(), str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun_train(args, nproc: int = 2, timeout: int = 300):
+    """train.py under torchrun (torchrun above)."""
+    return torchrun(TRAIN_PY, args, nproc, timeout)

@@ -111,7 +111,7 @@ def test_binarize_writes_int32_shards_with_ids_above_uint16(large):
 def test_training_and_evaluation_see_the_binarized_ids(large, tmp_path):
     import train
     from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset
-    from perplexity import load_eval_sequences
+    from perplexity import read_eval_data
     from token_cache import MappedSequences
 
     sequences = plain_shard_sequences(large["data"])
@@ -138,6 +138,6 @@ def test_training_and_evaluation_see_the_binarized_ids(large, tmp_path):
     token_ids, _ = LmSeqsDataset.from_cache(dump / "token_cache").batch_sequences(cached)
     assert set(HIGH_IDS) <= set(token_ids.flatten().tolist())  # what the training batches hold
 
-    evaluated = load_eval_sequences(str(large["text"]), str(large["tokenizer"]))
+    evaluated = read_eval_data(str(large["text"]), str(large["tokenizer"])).sequences
     assert [s.tolist() for s in evaluated] == [s.tolist() for s in sequences]
     assert math.isfinite(json.loads((dump / "eval_results.json").read_text())["perplexity"])

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--keep_checkpoints", type=int, default=3, help="Newest checkpoints kept on disk.")
     rec.add_argument("--eval_data", nargs="+", default=None,
                      help="Held-out text (tokenized like binarize.py) or binarize.py output: the student's "
-                          "perplexity goes to tensorboard (eval/perplexity) and dump_path/eval_results.json.")
+                          "perplexity, and for text its bits per character and per byte, go to tensorboard "
+                          "(eval/perplexity, eval/bits_per_char, eval/bits_per_byte) and dump_path/eval_results.json.")
     rec.add_argument("--eval_tasks", default=None, metavar="TASK=FILE[,TASK=FILE...]",
                      help="Multiple-choice tasks scored like evaluate.py --task (zero-shot): TASK is a built-in "
                           "task (jcommonsenseqa, jnli) or a task definition JSON file, FILE its JSON lines; "
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--eval_interval", type=int, default=0,
                      help="Optimizer steps between evaluations on --eval_data and --eval_tasks (0: only at the end).")
     rec.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
-                     help="Draw the loss terms and held-out perplexity against tokens seen to "
+                     help="Draw the loss terms and held-out perplexity (and bits per character) against tokens seen to "
                           "dump_path/curves.png at each evaluation and at the end (on by default; "
                           "without matplotlib: one warning, no plots).")
     return parser

@@ -23,7 +23,7 @@ from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, len
 from lm_seqs_dataset import LmSeqsDataset
 from losses import (LOGIT_TERMS, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
                     real_mask)
-from perplexity import shared_perplexity
+from perplexity import held_out_scores
 from records import LOSS_TERMS
 from sharding import is_sharded
 from tasks import shared_task_scores
@@ -111,7 +111,7 @@ class Distiller:
         self.dump_path = Path(params.dump_path)
         self.dataset = dataset
         self.teacher = teacher
-        self.eval_sequences = eval_sequences  # held-out sequences (--eval_data)
+        self.eval_sequences = eval_sequences  # held-out sequences and their text's size (--eval_data: EvalData)
         self.eval_tasks = list(eval_tasks)  # tasks.TaskData (--eval_tasks)
         self.evaluates = eval_sequences is not None or bool(self.eval_tasks)
         self.eval_history = []
@@ -452,14 +452,14 @@ class Distiller:
         return {} if self.taid is None else {"taid_t": self.taid_state[0].item()}
 
     def evaluate(self):
-        """Student perplexity on --eval_data and accuracy on --eval_tasks, shared between ranks
-        (perplexity.py and tasks.py, as evaluate.py)."""
+        """Student perplexity and bits per character on --eval_data and accuracy on --eval_tasks, shared
+        between ranks (perplexity.py and tasks.py, as evaluate.py)."""
         record = {"step": self.n_steps, "tokens_seen": self.tokens_seen}
         shared = dict(rank=self.runtime.global_rank, world_size=self.runtime.world_size,
                       batch_size=self.params.batch_size, device=self.device, amp_dtype=self.amp_dtype,
                       pad_id=self.dataset.ids.pad)
         if self.eval_sequences is not None:
-            record.update(shared_perplexity(self.raw_student(), self.eval_sequences, **shared))
+            record.update(held_out_scores(self.raw_student(), self.eval_sequences, **shared))
         if self.eval_tasks:
             record["tasks"] = {data.task.name: shared_task_scores(self.raw_student(), data, **shared)
                                for data in self.eval_tasks}

@@ -1,15 +1,27 @@
 #!/usr/bin/env python
-"""Perplexity on held-out Japanese text, and multiple-choice task accuracy, of causal language models.
+"""Perplexity and bits per character on held-out Japanese text, and multiple-choice task accuracy, of causal
+language models.
 
     python examples/distillation/evaluate.py --model checkpoints/distilgpt2-ja \
         --model teacher=rinna/japanese-gpt2-medium --tokenizer rinna/japanese-gpt2-medium \
         --data data_prep/sample/ja_dev.txt [--max_length 1024] [--stride 512] [--bf16] [--json OUT]
     python examples/distillation/evaluate.py --model student=checkpoints/distilgpt2-ja \
+        --model teacher=models/Qwen2.5-0.5B --data data_prep/sample/ja_dev.txt   # each its own tokenizer
+    python examples/distillation/evaluate.py --model student=checkpoints/distilgpt2-ja \
         --model teacher=rinna/japanese-gpt2-medium --task jcommonsenseqa --task_data valid-v1.3.json \
         [--num_fewshot 3 --fewshot_data train-v1.3.json [--fewshot_seed 1234]] [--bf16] [--json OUT]
 
 Perplexity = exp(total NLL / number of predicted tokens), over every token after the
-first of each document (the `</s>` closing a document is predicted too).
+first of each document (the `</s>` closing a document is predicted too). It compares models of one
+tokenizer only. Bits per character (per byte) = total NLL / ln 2 / the characters (UTF-8 bytes) of
+the original text, counted before any normalisation: each document's lines joined by "\n". It is
+the same denominator whatever the tokenizer, so it compares models with different vocabularies, each
+scoring the text with its own tokenizer. Binarized data has no text: no bits per character.
+
+Each model's tokenizer (for text data and tasks): its `--tokenizer LABEL=TOK`, else a plain
+`--tokenizer TOK`, else the model's own folder or hub name where it holds a tokenizer, else the first
+model's folder. A sentencepiece (rinna-layout) tokenizer reads the text as binarize.py does; any
+other transformers tokenizer (a byte-level BPE, say) reads each line as it is.
 
 --data: rinna-layout text (one sentence per line, a blank line between documents; files or
 directories of .txt/.txt.gz/.txt.xz) tokenized exactly as data_prep/binarize.py does
@@ -42,10 +54,11 @@ if __name__ == "__main__":  # run as a script: make the repo root importable (ne
 
 import torch  # noqa: E402
 
-from distil_ja import fileio  # noqa: E402
+from distil_ja import fileio, hub, shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, UsageError, run_command, setup_logging  # noqa: E402
 from models import load_causal_lm  # noqa: E402
-from perplexity import check_window, load_encoder, load_eval_sequences, perplexity  # noqa: E402
+from perplexity import check_window, held_out_scores, load_encoder, read_eval_data  # noqa: E402
+from records import HELD_OUT_PER_TEXT  # noqa: E402
 from tasks import DEFAULT_FEWSHOT_SEED, builtin_tasks, evaluate_task, load_task_def, prepare_task  # noqa: E402
 from utils import silence_attention_mask_advice  # noqa: E402
 
@@ -61,11 +74,26 @@ def parse_model_arg(value: str) -> tuple[str, str]:
 
 
 def format_table(rows: dict[str, dict]) -> str:
+    """The perplexity table; a tokenizer column, and a line saying what compares, where tokenizers differ."""
     width = max([len("model")] + [len(k) for k in rows])
-    lines = [f"{'model':<{width}}  {'tokens':>9}  {'nll/token':>9}  {'perplexity':>10}"]
+    tokenizers = {r.get("tokenizer") for r in rows.values()}
+    tok_width = max(len("tokenizer"), *(len(str(t)) for t in tokenizers))
+    tok_head = f"  {'tokenizer':<{tok_width}}" if len(tokenizers) > 1 else ""
+    lines = [f"{'model':<{width}}{tok_head}  {'tokens':>9}  {'nll/token':>9}  {'perplexity':>10}  {'bits/char':>9}  "
+             f"{'bits/byte':>9}"]
     for label, r in rows.items():
         nll = r["nll_sum"] / r["tokens"] if r["tokens"] else float("nan")
-        lines.append(f"{label:<{width}}  {r['tokens']:>9d}  {nll:>9.4f}  {r['perplexity']:>10.3f}")
+        tok = f"  {str(r.get('tokenizer')):<{tok_width}}" if tok_head else ""
+        per_text = "".join(f"  {'–' if r.get(k) is None else format(r[k], '.4f'):>9}"
+                           for k in ("bits_per_char", "bits_per_byte"))
+        lines.append(f"{label:<{width}}{tok}  {r['tokens']:>9d}  {nll:>9.4f}  {r['perplexity']:>10.3f}{per_text}")
+    first = next(iter(rows.values()))
+    if first.get("chars") is not None:
+        lines.append(f"bits over {first['chars']:,} characters ({first['bytes']:,} UTF-8 bytes) of the original text"
+                     + ("; tokenizers differ: perplexity compares only rows of one tokenizer, bits/char and "
+                        "bits/byte compare all" if tok_head else ""))
+    elif tok_head:
+        lines.append("tokenizers differ and the data is binarized (no text, no bits/char): the rows do not compare")
     return "\n".join(lines)
 
 
@@ -73,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True,
                         help="Model folder or hub name, optionally LABEL=...; repeat for a side-by-side table.")
-    parser.add_argument("--tokenizer", default=None,
-                        help="Tokenizer (hub name or folder) for text data; default: the first model's folder.")
+    parser.add_argument("--tokenizer", action="append", default=None,
+                        help="Tokenizer (hub name or folder) for text data and tasks: TOK for every model, or "
+                             "LABEL=TOK for one (repeat); default: each model's own folder or hub name where it "
+                             "holds a tokenizer, else the first model's folder.")
     parser.add_argument("--data", nargs="+", default=None, help="Text files/folders or binarize.py output (perplexity).")
     task = parser.add_argument_group("multiple-choice tasks (tasks.py)")
     choose = task.add_mutually_exclusive_group()
@@ -111,6 +141,40 @@ def format_task_table(task: str, rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizers(models: list[tuple[str, str]], values: list[str] | None) -> dict[str, str | None]:
+    """Each model's tokenizer: its `--tokenizer LABEL=TOK`, else the plain `--tokenizer TOK`, else the
+    model itself (a folder holding a tokenizer, or a hub name), else the first model's folder (None
+    where there is none: binarized data needs no tokenizer)."""
+    labels = [label for label, _ in models]
+    plain, own = [], {}
+    for value in values or []:
+        label, target = parse_model_arg(value)
+        if label == value:
+            plain.append(value)
+        elif label not in labels:
+            raise UsageError(f"--tokenizer {value}: no --model is labelled {label!r} (labels: {', '.join(labels)})")
+        elif label in own:
+            raise UsageError(f"--tokenizer: two tokenizers for {label!r}")
+        else:
+            own[label] = target
+    if len(plain) > 1:
+        raise UsageError(f"--tokenizer: {len(plain)} tokenizers for every model ({', '.join(plain)}); "
+                         "give one, or LABEL=TOK for each model")
+    first = models[0][1] if Path(models[0][1]).is_dir() else None
+    default = plain[0] if plain else None
+
+    def own_tokenizer(target: str) -> str | None:
+        path = Path(target)
+        if path.is_dir():
+            return target if any((path / name).is_file() for name in TOKENIZER_FILES) else None
+        return None if hub.looks_local(target) else target
+
+    return {label: own.get(label) or default or own_tokenizer(target) or first for label, target in models}
+
+
 def load_task(args, tokenizer):
     """The task of --task/--task_def over --task_data, tokenized (tasks.prepare_task), or None."""
     name = args.task or args.task_def
@@ -142,42 +206,53 @@ def run(args) -> dict:
     labels = [label for label, _ in models]
     if len(set(labels)) != len(labels):
         raise UsageError(f"duplicate model labels: {labels}")
-    tokenizer = args.tokenizer
-    if tokenizer is None and Path(models[0][1]).is_dir():
-        tokenizer = models[0][1]
-    sequences = load_eval_sequences(args.data, tokenizer, args.unit, args.allow_bad_text) if args.data else None
-    task_data = load_task(args, tokenizer)
-    if sequences is not None:
-        logger.info("Scoring %d sequences (%d tokens) with %d model(s) on %s", len(sequences),
-                    sum(len(s) for s in sequences), len(models), device)
+    tokenizers = model_tokenizers(models, args.tokenizer)
+    # text is read and tokenized once per tokenizer; binarized data once, its ids being the same for every model
+    text_given = bool(args.data) and not all(shards.is_binarized(path) for path in args.data)
+    data_key = {label: tok if text_given else None for label, tok in tokenizers.items()}
+    eval_data = {key: read_eval_data(args.data, key, args.unit, args.allow_bad_text)
+                 for key in dict.fromkeys(data_key.values())} if args.data else {}
+    task_data = {tok: load_task(args, tok) for tok in dict.fromkeys(tokenizers.values())}
+    for key, data in eval_data.items():
+        logger.info("Scoring %d sequences (%d tokens%s) with %d model(s) on %s", len(data),
+                    sum(len(s) for s in data.sequences), f" of {key}" if key else "",
+                    list(data_key.values()).count(key), device)
     amp_dtype = torch.bfloat16 if args.bf16 else None
     rows, task_rows, task_items = {}, {}, {}
     for label, target in models:
+        tok = tokenizers[label]
         model = load_causal_lm(target).to(device).eval()
         vocab = model.get_input_embeddings().num_embeddings
-        top = max([int(s.max()) for s in sequences or []] + [task_data.max_id if task_data else 0])
+        sequences = eval_data[data_key[label]].sequences if args.data else []
+        top = max([int(s.max()) for s in sequences] + [task_data[tok].max_id if task_data[tok] else 0])
         if top >= vocab:
             raise UsageError(f"the data holds token id {top}, beyond {label}'s vocabulary ({vocab}): wrong tokenizer?")
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-        if sequences is not None:
-            rows[label] = perplexity(model, sequences, args.max_length, args.stride, args.batch_size, device,
-                                     amp_dtype, progress=True, pad_id=pad_id)
-            rows[label]["model"] = target
-            logger.info("%s: perplexity %.3f over %d tokens", label, rows[label]["perplexity"], rows[label]["tokens"])
-        if task_data is not None:
-            task_rows[label], task_items[label] = evaluate_task(model, task_data, batch_size=args.batch_size,
+        if args.data:
+            rows[label] = held_out_scores(model, eval_data[data_key[label]], max_length=args.max_length, stride=args.stride,
+                                          batch_size=args.batch_size, device=device, amp_dtype=amp_dtype,
+                                          progress=True, pad_id=pad_id)
+            rows[label].update(model=target, tokenizer=tok)
+            r = rows[label]
+            logger.info("%s: perplexity %.3f over %d tokens%s", label, r["perplexity"], r["tokens"],
+                        "" if r["bits_per_char"] is None else
+                        f", {r['bits_per_char']:.4f} bits/char over {r['chars']:,} characters")
+        if task_data[tok] is not None:
+            task_rows[label], task_items[label] = evaluate_task(model, task_data[tok], batch_size=args.batch_size,
                                                                 device=device, amp_dtype=amp_dtype, progress=True,
                                                                 pad_id=pad_id)
             task_rows[label]["model"] = target
-            logger.info("%s: %s acc %.4f, acc_norm %.4f over %d items", label, task_data.task.name,
+            logger.info("%s: %s acc %.4f, acc_norm %.4f over %d items", label, task_data[tok].task.name,
                         task_rows[label]["acc"], task_rows[label]["acc_norm"], task_rows[label]["n"])
         del model
-    result = {"tokenizer": tokenizer, "bf16": args.bf16}
-    if sequences is not None:
+    first = tokenizers[models[0][0]]
+    result = {"tokenizer": first, "tokenizers": tokenizers, "bf16": args.bf16}
+    if args.data:
         print(format_table(rows))
-        result.update({"perplexity": {k: r["perplexity"] for k, r in rows.items()}, "details": rows,
-                       "data": [str(d) for d in args.data], "unit": args.unit, "max_length": args.max_length,
-                       "stride": args.stride})
+        result.update({key: {k: r[key] for k, r in rows.items()} for key in ("perplexity", *HELD_OUT_PER_TEXT)})
+        result.update({"details": rows, "data": [str(d) for d in args.data], "unit": args.unit,
+                       "max_length": args.max_length, "stride": args.stride})
+    task_data = task_data[first]
     if task_data is not None:
         print(format_task_table(task_data.task.name, task_rows))
         result["task"] = {"definition": task_data.task.to_json(), "prompt_id": task_data.task.prompt_id,

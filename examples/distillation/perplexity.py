@@ -1,11 +1,22 @@
-"""Token-weighted perplexity of causal language models on held-out data: the library behind
-evaluate.py (the command) and the trainer's --eval_data.
+"""Token-weighted perplexity and bits per character of causal language models on held-out data:
+the library behind evaluate.py (the command) and the trainer's --eval_data.
 
 Perplexity = exp(total NLL / number of predicted tokens), over every token after the first of
-each document (the `</s>` closing a document is predicted too). Text is tokenized exactly as
-data_prep/binarize.py does (NFKC + lowercase, each line encoded separately, `<s> ... </s>` per
-document); binarize.py output is read as it is. A document longer than the window is scored with
-a sliding window: each token exactly once, with at least max_length - stride tokens of context.
+each document (the `</s>` closing a document is predicted too). It compares models that share a
+tokenizer only: a token is another unit in another vocabulary.
+
+Bits per character = total NLL / ln 2 / the number of characters of the original text, and bits
+per byte the same over its UTF-8 bytes. The characters are counted on the text as read, before any
+normalisation (NFKC, lowercasing): a document's lines (each without its line break, undecodable
+bytes as U+FFFD) joined by "\n" (--unit line: each line), whatever the tokenizer. So two models with
+different vocabularies, each scoring the text with its own tokenizer, are divided by the same number
+and compare. Binarized data holds no text: it has no character count and no bits per character.
+
+Text is tokenized as data_prep/binarize.py does for a sentencepiece (rinna-layout) tokenizer (NFKC +
+lowercase, each line encoded separately, `<s> ... </s>` per document); binarize.py output is read as
+it is; any other transformers tokenizer (a byte-level BPE, say) encodes each line as it is
+(TokenizerEncoder). A document longer than the window is scored with a sliding window: each token
+exactly once, with at least max_length - stride tokens of context.
 """
 
 import contextlib
@@ -13,6 +24,7 @@ import functools
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distil_ja import shards
+from distil_ja import hub, shards
 from distil_ja.cli import DataError, UsageError, first_line
 from distil_ja.text_checks import TextChecks
 from distil_ja.tokenization import (DocumentEncoder, expand_paths, iter_documents, load_tokenizer,
@@ -34,20 +46,33 @@ logger = logging.getLogger("distillation.evaluate")
 # ---- data -------------------------------------------------------------------------------
 
 
-class _TransformersEncoder:
-    """Fallback when a tokenizer folder has no spiece.model (transformers 5 saves only
-    tokenizer.json): the transformers tokenizer on each normalized line, no special tokens,
-    which gives the same ids as DocumentEncoder."""
+class TokenizerEncoder:
+    """The document encoder of a transformers tokenizer without a spiece.model: a byte-level BPE
+    (GPT-2, Qwen), a cased sentencepiece saved as tokenizer.json (llm-jp), or a rinna-layout folder
+    saved by transformers 5 (tokenizer.json only). Same interface as DocumentEncoder.
+
+    Each line is encoded on its own with no special tokens, as DocumentEncoder does. The text is
+    lowercased and NFKC'd first only where the tokenizer says so (`do_lower_case` in its config:
+    rinna's and make_tokenizer.py's; transformers itself ignores it); any other tokenizer sees the
+    text as it is, with its own normaliser. A document starts with the tokenizer's bos token, or,
+    where it has none (Qwen), with its eos token, which such models are trained to read as a
+    document boundary (lm-evaluation-harness's prefix for the same case); it ends with eos.
+    """
 
     def __init__(self, name_or_dir):
         self.tok = load_tokenizer(name_or_dir)  # with data_prep's unk-id fix
-        self.normalize = normalize_text
-        self.bos_id, self.eos_id, self.unk_id = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.unk_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise UsageError(f"tokenizer {name_or_dir!r} defines no <s> or </s>")
+        self.lowercase = bool(self.tok.init_kwargs.get("do_lower_case", False))
+        self.eos_id = self.tok.eos_token_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+        self.unk_id = self.tok.unk_token_id if self.tok.unk_token_id is not None else -1  # byte-level: no unknowns
+        if self.eos_id is None:
+            raise UsageError(f"tokenizer {name_or_dir!r} defines no end-of-text token (</s>, <|endoftext|>)")
 
     def encode_batch(self, lines):
-        return [self.tok(self.normalize(line), add_special_tokens=False)["input_ids"] for line in lines]
+        if not lines:
+            return []
+        texts = [normalize_text(line) for line in lines] if self.lowercase else list(lines)
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def encode_lines(self, lines):
         return [i for ids in self.encode_batch(lines) for i in ids]
@@ -60,14 +85,18 @@ class _TransformersEncoder:
 
 
 def document_encoder(tokenizer: str):
-    """data_prep's DocumentEncoder (what binarize.py uses) for a hub name or folder."""
+    """data_prep's DocumentEncoder (what binarize.py uses) for a hub name or folder with a
+    spiece.model; any other tokenizer (a folder or hub name without one: Qwen's, GPT-2's) gets the
+    TokenizerEncoder of its transformers tokenizer."""
     try:
         return DocumentEncoder(tokenizer)
-    except FileNotFoundError:
-        if not Path(tokenizer).is_dir():
+    except OSError:  # FileNotFoundError: a folder without spiece.model; OSError: a hub repo without one
+        if hub.looks_local(tokenizer) and not Path(tokenizer).is_dir():
             raise
-        logger.info("%s has no spiece.model: tokenizing through its tokenizer.json", tokenizer)
-        return _TransformersEncoder(tokenizer)
+    encoder = TokenizerEncoder(tokenizer)
+    logger.info("%s has no spiece.model: tokenizing each line through transformers (%s)", tokenizer,
+                "NFKC + lowercase first, as its config says" if encoder.lowercase else "the text as it is")
+    return encoder
 
 
 def load_encoder(tokenizer: str):
@@ -81,26 +110,60 @@ def load_encoder(tokenizer: str):
 EVAL_ALLOW_HINT = "or pass --allow_bad_text to score it anyway"
 
 
-def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc", allow_bad_text: bool = False,
-                        allow_hint: str = EVAL_ALLOW_HINT) -> list[np.ndarray]:
-    """Token sequences of held-out data: binarize.py output, or text tokenized like binarize.py.
+@dataclass
+class EvalData:
+    """Held-out token sequences and, where they come from text, the size of the text each one holds.
+
+    chars[i] / utf8_bytes[i]: the characters / UTF-8 bytes of sequence i's original text (see the
+    module docstring for what counts); None when any of the data is binarized (no text to count).
+    """
+
+    sequences: list[np.ndarray]
+    chars: list[int] | None = None
+    utf8_bytes: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def share(self, rank: int, world_size: int) -> "EvalData":
+        """The sequences rank r of world_size scores (r, r + W, ...), with their text sizes."""
+        part = slice(rank, None, world_size)
+        return EvalData(self.sequences[part], None if self.chars is None else self.chars[part],
+                        None if self.utf8_bytes is None else self.utf8_bytes[part])
+
+
+def text_units(doc: list[str], unit: str = "doc") -> list[list[str]]:
+    """The lines of each sequence a document gives: all of them (unit doc) or one each (unit line).
+    A sequence's original text, what bits per character divides by, is its lines joined by "\n"."""
+    return [doc] if unit == "doc" else [[line] for line in doc]
+
+
+def read_eval_data(data, tokenizer: str | None = None, unit: str = "doc", allow_bad_text: bool = False,
+                   allow_hint: str = EVAL_ALLOW_HINT) -> EvalData:
+    """Token sequences of held-out data, binarize.py output or text tokenized like binarize.py, and the
+    size of the original text of each (text only).
 
     data: a path or a list of paths (text files/folders, a binarize.py folder, .pickle shards).
     Text goes through binarize's bad-text rules (distil_ja.text_checks): a file of undecodable lines,
     or <unk> over the limit, is a DataError, unless allow_bad_text (allow_hint says how to give it).
+    A sequence of fewer than 2 tokens predicts nothing: it is dropped, and its text with it.
     """
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not paths:
         raise DataError("no evaluation data given")
-    sequences, encoder = [], None
+    sequences, texts, encoder = [], [], None
     text_files = [f for path in map(Path, paths) if path.exists() and not shards.is_binarized(path)
                   for f in expand_paths(str(path))]
     checks = TextChecks(text_files, allow_bad_text, allow_hint)
+    binarized = False
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
         if shards.is_binarized(path):
-            sequences += shards.load_sequences([path])[0]
+            found = shards.load_sequences([path])[0]
+            sequences += found
+            texts += [None] * len(found)
+            binarized = True
             continue
         if tokenizer is None:
             raise UsageError(f"{path} is text: name the tokenizer that binarized the training data")
@@ -111,17 +174,23 @@ def load_eval_sequences(data, tokenizer: str | None = None, unit: str = "doc", a
             for file in expand_paths(str(path)):
                 index = checks.files.index(file)
                 for doc in iter_documents(file, functools.partial(checks.file_read, index)):
-                    encoded = encoder.encode_document(doc, unit)
-                    checks.add_sequences(index, encoded, encoder.unk_id)
-                    sequences += [np.asarray(s, dtype=np.int64) for s in encoded]
+                    for lines in text_units(doc, unit):
+                        encoded = encoder.encode_document(lines, unit)  # one sequence, or none for an empty line
+                        checks.add_sequences(index, encoded, encoder.unk_id)
+                        sequences += [np.asarray(s, dtype=np.int64) for s in encoded]
+                        texts += ["\n".join(lines)] * len(encoded)
         except (OSError, EOFError, ValueError) as err:  # a truncated .xz/.gz raises ValueError too
             raise DataError(f"{path}: unreadable ({err})") from err
         logger.info("%s: %d sequences", path, len(sequences) - n_before)
     checks.check_unk()
-    sequences = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
-    if not sequences:
+    kept = [(np.asarray(s, dtype=np.int64), text) for s, text in zip(sequences, texts) if len(s) >= 2]
+    if not kept:
         raise DataError(f"no document with at least 2 tokens in {', '.join(map(str, paths))}")
-    return sequences
+    if binarized:
+        if text_files:
+            logger.info("Some evaluation data is binarized (no text): no bits per character")
+        return EvalData([s for s, _ in kept])
+    return EvalData([s for s, _ in kept], [len(t) for _, t in kept], [len(t.encode("utf-8")) for _, t in kept])
 
 
 # ---- scoring ----------------------------------------------------------------------------
@@ -208,14 +277,31 @@ def perplexity(model, sequences, max_length: int | None = None, stride: int | No
     return {"nll_sum": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens) if tokens else float("nan")}
 
 
-def shared_perplexity(model, sequences, rank: int = 0, world_size: int = 1, **kwargs) -> dict:
-    """perplexity() with the sequences shared between the ranks of a process group (every
-    rank must call it); each rank gets the totals over all sequences."""
-    out = perplexity(model, sequences[rank::world_size], **kwargs)
+def bits_per_unit(nll_sum: float, units: int | None) -> float | None:
+    """Bits per character (or byte): the summed NLL in nats / ln 2 / the text's characters (bytes).
+    None where the text's size is unknown (binarized data) or zero."""
+    return nll_sum / math.log(2) / units if units else None
+
+
+def held_out_scores(model, data: EvalData, rank: int = 0, world_size: int = 1, **kwargs) -> dict:
+    """perplexity() of `data` plus its bits per character and per byte, the sequences shared between
+    the ranks of a process group (every rank must call it; each gets the totals over all of them).
+
+    Returns {"nll_sum", "tokens", "perplexity", "chars", "bytes", "bits_per_char", "bits_per_byte"};
+    the last four are None for binarized data. perplexity() scores every token after each
+    sequence's first exactly once, windows or not, so the NLL and the characters cover the same text.
+    """
+    part = data.share(rank, world_size)
+    out = perplexity(model, part.sequences, **kwargs)
+    sizes = [0, 0] if part.chars is None else [sum(part.chars), sum(part.utf8_bytes)]
+    nll, tokens = out["nll_sum"], out["tokens"]
     if world_size > 1:
         device = kwargs.get("device") or next(model.parameters()).device
-        sums = torch.tensor([out["nll_sum"], out["tokens"]], dtype=torch.float64, device=device)
+        sums = torch.tensor([nll, tokens, *sizes], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         nll, tokens = sums[0].item(), int(round(sums[1].item()))
-        out = {"nll_sum": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens) if tokens else float("nan")}
-    return out
+        sizes = [int(round(x)) for x in sums[2:].tolist()]
+    chars, n_bytes = (None, None) if data.chars is None else sizes
+    return {"nll_sum": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+            "chars": chars, "bytes": n_bytes, "bits_per_char": bits_per_unit(nll, chars),
+            "bits_per_byte": bits_per_unit(nll, n_bytes)}

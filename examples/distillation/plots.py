@@ -1,7 +1,11 @@
-"""Training curves in one PNG: each loss term, the held-out perplexity and task accuracy against tokens seen.
+"""Training curves in one PNG: each loss term, the held-out perplexity, bits per character and task accuracy
+against tokens seen.
 
 One panel per loss term that any run logged (metrics.jsonl), one for TAID's t where a run logged it,
-one for the held-out perplexity and one per task's accuracy (--eval_tasks; both from eval_results.json),
+one for the held-out perplexity, one for the held-out bits per character (where --eval_data was text;
+it compares runs whose students have different tokenizers, which perplexity does not; bits per byte,
+the same curve times chars/bytes of that text, gets no panel of its own) and one per task's accuracy
+(--eval_tasks; all from eval_results.json),
 one line per run in the same colour in every panel, one legend. The weighted
 total (`loss`) is left out: runs with other weights would not compare. The x axis
 is the real tokens the optimizer has trained on, so runs with other batch shapes line up; runs
@@ -35,7 +39,10 @@ TITLES = {
     "cos": "cos: 1 - cosine to the teacher",
     "taid_t": "taid_t: TAID's interpolation weight",
     "perplexity": "held-out perplexity",
+    "bits_per_char": "held-out bits per character",
 }
+EVAL_PANELS = ("perplexity", "bits_per_char")  # an evaluation's measures of --eval_data that get a panel
+YLABELS = {"perplexity": "perplexity", "bits_per_char": "bits / character", "taid_t": "t"}
 
 
 class PlotsUnavailable(UsageError):
@@ -68,7 +75,7 @@ class Run:
             name = key[len(TASK_PREFIX):]
             records = [{**r, key: r["tasks"][name]["acc"]} for r in self.evaluations if name in r.get("tasks", {})]
         else:
-            records = self.evaluations if key == "perplexity" else self.metrics
+            records = self.evaluations if key in EVAL_PANELS else self.metrics
         points = [(r[x], r[key]) for r in records if r.get(key) is not None and r.get(x) is not None]
         return [p[0] for p in points], [p[1] for p in points]
 
@@ -77,11 +84,10 @@ class Run:
 
 
 def panels(runs: list[Run]) -> list[str]:
-    """The loss terms and loop state any run logged (LOSS_TERMS, LOGGED_STATE order), then the perplexity if
-    any run measured it, then each task's accuracy (--eval_tasks)."""
+    """The loss terms and loop state any run logged (LOSS_TERMS, LOGGED_STATE order), then the perplexity and
+    the bits per character where any run measured them, then each task's accuracy (--eval_tasks)."""
     keys = [k for k in LOSS_TERMS + LOGGED_STATE if any(k in m for r in runs for m in r.metrics)]
-    if any("perplexity" in e for r in runs for e in r.evaluations):
-        keys.append("perplexity")
+    keys += [k for k in EVAL_PANELS if any(e.get(k) is not None for r in runs for e in r.evaluations)]
     return keys + [TASK_PREFIX + name for name in dict.fromkeys(n for r in runs for n in r.task_names())]
 
 
@@ -122,7 +128,7 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
         xs, ys = run.series(key, x)
         if xs:
             # evaluations are few: mark each one; the loss lines are dense enough without markers
-            evaluated = key == "perplexity" or key.startswith(TASK_PREFIX)
+            evaluated = key in EVAL_PANELS or key.startswith(TASK_PREFIX)
             ax.plot(xs, ys, color=f"C{index % 10}", label=run.label, marker="o" if evaluated else None,
                     markersize=3)
             values += ys
@@ -134,7 +140,7 @@ def draw_panel(ax, key: str, runs: list[Run], x: str) -> None:
     ax.set_title(f"{key[len(TASK_PREFIX):]} accuracy (dashed: chance)" if task else TITLES.get(key, key),
                  fontsize="medium")
     ax.set_xlabel("tokens seen" if x == "tokens_seen" else "optimizer steps")
-    ax.set_ylabel("accuracy" if task else {"perplexity": "perplexity", "taid_t": "t"}.get(key, "loss per token"))
+    ax.set_ylabel("accuracy" if task else YLABELS.get(key, "loss per token"))
     span = None if task else log_span(values)  # accuracy stays on a linear axis
     if span is not None and span > LOG_SPAN:  # a log y axis where it helps: values spread over > LOG_SPAN times
         ax.set_yscale("log")

@@ -32,7 +32,7 @@ from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import Aligned, LmSeqsDataset, SpecialIds  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
-from perplexity import load_encoder, load_eval_sequences  # noqa: E402
+from perplexity import load_encoder, read_eval_data  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
 from tasks import load_task_def, prepare_task  # noqa: E402
 from utils import (DumpPathLock, Runtime, attempt, git_log, init_distributed, logger, raise_first_error,  # noqa: E402
@@ -167,11 +167,11 @@ def check_shared_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_si
 
 
 def load_eval_data(params, tokenizer_source: str):
-    """--eval_data as token sequences (perplexity.py's loader, as evaluate.py), or None."""
+    """--eval_data as token sequences with their text's size (perplexity.EvalData, as evaluate.py), or None."""
     if not params.eval_data:
         return None
     try:
-        return load_eval_sequences(params.eval_data, tokenizer_source,
+        return read_eval_data(params.eval_data, tokenizer_source,
                                    allow_hint="or binarize it (binarize.py --allow_bad_text) and pass that folder")
     except (DataError, UsageError) as err:
         raise type(err)(f"--eval_data: {err}") from err

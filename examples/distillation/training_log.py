@@ -25,7 +25,7 @@ import torch.distributed as dist
 import plots
 from distil_ja import fileio
 from distil_ja.cli import DataError
-from records import EVAL_RESULTS, LOSS_TERMS, METRICS
+from records import EVAL_RESULTS, HELD_OUT_PER_TEXT, LOSS_TERMS, METRICS
 
 logger = logging.getLogger("distillation")
 
@@ -131,11 +131,17 @@ class TrainingLog:
 
     def write_eval(self, record: dict, history: list[dict]) -> None:
         if "perplexity" in record:
-            logger.info("step %d | eval perplexity %.3f over %d tokens", record["step"], record["perplexity"],
-                        record["tokens"])
+            per_char = ("" if record.get("bits_per_char") is None else
+                        f", {record['bits_per_char']:.4f} bits/char, {record['bits_per_byte']:.4f} bits/byte over "
+                        f"{record['chars']:,} characters")
+            logger.info("step %d | eval perplexity %.3f over %d tokens%s", record["step"], record["perplexity"],
+                        record["tokens"], per_char)
             if self.writer is not None:
                 self.writer.add_scalar("eval/perplexity", record["perplexity"], record["step"])
                 self.writer.add_scalar("eval/nll", record["nll_sum"] / max(record["tokens"], 1), record["step"])
+                for key in HELD_OUT_PER_TEXT:  # text data only: binarized data holds no characters
+                    if record.get(key) is not None:
+                        self.writer.add_scalar(f"eval/{key}", record[key], record["step"])
         for name, r in record.get("tasks", {}).items():
             logger.info("step %d | eval %s (%s) acc %.4f ± %.4f, acc_norm %.4f over %d items (chance %.4f)",
                         record["step"], name, r["prompt_id"], r["acc"], r["acc_stderr"], r["acc_norm"], r["n"],

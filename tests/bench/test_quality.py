@@ -69,6 +69,14 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
     for name in runs:
         assert f"| {name} |" in table
     assert "ppl ÷ teacher" in table and "tensorboard" in table and "tokens to no-KD ppl" in table
+    # bits per character of the dev text beside the perplexity: the same NLL over the text's characters
+    details = json.loads((out / "perplexity-default.json").read_text())["details"]
+    assert result["dev_chars"] > result["dev_tokens"] / 10 and "dev bits/char" in table
+    for name, row in runs.items():
+        assert row["bits_per_char"] == pytest.approx(details[name]["nll_sum"] / math.log(2) / result["dev_chars"])
+        assert row["bits_per_byte"] == pytest.approx(details[name]["nll_sum"] / math.log(2) / result["dev_bytes"])
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {row['perplexity']:.2f} | {row['bits_per_char']:.4f} |" in line
     assert (tmp_path / "report" / "results-default.json").is_file()
     assert (tmp_path / "report" / "kd" / "log").is_dir()
 
@@ -76,7 +84,8 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
     histories = {n: json.loads((path_of(runs[n]["path"]) / "eval_results.json").read_text())["history"]
                  for n in ("no_kd", "kd", "kd_init")}
     assert all([h["step"] for h in history] == [2, 4, 6] for history in histories.values())
-    assert all(h["tokens"] == result["dev_tokens"] for history in histories.values() for h in history)
+    assert all(h["tokens"] == result["dev_tokens"] and h["chars"] == result["dev_chars"]
+               for history in histories.values() for h in history)
     # token efficiency from those curves, against the reference function; no_kd reaches its own final at 1.0
     for name in ("no_kd", "kd", "kd_init"):
         efficiency = runs[name]["token_efficiency"]
@@ -93,7 +102,7 @@ def test_smoke_size_gives_four_rows_on_one_token_budget(tmp_path, smoke_out):
     assert f"]({png.name})" in table
     assert (tmp_path / "report" / png.name).read_bytes() == png.read_bytes()
     assert (tmp_path / "report" / "kd" / "curves.png").is_file()  # train.py's own picture of the run
-    assert not (out / "text").exists()  # derived text is deleted once binarized
+    assert [p.name for p in (out / "text").iterdir()] == ["dev"]  # the training text is deleted once binarized
 
 
 def fake_corpora(tmp_path):
@@ -129,7 +138,9 @@ def test_dry_run_gpu_size_commands(tmp_path, capsys):
     assert "--max_steps 4200" in teacher and "--eval_data" not in teacher
     students = [line for line in lines if line is not teacher]
     assert all("--max_steps 1200" in line and "--eval_interval 200" in line for line in students)
-    assert all(f"--eval_data {tmp_path / 'q' / 'data' / 'dev'}" in line for line in students)
+    dev_text = tmp_path / "q" / "text" / "dev" / "doc_data"  # text, so that bits per character are measured
+    assert all(f"--eval_data {dev_text}" in line for line in students)
+    assert f"--data {dev_text}" in stdout.split("evaluate.py")[1]
 
 
 @pytest.mark.parametrize("objective", ["taid", "akl"])
@@ -297,6 +308,17 @@ def test_report_with_matplotlib_shows_the_picture(tmp_path):
     assert png == tmp_path / "curves-t.png" and png.read_bytes()[:4] == b"\x89PNG" and curves["note"] == ""
     text = quality.report_markdown({"title": "T", "notes": "N", "curves": curves["png"], "curves_note": ""}, "|t|")
     assert text.endswith("(curves-t.png)\n")
+
+
+def test_bits_per_char_is_a_column_beside_the_perplexity():
+    row = {"model": "1x32", "init": "random", "teacher": False, "recipe_text": "clm only", "lr": 1e-3, "steps": 6,
+           "tokens_seen": 100, "wall_s": 1.0, "perplexity": 50.0, "ratio": 1.0, "tensorboard": "log"}
+    table = quality.markdown_table({"runs": {"teacher": {**row, "bits_per_char": 3.21987}, "no_kd": row}})
+    head, _, teacher, no_kd = table.splitlines()
+    cells = [c.strip() for c in head.split("|")]
+    column = cells.index("dev bits/char")
+    assert cells[column - 1] == "dev ppl"
+    assert teacher.split("|")[column].strip() == "3.2199" and no_kd.split("|")[column].strip() == "–"  # not measured
 
 
 def test_task_accuracy_is_a_column_and_near_chance_is_said():

@@ -12,9 +12,10 @@ import torch
 
 import evaluate
 import perplexity
-from helpers import REPO, gpt2_config, random_sequences, write_shard
+from helpers import REPO, gpt2_config, random_sequences, torchrun, write_shard
 
 EVALUATE_PY = REPO / "examples" / "distillation" / "evaluate.py"
+HELDOUT_WORKER = REPO / "tests" / "examples" / "distillation" / "heldout_worker.py"
 DEV_TEXT = REPO / "data_prep" / "sample" / "ja_dev.txt"
 
 
@@ -103,8 +104,8 @@ def test_text_is_tokenized_exactly_like_binarize(tiny_tokenizer, tmp_path):
     text = tmp_path / "dev.txt"
     text.write_text("GPUとPythonで計算した。\nＡＢＣの本を読んだ。\n\n二つ目の文書です。\n", encoding="utf-8")
     binarize([str(text)], str(tiny_tokenizer), str(tmp_path / "bin"), num_workers=1, progress=False)
-    from_text = perplexity.load_eval_sequences(str(text), str(tiny_tokenizer))
-    from_shards = perplexity.load_eval_sequences(str(tmp_path / "bin"))
+    from_text = perplexity.read_eval_data(str(text), str(tiny_tokenizer)).sequences
+    from_shards = perplexity.read_eval_data(str(tmp_path / "bin")).sequences
     assert len(from_text) == 2
     assert [s.tolist() for s in from_text] == [s.tolist() for s in from_shards]
     assert from_text[0][0] == 1 and from_text[0][-1] == 2
@@ -163,5 +164,175 @@ def test_training_scores_the_student_on_held_out_data(tiny_setup, tmp_path):
     assert results["step"] == 6 and results["tokens"] == ref["tokens"]
     assert results["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
     assert [h["step"] for h in results["history"]] == [3, 6]
+    assert results["bits_per_char"] is None  # binarized data: no text to count
     events = b"".join(p.read_bytes() for p in (dump / "log").glob("events.out.tfevents.*"))
-    assert b"eval/perplexity" in events
+    assert b"eval/perplexity" in events and b"eval/bits_per_char" not in events
+
+
+# ---- bits per character: a measure that crosses tokenizers -----------------------------------------------
+
+# Two documents whose NFKC + lowercase form has another length than the text: half-width kana with a
+# voicing mark (2 characters -> 1), a squared word (1 -> 4), a circled digit, full-width and upper case.
+DOCS = [["GPUとPythonで計算した。", "ｶﾞｷﾞの本を読んだ。"],
+        ["㍿の駅で①番の電車に乗った。", "ＡＢＣ", "今日は雨が降っていた。"]]
+DOC_CHARS = [len("GPUとPythonで計算した。\nｶﾞｷﾞの本を読んだ。"), len("㍿の駅で①番の電車に乗った。\nＡＢＣ\n今日は雨が降っていた。")]
+DOC_BYTES = [len("GPUとPythonで計算した。\nｶﾞｷﾞの本を読んだ。".encode()),
+             len("㍿の駅で①番の電車に乗った。\nＡＢＣ\n今日は雨が降っていた。".encode())]
+
+
+@pytest.fixture
+def dev_text(tmp_path):
+    path = tmp_path / "dev.txt"
+    path.write_text("".join("\n".join(doc) + "\n\n" for doc in DOCS), encoding="utf-8")
+    return path
+
+
+def reference_ids(kind, tokenizer_dir, doc):
+    """A document's ids computed apart from perplexity.py: sentencepiece itself on the NFKC + lowercase
+    lines (as binarize.py) between <s> and </s>; the BPE's own tokenizer.json on the lines as they are,
+    between its <|endoftext|>s (it has no <s>)."""
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+        from distil_ja.tokenization import normalize_text
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spiece.model"))
+        return [sp.bos_id(), *[i for line in doc for i in sp.encode(normalize_text(line))], sp.eos_id()]
+    from tokenizers import Tokenizer
+
+    bpe = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    end = bpe.token_to_id("<|endoftext|>")
+    return [end, *[i for line in doc for i in bpe.encode(line, add_special_tokens=False).ids], end]
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """A tiny GPT-2 with room for both tiny tokenizers' ids and long enough for a whole document."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    return GPT2LMHeadModel(gpt2_config(n_layer=1, n_embd=32, vocab_size=512, n_positions=256)).eval()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_bits_per_char_is_the_hand_summed_nll_over_the_original_characters(kind, tiny_tokenizer, tiny_bpe_tokenizer,
+                                                                           wide_model, dev_text):
+    tok = tiny_tokenizer if kind == "sentencepiece" else tiny_bpe_tokenizer
+    data = perplexity.read_eval_data(str(dev_text), str(tok))
+    expected_ids = [reference_ids(kind, tok, doc) for doc in DOCS]
+    assert [s.tolist() for s in data.sequences] == expected_ids
+    assert data.chars == DOC_CHARS and data.utf8_bytes == DOC_BYTES
+    nll = sum(direct_nll(wide_model, ids) for ids in expected_ids)  # float64, every token after the first
+    out = perplexity.held_out_scores(wide_model, data, batch_size=2)
+    assert out["tokens"] == sum(len(ids) - 1 for ids in expected_ids)
+    assert out["chars"] == sum(DOC_CHARS) and out["bytes"] == sum(DOC_BYTES)
+    assert out["bits_per_char"] == pytest.approx(nll / math.log(2) / sum(DOC_CHARS), rel=1e-6)
+    assert out["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(DOC_BYTES), rel=1e-6)
+    # split into windows: every token's NLL still counted once (with less context), over the same characters
+    split = perplexity.held_out_scores(wide_model, data, max_length=12, stride=5, batch_size=3)
+    strided = [hf_strided_nll(wide_model, ids, 12, 5) for ids in expected_ids]
+    assert split["tokens"] == out["tokens"] == sum(n for _, n in strided)
+    assert split["bits_per_char"] == pytest.approx(sum(x for x, _ in strided) / math.log(2) / sum(DOC_CHARS), rel=1e-6)
+
+
+def test_two_tokenizers_of_other_granularity_count_the_same_characters(tiny_tokenizer, tiny_bpe_tokenizer, dev_text):
+    for unit, chars in (("doc", DOC_CHARS), ("line", [len(line) for doc in DOCS for line in doc])):
+        unigram = perplexity.read_eval_data(str(dev_text), str(tiny_tokenizer), unit)
+        bpe = perplexity.read_eval_data(str(dev_text), str(tiny_bpe_tokenizer), unit)
+        assert unigram.chars == bpe.chars == chars
+        assert unigram.utf8_bytes == bpe.utf8_bytes
+        unigram_tokens, bpe_tokens = (sum(map(len, d.sequences)) for d in (unigram, bpe))
+        assert bpe_tokens > 1.3 * unigram_tokens  # the byte-level pieces are finer: other tokens, same text
+
+
+def test_binarized_data_has_no_bits_per_char(tiny_tokenizer, wide_model, dev_text, tmp_path):
+    from data_prep.binarize import binarize
+
+    binarize([str(dev_text)], str(tiny_tokenizer), str(tmp_path / "bin"), num_workers=1, progress=False)
+    data = perplexity.read_eval_data([str(tmp_path / "bin"), str(dev_text)], str(tiny_tokenizer))
+    assert len(data) == 4 and data.chars is None
+    out = perplexity.held_out_scores(wide_model, data)
+    assert out["bits_per_char"] is None and out["bits_per_byte"] is None and math.isfinite(out["perplexity"])
+
+
+def test_a_rinna_folder_without_spiece_model_still_reads_text_like_binarize(tiny_tokenizer, dev_text, tmp_path):
+    """transformers 5 saves tokenizer.json only: its do_lower_case decides the NFKC + lowercase, as before."""
+    from distil_ja.tokenization import load_tokenizer
+
+    saved = tmp_path / "saved"
+    load_tokenizer(str(tiny_tokenizer)).save_pretrained(saved)
+    (saved / "spiece.model").unlink(missing_ok=True)
+    encoder = perplexity.load_encoder(str(saved))
+    assert isinstance(encoder, perplexity.TokenizerEncoder) and encoder.lowercase
+    assert ([s.tolist() for s in perplexity.read_eval_data(str(dev_text), str(saved)).sequences]
+            == [reference_ids("sentencepiece", tiny_tokenizer, doc) for doc in DOCS])
+
+
+def test_cli_scores_each_model_with_its_own_tokenizer(tiny_tokenizer, tiny_bpe_tokenizer, dev_text, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    folders = {}
+    for label, seed in (("unigram", 4), ("bpe", 5)):
+        torch.manual_seed(seed)
+        folders[label] = tmp_path / label
+        GPT2LMHeadModel(gpt2_config(n_layer=1, vocab_size=512, n_positions=256)).save_pretrained(folders[label])
+    out_json = tmp_path / "bpc.json"
+    assert evaluate.main(["--model", f"unigram={folders['unigram']}", "--model", f"bpe={folders['bpe']}",
+                          "--tokenizer", str(tiny_tokenizer), "--tokenizer", f"bpe={tiny_bpe_tokenizer}",
+                          "--data", str(dev_text), "--device", "cpu", "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert "bits/char" in table and "bits/byte" in table and "tokenizers differ" in table and str(tiny_bpe_tokenizer) in table
+    result = json.loads(out_json.read_text())
+    assert result["tokenizers"] == {"unigram": str(tiny_tokenizer), "bpe": str(tiny_bpe_tokenizer)}
+    for label, tok, kind in (("unigram", tiny_tokenizer, "sentencepiece"), ("bpe", tiny_bpe_tokenizer, "bpe")):
+        model = GPT2LMHeadModel.from_pretrained(folders[label]).eval()
+        nll = sum(direct_nll(model, reference_ids(kind, tok, doc)) for doc in DOCS)
+        assert result["bits_per_char"][label] == pytest.approx(nll / math.log(2) / sum(DOC_CHARS), rel=1e-6)
+        assert result["bits_per_byte"][label] == pytest.approx(nll / math.log(2) / sum(DOC_BYTES), rel=1e-6)
+        assert result["details"][label]["chars"] == sum(DOC_CHARS)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_share_the_documents_and_agree_with_one(tiny_bpe_tokenizer, wide_model, dev_text, tmp_path):
+    wide_model.save_pretrained(tmp_path / "model")
+    proc = torchrun(HELDOUT_WORKER, [tmp_path / "model", tiny_bpe_tokenizer, dev_text, tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["own_chars"] for s in shared] == DOC_CHARS  # one document each: the totals need both ranks
+    alone = perplexity.held_out_scores(wide_model, perplexity.read_eval_data(str(dev_text), str(tiny_bpe_tokenizer)))
+    for out in shared:
+        assert out["scores"] == pytest.approx(alone), out
+
+
+@pytest.mark.parametrize("values, message", [
+    (["--tokenizer", "nobody=tok"], "no --model is labelled 'nobody'"),
+    (["--tokenizer", "a", "--tokenizer", "b"], "2 tokenizers for every model"),
+])
+def test_cli_bad_tokenizer_labels_give_one_line(tiny_setup, dev_text, capsys, values, message):
+    assert evaluate.main(["--model", str(tiny_setup["teacher"]), "--data", str(dev_text), "--device", "cpu",
+                          *values]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_training_records_bits_per_char_of_text_eval_data(tiny_setup, dev_text, tmp_path):
+    """eval_results.json, tensorboard and the curves carry the student's bits per character and per byte."""
+    import plots
+    import train
+    from helpers import read_scalars, train_args
+    from transformers import AutoModelForCausalLM
+
+    dump = tmp_path / "run"
+    train.run(train_args(tiny_setup, dump, "--eval_data", str(dev_text), "--eval_interval", "3"))
+    results = json.loads((dump / "eval_results.json").read_text())
+    student = AutoModelForCausalLM.from_pretrained(dump).eval()
+    nll = sum(direct_nll(student, reference_ids("sentencepiece", tiny_setup["tokenizer"], doc)) for doc in DOCS)
+    assert results["step"] == 6 and results["chars"] == sum(DOC_CHARS) and results["bytes"] == sum(DOC_BYTES)
+    assert results["bits_per_char"] == pytest.approx(nll / math.log(2) / sum(DOC_CHARS), rel=1e-5)
+    assert results["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(DOC_BYTES), rel=1e-5)
+    history = results["history"]
+    for key in ("bits_per_char", "bits_per_byte"):
+        assert read_scalars(dump / "log", f"eval/{key}") == pytest.approx([h[key] for h in history], rel=1e-6)
+    fig = plots.figure([plots.Run(dump)])
+    ax = next(a for a in fig.axes if a.get_visible() and a.get_title() == "held-out bits per character")
+    assert list(ax.get_lines()[0].get_ydata()) == [h["bits_per_char"] for h in history]
+    assert ax.get_ylabel() == "bits / character"

@@ -17,7 +17,7 @@ import plots
 import tasks
 from distil_ja.cli import DataError, UsageError
 from distil_ja.tokenization import load_tokenizer, normalize_text
-from helpers import REPO, free_port, gpt2_config, read_scalars, train_args
+from helpers import REPO, gpt2_config, read_scalars, torchrun, train_args
 from perplexity import load_encoder
 from task_files import JCQA, JNLI, write_jsonl
 
@@ -260,11 +260,7 @@ def test_cli_scores_models_side_by_side(tiny_setup, files, tmp_path):
 @pytest.mark.slow
 def test_two_gloo_processes_share_the_items_and_agree_with_one(tiny_setup, files, tmp_path, model):
     model.save_pretrained(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, REPO / "examples" / "distillation", REPO / "tests"))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           free_port(), str(WORKER), str(tmp_path / "model"), str(tiny_setup["tokenizer"]),
-                           str(files["jcqa"]), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(WORKER, [tmp_path / "model", tiny_setup["tokenizer"], files["jcqa"], tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     data = tasks.prepare_task(tasks.load_task_def("jcommonsenseqa"), files["jcqa"],
