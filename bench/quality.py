@@ -94,8 +94,10 @@ from records import read_records  # noqa: E402
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
                   "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
                   "kd": config.build_parser().get_default("kd_loss")}
-RUNS = ("no_kd", "kd", "kd_init")  # and kd_topK (TOPK_RUN)
-TOPK_RUN = re.compile(r"kd_top([1-9][0-9]*)")
+RUNS = ("no_kd", "kd", "kd_init", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
+TOPK_RUN = re.compile(r"x?kd_top([1-9][0-9]*)")
+# xkd runs: a teacher of another tokenizer (its own vocabulary of Size.cross_vocab pieces, the same
+# architecture and steps as the teacher), online (xkd) or from its top-K dump (xkd_topK).
 # Runs without a teacher: the data's next-token loss only (no KD, no cosine term).
 CLM_ONLY = ["--alpha_ce", 0, "--alpha_clm", 1, "--alpha_cos", 0]
 
@@ -135,13 +137,15 @@ class Size:
     log_interval: int = 25
     eval_interval: int = 0  # students' training steps between dev evaluations (their curves); 0 = at the end
     sample: bool = False  # the project's sample text instead of the corpora
+    cross_vocab: int = 1000  # the xkd runs' teacher tokenizer: another vocabulary, of this size
 
 
 SIZES = {
     # Tests: data_prep/sample, a few steps.
     "smoke": Size(vocab=1000, tokenizer_lines=0, n_positions=64, teacher=Model(2, 32, 2), student=Model(1, 32, 2),
                   teacher_steps=12, student_steps=6, batch_size=4, grad_accum=1, teacher_lr=3e-3, student_lr=3e-3,
-                  warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, eval_interval=2, sample=True),
+                  warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, eval_interval=2, sample=True,
+                  cross_vocab=400),
     # 2 CPU cores: a 4 x 128 teacher, a 1 x 128 student (4x fewer layers), ~0.5M teacher tokens.
     "tiny": Size(vocab=4000, tokenizer_lines=20000, n_positions=128, teacher=Model(4, 128, 4), student=Model(1, 128, 4),
                  teacher_steps=420, student_steps=120, batch_size=16, grad_accum=1, teacher_lr=4e-3, student_lr=3e-3,
@@ -156,7 +160,7 @@ SIZES = {
                 student=Model(3, 512, 8), teacher_steps=4200, student_steps=1200, batch_size=32, grad_accum=1,
                 teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,
                 precision=["--precision", "bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0,
-                eval_batch=32, log_interval=100, eval_interval=200),
+                eval_batch=32, log_interval=100, eval_interval=200, cross_vocab=2000),
 }
 
 
@@ -182,7 +186,7 @@ def recipe_text(recipe: dict) -> str:
 
 
 def topk_of(run: str) -> int | None:
-    """kd_top8 -> 8; None for the other runs."""
+    """kd_top8, xkd_top8 -> 8; None for the other runs."""
     match = TOPK_RUN.fullmatch(run)
     return int(match[1]) if match else None
 
@@ -337,20 +341,29 @@ def student_runs(recipe: dict, names: list[str]) -> dict:
         "kd": {"init": "random", "teacher": True, "args": kd},
         "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
     }
-    return {name: {"topk": topk_of(name), **fixed.get(name, fixed["kd"])} for name in names}
+    return {name: {"topk": topk_of(name), "cross": is_cross(name), **fixed.get(name, fixed["kd"])} for name in names}
 
 
-def topk_dump(out: Path, k: int, temperature: float) -> Path:
-    return out / "teacher_logits" / f"top{k}-T{temperature:g}"
+def is_cross(run: str) -> bool:
+    """xkd, xkd_topK: the teacher of another tokenizer."""
+    return run.startswith("xkd")
+
+
+def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None) -> Path:
+    """The top-k dump of the teacher, or (cross_vocab) of the teacher of another tokenizer."""
+    return out / "teacher_logits" / (f"top{k}-T{temperature:g}" + (f"-x{cross_vocab}" if cross_vocab else ""))
 
 
 def runs_problem(runs_wanted: list[str], recipe: dict, size: Size) -> str | None:
     """Why these --runs cannot run with this recipe and student (None: they can)."""
     bad = [r for r in runs_wanted if r not in RUNS and topk_of(r) is None]
     if bad or not runs_wanted:
-        return f"--runs takes {', '.join(RUNS)} and kd_topK (e.g. kd_top8); got {','.join(runs_wanted)!r}"
+        return (f"--runs takes {', '.join(RUNS)}, kd_topK and xkd_topK (e.g. kd_top8); "
+                f"got {','.join(runs_wanted)!r}")
     if recipe["cos"] and any(topk_of(r) for r in runs_wanted):
         return "kd_topK: an offline teacher has no hidden states; pass --recipe cos=0"
+    if recipe["cos"] and any(is_cross(r) for r in runs_wanted):
+        return "xkd: a teacher of another tokenizer has no position-by-position cosine term; pass --recipe cos=0"
     if "kd_init" in runs_wanted and size.student.n_embd != size.teacher.n_embd:
         return "kd_init copies teacher layers, so it needs the teacher's width: drop --student_width or kd_init"
     return None
@@ -420,9 +433,10 @@ def task_notes(runs: dict, tasks: dict) -> str:
 
 
 def teacher_cell(row: dict) -> str:
+    other = ", other tokenizer" if row.get("cross") else ""
     if row.get("teacher_topk"):
-        return f"top-{row['teacher_topk']} offline"
-    return "yes" if row["teacher"] else "no"
+        return f"top-{row['teacher_topk']} offline{other}"
+    return f"yes{other}" if row["teacher"] else "no"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Students' steps between dev evaluations, their curves (default: per size; 0: at the end only).")
     parser.add_argument("--runs", default="no_kd,kd,kd_init",
                         help="Which students to train (comma-separated): no_kd, kd, kd_init, kd_topK (an offline "
-                             "top-K teacher, e.g. kd_top8; needs --recipe cos=0).")
+                             "top-K teacher, e.g. kd_top8; needs --recipe cos=0), xkd and xkd_topK (a teacher of "
+                             "another tokenizer, online or offline; needs --recipe cos=0).")
     parser.add_argument("--student_width", type=int, default=None,
                         help="The students' width (default: the teacher's): fewer heads of the same size. "
                              "Narrower than the teacher, the cosine term learns a projection; no kd_init.")
@@ -550,6 +565,22 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     data, dev = out / "data" / "train", dev_text  # dev: text, so that its characters are counted (bits/char)
     steps["binarize_train"] = runner.run("binarize_train", binarize + ["--input", *train_dirs, "--output_dir", data],
                                          data / "manifest.json", key_extra=tok_hash)
+    specs = student_runs(args.recipe, runs_wanted)
+    cross = any(spec["cross"] for spec in specs.values())
+    if cross:  # the other tokenizer, the teacher's own data in it, and the student's data with the teacher's ids
+        tok_x = out / f"tokenizer-x{size.cross_vocab}"
+        steps["tokenizer_x"] = runner.run("tokenizer_x", [
+            py, REPO / "data_prep" / "make_tokenizer.py", "--input", *train_dirs, "--vocab_size", size.cross_vocab,
+            "--max_sentences", size.tokenizer_lines, "--output_dir", tok_x, "--overwrite"], tok_x / "spiece.model")
+        tok_x_hash = None if args.dry_run else hashlib.sha256((tok_x / "spiece.model").read_bytes()).hexdigest()
+        data_tx, data_pair = out / "data" / f"train-x{size.cross_vocab}", out / "data" / f"train-pair-x{size.cross_vocab}"
+        steps["binarize_train_x"] = runner.run(
+            "binarize_train_x", [*binarize[:3], tok_x, *binarize[4:], "--input", *train_dirs, "--output_dir", data_tx],
+            data_tx / "manifest.json", key_extra=tok_x_hash)
+        steps["binarize_pair"] = runner.run(
+            "binarize_pair", binarize + ["--teacher_tokenizer", tok_x, "--input", *train_dirs, "--output_dir", data_pair],
+            data_pair / "manifest.json", key_extra=[tok_hash, tok_x_hash])
+
     if not args.keep_text and not args.dry_run:  # the shards are all the training needs; the dev text stays
         for folder in text_dir.iterdir():
             if folder.name != "dev":
@@ -571,21 +602,24 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     data_key = teacher_data_key + [student_cfg.read_text()]
 
     teacher = out / "teacher"
+    teacher_x = out / f"teacher-x{size.cross_vocab}"  # the teacher of another tokenizer (xkd runs)
     init = out / "student_init.pth"
-    specs = student_runs(args.recipe, runs_wanted)
-    dumps = {k: topk_dump(out, k, args.recipe["T"]) for k in sorted({s["topk"] for s in specs.values() if s["topk"]})}
+    # top-k dumps, keyed by (k, whether of the teacher of another tokenizer)
+    dumps = {(k, x): topk_dump(out, k, args.recipe["T"], size.cross_vocab if x else None)
+             for k, x in sorted({(s["topk"], s["cross"]) for s in specs.values() if s["topk"]})}
     jobs_list = []
     for name in runs_wanted:
         spec = specs[name]
         lr = size.student_lr if not spec["teacher"] or args.kd_lr is None else args.kd_lr
         spec["lr"] = lr
-        cmd = train + common + ["--student_config", student_cfg, "--max_steps", size.student_steps,
-                                "--learning_rate", lr, "--seed", args.seed, *spec["args"],
-                                "--eval_data", dev, "--eval_interval", size.eval_interval]
+        run_common = [data_pair if c == data else c for c in common] if spec["cross"] else common
+        cmd = train + run_common + ["--student_config", student_cfg, "--max_steps", size.student_steps,
+                                    "--learning_rate", lr, "--seed", args.seed, *spec["args"],
+                                    "--eval_data", dev, "--eval_interval", size.eval_interval]
         if spec["topk"]:
-            cmd += ["--teacher_logits", dumps[spec["topk"]]]
+            cmd += ["--teacher_logits", dumps[spec["topk"], spec["cross"]]]
         elif spec["teacher"]:
-            cmd += ["--teacher_name", teacher]
+            cmd += ["--teacher_name", teacher_x if spec["cross"] else teacher]
         if spec["init"] != "random":
             cmd += ["--student_pretrained_weights", init]
         # one folder per setting, so a sweep keeps every point
@@ -606,31 +640,43 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
             "--max_steps", size.teacher_steps, "--learning_rate", size.teacher_lr, "--seed", 0],
             teacher / "model.safetensors", key_extra=teacher_data_key)
         teacher_key = [data_key, steps["teacher"].get("date")]
+        if cross:  # the same architecture, steps and seed as the teacher, on its own tokenizer's ids of the same text
+            teacher_x_cfg = configs / f"teacher-x{size.cross_vocab}.json"
+            write_config(teacher_x_cfg, gpt2_config(size.teacher, size.cross_vocab, size.n_positions))
+            common_x = [data_tx if c == data else tok_x if c == tok else c for c in common]
+            steps["teacher_x"] = runner.run("teacher_x", train + common_x + [
+                "--dump_path", teacher_x, "--student_config", teacher_x_cfg, *CLM_ONLY,
+                "--max_steps", size.teacher_steps, "--learning_rate", size.teacher_lr, "--seed", 0],
+                teacher_x / "model.safetensors", key_extra=[tok_x_hash, teacher_x_cfg.read_text()])
+            teacher_key += [steps["teacher_x"].get("date"), None if args.dry_run else (data_pair / "manifest.json").read_text()]
         if "kd_init" in runs_wanted:
             steps["extract"] = runner.run(
                 "extract", [py, DIST / "scripts" / "extract.py", "--teacher", teacher,
                             "--student_config", student_cfg, "--dump_checkpoint", init], init, key_extra=teacher_key)
         futures.update({name: submit(pool, name, dump, cmd, teacher_key)
                         for name, dump, cmd, needs_teacher in jobs_list if needs_teacher and not specs[name]["topk"]})
-        for k, folder in dumps.items():  # the offline teachers, one dump per k over all the training data
-            steps[f"dump_top{k}"] = runner.run(
-                f"dump_{folder.name}", [py, DIST / "scripts" / "dump_teacher_logits.py", "--teacher", teacher,
-                                        "--tokenizer_name", tok, "--data_file", data, "--output_dir", folder,
-                                        "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu,
-                                        "--force"],
-                folder / "manifest.json", key_extra=[teacher_data_key, steps["teacher"].get("date")])
-            futures.update({name: submit(pool, name, dump, cmd, teacher_key + [steps[f"dump_top{k}"].get("date")])
-                            for name, dump, cmd, _ in jobs_list if specs[name]["topk"] == k})
+        for (k, x), folder in dumps.items():  # the offline teachers, one dump per k over all the training data
+            step = f"dump_{folder.name}"
+            steps[step] = runner.run(
+                step, [py, DIST / "scripts" / "dump_teacher_logits.py", "--teacher", teacher_x if x else teacher,
+                       "--tokenizer_name", tok, "--data_file", data_pair if x else data, "--output_dir", folder,
+                       "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu, "--force"],
+                folder / "manifest.json", key_extra=[teacher_data_key, steps["teacher_x" if x else "teacher"].get("date")])
+            futures.update({name: submit(pool, name, dump, cmd, teacher_key + [steps[step].get("date")])
+                            for name, dump, cmd, _ in jobs_list if (specs[name]["topk"], specs[name]["cross"]) == (k, x)})
         for name, _, _, _ in jobs_list:
             steps[f"student_{name}"] = futures[name].result()
 
-    models = [("teacher", teacher)] + [(name, dump) for name, dump, _, _ in jobs_list]
+    models = [("teacher", teacher)] + ([("teacher_x", teacher_x)] if cross else []) + \
+        [(name, dump) for name, dump, _, _ in jobs_list]
     ppl_json = out / f"perplexity-{args.tag}.json"
     eval_cmd = [py, DIST / "evaluate.py", "--tokenizer", tok, "--data", dev, "--batch_size", size.eval_batch,
                 "--json", ppl_json, "--device", "cuda" if size.n_gpu else "cpu",
                 *(["--bf16"] if "bf16" in size.precision else [])]
     for label, path in models:
         eval_cmd += ["--model", f"{label}={path}"]
+    if cross:  # scored in its own tokenizer: bits per character compare it with the others
+        eval_cmd += ["--tokenizer", f"teacher_x={tok_x}"]
     # the model folders' weights decide the numbers: key on the training stamps' dates
     steps["evaluate"] = runner.run(f"evaluate-{args.tag}", eval_cmd, ppl_json,
                                    key_extra=[steps[k].get("date") for k in steps if k.startswith(("teacher", "student"))])
@@ -654,11 +700,18 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                         "wall_s": steps["teacher"]["wall_s"], "cached": steps["teacher"]["cached"],
                         "perplexity": t_ppl, "ratio": 1.0, "tensorboard": rel(teacher / "log"), "path": rel(teacher),
                         **per_text(ppl, "teacher")}}
+    if cross:  # its perplexity counts other tokens: only its bits per character compare
+        runs["teacher_x"] = {"model": f"{arch(size.teacher)}, vocab {size.cross_vocab}", "init": "random",
+                             "teacher": False, "recipe_text": "clm only", "lr": size.teacher_lr,
+                             "steps": size.teacher_steps, "tokens_seen": tokens_seen(teacher_x),
+                             "wall_s": steps["teacher_x"]["wall_s"], "cached": steps["teacher_x"]["cached"],
+                             "perplexity": ppl["perplexity"]["teacher_x"], "ratio": None,
+                             "tensorboard": rel(teacher_x / "log"), "path": rel(teacher_x), **per_text(ppl, "teacher_x")}
     for name, dump, cmd, _ in jobs_list:
         spec = specs[name]
         p = ppl["perplexity"][name]
         runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
-                      "teacher_topk": spec["topk"], "recipe_text": recipe if spec["teacher"] else "clm only",
+                      "teacher_topk": spec["topk"], "cross": spec["cross"], "recipe_text": recipe if spec["teacher"] else "clm only",
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, **per_text(ppl, name),
@@ -680,14 +733,19 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     title = (f"quality --size {args.size} ({date}): teacher {arch(size.teacher)}, student {arch(size.student)}, "
              f"vocab {size.vocab}, context {size.n_positions}, batch {size.batch_size}x{size.grad_accum}, "
              f"recipe {recipe}, student lr {size.student_lr:g}"
-             + (f" (KD students {args.kd_lr:g})" if args.kd_lr is not None else ""))
-    kd_names = [n for n in runs if n not in ("teacher", "no_kd")]
+             + (f" (KD students {args.kd_lr:g})" if args.kd_lr is not None else "")
+             + (f"; teacher_x: the same teacher on its own {size.cross_vocab}-piece tokenizer" if cross else ""))
+    kd_names = [n for n in runs if n not in ("teacher", "teacher_x", "no_kd")]
     verdicts = []
     if "no_kd" in runs:
         for n in kd_names:
             better = runs[n]["perplexity"] < runs["no_kd"]["perplexity"]
             verdicts.append(f"{n} {'beats' if better else 'does NOT beat'} no_kd "
                             f"({runs[n]['perplexity']:.2f} vs {runs['no_kd']['perplexity']:.2f})")
+    kept = gain_kept(runs)
+    if kept:
+        verdicts.append("of the same-tokenizer KD gain in dev bits/char, " + ", ".join(
+            f"{n} keeps {share:.0%}" for n, share in kept.items()))
     train_manifest = json.loads((data / "manifest.json").read_text())["totals"]
     notes = (f"Held-out: {dev_tokens:,} predicted tokens of jawiki_jaquad_dev"
              f"{'' if size.sample else f' ({size.dev_docs or 1431} paragraphs)'}"
@@ -708,7 +766,18 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
             "dev_tokens": dev_tokens, "dev_chars": dev_chars, "dev_bytes": details["teacher"].get("bytes"),
             "train_tokens": train_manifest["tokens"], "runs": runs, "tasks": tasks,
             "kd_beats_no_kd": {n: runs[n]["perplexity"] < runs["no_kd"]["perplexity"] for n in kd_names}
-            if "no_kd" in runs else {}, "curves": curves["png"], "curves_note": curves["note"], "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+            if "no_kd" in runs else {}, "gain_kept": kept, "curves": curves["png"], "curves_note": curves["note"], "steps": {k: {"wall_s": v["wall_s"], "cached": v["cached"]} for k, v in steps.items()}}
+
+
+def gain_kept(runs: dict) -> dict[str, float]:
+    """Each cross-tokenizer student's share of the same-tokenizer KD gain in dev bits per character:
+    (no_kd - xkd) / (no_kd - kd). Empty without no_kd, kd and an xkd run."""
+    try:
+        base, gain = runs["no_kd"]["bits_per_char"], runs["no_kd"]["bits_per_char"] - runs["kd"]["bits_per_char"]
+    except (KeyError, TypeError):
+        return {}
+    return {n: (base - r["bits_per_char"]) / gain for n, r in runs.items()
+            if r.get("cross") and r.get("bits_per_char") is not None and gain}
 
 
 def per_text(ppl: dict, label: str) -> dict:
