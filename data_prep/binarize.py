@@ -68,7 +68,7 @@ from tqdm import tqdm
 if __name__ == "__main__":  # run as a script: make the repo root importable (never on import)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil_ja import outputs, shards, workers
+from distil_ja import alignment, outputs, shards, workers
 from distil_ja.cli import DISK_FULL, ArgumentParser, DataError, UsageError, first_line, run_command, setup_logging
 from distil_ja.text_checks import TextChecks
 from distil_ja.tokenization import DocumentEncoder, find_inputs, iter_documents, reading_inputs
@@ -85,27 +85,35 @@ ALLOW_HINT = "or pass --allow_bad_text to binarize it anyway"
 # worker side
 
 _ENCODER = None
+_TEACHER = None  # --teacher_tokenizer: distil_ja.alignment.TeacherEncoder
 
 
-def _init_worker(tokenizer, lowercase):
+def _init_worker(tokenizer, lowercase, teacher_tokenizer=None):
     """Workers ignore Ctrl-C and die of SIGTERM: the parent alone handles them (one message, then it ends
     the pool, with SIGTERM)."""
-    global _ENCODER
+    global _ENCODER, _TEACHER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _ENCODER = DocumentEncoder(tokenizer, lowercase=lowercase)
+    _TEACHER = None if teacher_tokenizer is None else alignment.TeacherEncoder(teacher_tokenizer)
 
 
-def encode_chunk(docs, unit, encoder=None):
+def encode_chunk(docs, unit, encoder=None, teacher=None):
     """Encode a list of documents; returns raw arrays (bytes) so the parent controls dtypes.
 
-    Returns (tokens, seq_lengths, seq_unk, doc_seq_counts):
+    Returns (tokens, seq_lengths, seq_unk, doc_seq_counts, teacher_side):
       tokens          all sequences concatenated, each [bos] + ids + [eos]
       seq_lengths     int64 length of each sequence
       seq_unk         int64 <unk> count of each sequence
       doc_seq_counts  int64 number of sequences of each document
+      teacher_side    None, or with a teacher tokenizer (encode_aligned_chunk) the teacher's sequences
+                      concatenated (int32), their int64 lengths, and the alignment of every student
+                      position (int32, laid out as tokens)
     """
     enc = encoder or _ENCODER
+    teacher = teacher or _TEACHER
+    if teacher is not None:
+        return encode_aligned_chunk(docs, unit, enc, teacher)
     dtype = shards.dtype_for_vocab(enc.vocab_size)
     lines = list(itertools.chain.from_iterable(docs))
     encoded = enc.encode_batch(lines)
@@ -135,7 +143,34 @@ def encode_chunk(docs, unit, encoder=None):
     out[seq_starts + seq_lengths - 1] = enc.eos_id
     is_unk = (out == enc.unk_id).astype(np.int64)
     seq_unk = np.add.reduceat(is_unk, seq_starts) if n_seq else np.zeros(0, dtype=np.int64)
-    return out.tobytes(), seq_lengths.tobytes(), seq_unk.astype(np.int64).tobytes(), doc_seq_counts.tobytes()
+    return out.tobytes(), seq_lengths.tobytes(), seq_unk.astype(np.int64).tobytes(), doc_seq_counts.tobytes(), None
+
+
+def encode_aligned_chunk(docs, unit, enc, teacher):
+    """encode_chunk with the teacher's ids of each sequence's original text (its lines joined by a
+    newline) and the alignment (distil_ja.alignment). The student's ids are those of encode_chunk."""
+    dtype = shards.dtype_for_vocab(enc.vocab_size)
+    seqs, t_seqs, aligned, doc_counts = [], [], [], []
+    for doc in docs:
+        count = 0
+        for lines in ([doc] if unit == "doc" else [[line] for line in doc]):
+            encoded = alignment.student_lines(enc, lines)
+            ids = [i for line_ids, _ in encoded for i in line_ids]
+            if unit == "line" and not ids:
+                continue
+            t_ids, t_ends = teacher.sequence("\n".join(lines))
+            seqs.append(np.asarray([enc.bos_id, *ids, enc.eos_id], dtype=dtype))
+            t_seqs.append(t_ids)
+            aligned.append(alignment.align(alignment.student_sequence_ends(encoded, lines), t_ends))
+            count += 1
+        doc_counts.append(count)
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=dtype)
+    unk = np.fromiter((np.count_nonzero(x == enc.unk_id) for x in seqs), dtype=np.int64, count=len(seqs))
+    t_lengths = np.fromiter((len(x) for x in t_seqs), dtype=np.int64, count=len(t_seqs))
+    join = (lambda arrays: np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32))
+    side = (join(t_seqs).tobytes(), t_lengths.tobytes(), join(aligned).tobytes())
+    return tokens.tobytes(), lengths.tobytes(), unk.tobytes(), np.asarray(doc_counts, dtype=np.int64).tobytes(), side
 
 
 def _start_method():
@@ -178,7 +213,7 @@ class InputCounts(TextChecks):
 
     def add_encoded(self, result, inputs):
         """Token and <unk> counts of an encoded chunk (encode_chunk's result), by input."""
-        _, lengths, unk, doc_counts = result
+        _, lengths, unk, doc_counts = result[:4]
         inputs = np.asarray(inputs, dtype=np.int64)  # non-decreasing: documents come in input order
         ids, n_docs = np.unique(inputs, return_counts=True)
         self.documents[ids] += n_docs
@@ -218,19 +253,27 @@ class ShardWriter:
 
     def _reset(self):
         self.seqs, self.documents, self.tokens, self.unk = [], 0, 0, 0
+        self.teacher_ids, self.alignments = [], []  # with a teacher tokenizer: each sequence's extras
 
     def add_chunk(self, result):
-        tokens, lengths, unk, doc_counts = result
+        tokens, lengths, unk, doc_counts, side = result
         flat = np.frombuffer(tokens, dtype=self.dtype)
         lengths = np.frombuffer(lengths, dtype=np.int64)
         unk = np.frombuffer(unk, dtype=np.int64)
         doc_counts = np.frombuffer(doc_counts, dtype=np.int64)
         bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=bounds[1:])
+        if side is not None:
+            t_flat, t_lengths, align_flat = (np.frombuffer(side[0], dtype=np.int32),
+                                             np.frombuffer(side[1], dtype=np.int64), np.frombuffer(side[2], dtype=np.int32))
+            t_bounds = np.concatenate(([0], np.cumsum(t_lengths)))
         seq = 0
         for count in doc_counts.tolist():
             for k in range(seq, seq + count):
                 self.seqs.append(flat[bounds[k]:bounds[k + 1]])
+                if side is not None:
+                    self.teacher_ids.append(t_flat[t_bounds[k]:t_bounds[k + 1]])
+                    self.alignments.append(align_flat[bounds[k]:bounds[k + 1]])
             self.tokens += int(bounds[seq + count] - bounds[seq])
             self.unk += int(unk[seq:seq + count].sum())
             self.documents += 1
@@ -244,8 +287,15 @@ class ShardWriter:
             return
         name = f"{len(self.shards):05d}.pickle"
         written = shards.write_shard(os.path.join(self.output_dir, name), self.seqs)
-        self.shards.append({"file": name, "documents": self.documents, "sequences": len(self.seqs),
-                            "tokens": self.tokens, "unk_tokens": self.unk, **written})
+        entry = {"file": name, "documents": self.documents, "sequences": len(self.seqs),
+                 "tokens": self.tokens, "unk_tokens": self.unk, **written}
+        if self.alignments:
+            entry.update(teacher_tokens=sum(len(t) for t in self.teacher_ids),
+                         aligned=sum(int(np.count_nonzero(a >= 0)) for a in self.alignments),
+                         alignable=self.tokens - len(self.seqs),  # every position but each </s>
+                         extras=shards.write_extras(self.output_dir, name, {"teacher_ids": self.teacher_ids,
+                                                                              "alignment": self.alignments}))
+        self.shards.append(entry)
         self._reset()
 
 
@@ -293,7 +343,7 @@ def read_documents(files, counts=None):
                 yield index, doc
 
 
-def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, progress, counts=None):
+def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, progress, counts=None, teacher=None):
     """Encode every document of files (in num_workers processes when more than 1) into writer's
     shards, in input order; DataError when there is no document at all.  The parent reads the
     text (and counts it in counts, an InputCounts); workers only encode."""
@@ -309,10 +359,11 @@ def write_shards(writer, files, encoder, unit, num_workers, lines_per_chunk, pro
     pool = bar = None
     try:
         if num_workers <= 1:
-            results = (encode_chunk(docs, u, encoder) for docs, u in chunks)
+            results = (encode_chunk(docs, u, encoder, teacher) for docs, u in chunks)
         else:  # workers first: tqdm may start a monitor thread, and fork must come before threads
             ctx = multiprocessing.get_context(_start_method())
-            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(encoder.name, encoder.lowercase))
+            pool = ctx.Pool(num_workers, initializer=_init_worker,
+                            initargs=(encoder.name, encoder.lowercase, None if teacher is None else teacher.name))
             results = _ordered_bounded_map(pool, _encode_in_worker, chunks, 2 * num_workers)
         bar = tqdm(total=sum(os.path.getsize(f) for f in files), desc="binarize", unit="B", unit_scale=True,
                    disable=not progress, mininterval=1.0)
@@ -339,11 +390,28 @@ def totals_of(shard_entries):
     totals = {"shards": len(shard_entries)}
     for key in ("documents", "sequences", "tokens", "unk_tokens"):
         totals[key] = sum(s[key] for s in shard_entries)
+    if shard_entries and "aligned" in shard_entries[0]:
+        for key in ("teacher_tokens", "aligned", "alignable"):
+            totals[key] = sum(s[key] for s in shard_entries)
+        totals["aligned_share"] = totals["aligned"] / max(totals["alignable"], 1)
     return totals
 
 
+def check_aligned_share(totals, teacher_name):
+    """Refuse (DataError, before manifest.json) a pair of tokenizers that align too rarely to distil."""
+    share = totals.get("aligned_share")
+    if share is None:
+        return
+    logger.info("%d of %d positions (%.1f%%) aligned with a position of the teacher tokenizer %s", totals["aligned"],
+                totals["alignable"], 100 * share, teacher_name)
+    if share < alignment.MIN_ALIGNED_SHARE:
+        raise DataError(f"only {share:.1%} of the positions align with the teacher tokenizer {teacher_name} (at least "
+                        f"{alignment.MIN_ALIGNED_SHARE:.0%} needed, distil_ja/alignment.py): a wrong --teacher_tokenizer?")
+
+
 def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,
-             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True, allow_bad_text=False):
+             lines_per_chunk=2048, overwrite=False, lowercase=True, progress=True, allow_bad_text=False,
+             teacher_tokenizer=None):
     """Binarize rinna-layout text; returns the manifest dict (also written to output_dir).
 
     Raises DataError for unusable inputs (bad text too, unless allow_bad_text) and UsageError for
@@ -354,20 +422,24 @@ def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", sha
     outputs.will_replace(output_dir, overwrite, "--overwrite", "--output_dir")  # refused before any reading
     files = find_inputs(inputs)
     encoder = load_encoder(tokenizer, lowercase)
+    teacher = None if teacher_tokenizer is None else alignment.TeacherEncoder(teacher_tokenizer)
     t0 = time.time()
     try:
         prepare_output_dir(output_dir, overwrite)
         writer = ShardWriter(output_dir, shard_size, shards.dtype_for_vocab(encoder.vocab_size))
         counts = InputCounts(files, allow_bad_text)
         write_shards(writer, files, encoder, unit, num_workers or os.cpu_count() or 1, lines_per_chunk, progress,
-                     counts)
+                     counts, teacher)
         counts.check_unk()  # refused: the shards stay, without a manifest (incomplete)
         totals = totals_of(writer.shards)
+        check_aligned_share(totals, teacher_tokenizer)
         totals.update(lines=int(counts.lines.sum()), undecodable_lines=int(counts.undecodable.sum()))
         manifest = shards.write_manifest(output_dir, {
             "tokenizer": encoder.identity(), "unit": unit, "dtype": writer.dtype.name, "shard_size": shard_size,
             "inputs": files, "input_counts": counts.manifest_entries(), "bad_text": counts.settings(),
-            "shards": writer.shards, "totals": totals})
+            "shards": writer.shards, "totals": totals,
+            **({} if teacher is None else {"teacher_tokenizer": alignment.tokenizer_identity(teacher.tokenizer,
+                                                                                            teacher.name)})})
     except OSError as e:  # reading errors are DataError by now: this is the output folder
         if e.errno in DISK_FULL:  # exit 1 and the disk-full line (cli.run_command), not a usage error
             raise
@@ -401,6 +473,9 @@ def build_parser():
                         help="tokens per shard (approx.; the parent holds one shard: ~4 bytes/token of RAM)")
     parser.add_argument("--lines_per_chunk", type=int, default=2048, help="lines per worker task")
     parser.add_argument("--no_lowercase", action="store_true", help="do not lowercase (not for rinna)")
+    parser.add_argument("--teacher_tokenizer", default=None,
+                        help="a teacher's tokenizer of another vocabulary (hub name or folder): also write the teacher's "
+                             "ids of the same text, as written, and the alignment of the two (cross-tokenizer KD)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--allow_bad_text", action="store_true",
                         help="binarize anyway an input with over 1%% of its lines not UTF-8, or over 5%% <unk> "
@@ -413,7 +488,8 @@ def run(argv):
     args = build_parser().parse_args(argv)
     binarize(args.input, args.tokenizer, args.output_dir, num_workers=args.num_workers, unit=args.unit,
              shard_size=args.shard_size, lines_per_chunk=args.lines_per_chunk, overwrite=args.overwrite,
-             lowercase=not args.no_lowercase, progress=not args.quiet, allow_bad_text=args.allow_bad_text)
+             lowercase=not args.no_lowercase, progress=not args.quiet, allow_bad_text=args.allow_bad_text,
+             teacher_tokenizer=args.teacher_tokenizer)
 
 
 def main(argv=None) -> int:

@@ -250,9 +250,9 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
             sequences, manifest = shards.load_sequences(params.data_file, verify=verify)
             aligned = None
         else:
+            check_cross_manifest(shards.shard_paths(params.data_file)[1], cross)  # before reading the shards
             sequences, manifest, extras = shards.load_sequences(params.data_file, verify=verify,
                                                                 extras=("teacher_ids", "alignment"))
-            check_cross_manifest(manifest, cross)
             aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
         check_compatibility(student, teacher if cross is None else None, ids, len(tokenizer), sequences)
         if manifest is not None:

@@ -114,8 +114,8 @@ def load_sequences(args, tokenizer, source: str, ids, max_len: int, cross=None, 
         if cross is None:
             sequences, binarized = shards.load_sequences(args.data_file)
         else:
+            check_cross_manifest(shards.shard_paths(args.data_file)[1], cross)  # before reading the shards
             sequences, binarized, extras = shards.load_sequences(args.data_file, extras=("teacher_ids", "alignment"))
-            check_cross_manifest(binarized, cross)
             aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
         if binarized is not None:
             check_manifest(binarized, ids, len(tokenizer), source)

@@ -1,0 +1,306 @@
+"""Two tokenizations of one text, lined up by character offsets; the pieces two vocabularies share.
+
+A student (rinna-style sentencepiece, text NFKC-normalised and lowercased line by line) and a teacher
+with another tokenizer (any transformers fast tokenizer, reading the text as it was written) cut the
+same document differently. Position i of a sequence predicts what follows the text its tokens
+0..i cover, so a student position and a teacher position predict the same next text exactly when
+their prefixes end at the same character offset of the original text: they are *aligned*.
+
+    text      "今日は雨"              (a document of one line)
+    student   <s> ▁ 今日 は 雨 </s>    ends 0 0 2 3 4 -
+    teacher   <bos> 今 日は 雨 <eos>    ends 0 1 3 4 -
+    alignment  1 -> 0 (the last of the two student positions ending at 0: "▁" predicts 今日)
+               3 -> 2 (は and 日は end at 3), 4 -> 3 (雨: both predict their end of text)
+               <s> (0), 今日 (2) and </s> (5): -1
+
+Rules, each tested:
+- An end offset is counted in characters of the original text; a document is its lines joined by
+  "\\n". The student never sees the newlines: the last token of a line ends after its newline.
+- The student's offsets come from sentencepiece (byte offsets into the normalised line), mapped back
+  to the original line cluster by cluster (a character with the combining marks or sound marks that
+  compose with it): a normaliser that changes lengths ('㍻' -> '平成', 'ｶﾞ' -> 'ガ') maps the end of
+  each cluster's normalised text to the end of the cluster, and every offset inside it to none. If
+  normalising cluster by cluster does not give the line's normalisation, only the line's end aligns.
+- The teacher's come from its pieces' bytes (GPT-2 byte-level pieces decoded by the byte table,
+  sentencepiece "▁" as a space and <0xNN> pieces as bytes, a dummy leading space dropped); a piece
+  that ends inside a character (part of its UTF-8 bytes) ends nowhere. When the pieces do not spell
+  the text back, the tokenizer's offset mapping is used, conservatively: a token whose span overlaps
+  the next token's ends nowhere.
+- Where several positions of one side end at one offset (zero-width pieces such as a lone "▁"), only
+  the last aligns: it is the one that predicts the next character. Byte-fallback pieces other than a
+  character's last end inside it (sentencepiece reports them as empty spans at its start).
+- The student's <s> ends at 0 and aligns with the teacher's bos, when the teacher has one; the two
+  </s>/eos positions predict nothing and align with nothing.
+"""
+
+import hashlib
+import json
+import unicodedata
+from functools import lru_cache
+
+import numpy as np
+
+from distil_ja.cli import UsageError, first_line
+
+# A corpus whose share of aligned student positions (each sequence's </s> excluded) is lower than this
+# is refused: the KD term then sees too few positions, and a pair this far apart usually means the
+# wrong teacher tokenizer or a text the student's normaliser rewrites (measured in bench/RESULTS.md,
+# "cross-tokenizer alignment").
+MIN_ALIGNED_SHARE = 0.5
+
+_COMPOSING = {"\u3099", "\u309a", "\uff9e", "\uff9f"}  # kana sound marks, also half-width
+
+
+def _follows(char: str) -> bool:
+    """A character that NFKC may compose with the one before it."""
+    return unicodedata.combining(char) != 0 or char in _COMPOSING or "\u1160" <= char <= "\u11ff"
+
+
+def normalised_offsets(line: str, normalize) -> tuple[str, np.ndarray]:
+    """(normalize(line), at): at[k] is the original offset where the normalised prefix of length k
+    ends, or -1 where it ends inside a cluster's expansion (k = 0 .. len(normalised))."""
+    norm = normalize(line)
+    if line.isascii() and len(norm) == len(line):
+        return norm, np.arange(len(line) + 1, dtype=np.int64)
+    at, parts, start = [0], [], 0
+    for end in range(1, len(line) + 1):
+        if end < len(line) and _follows(line[end]):
+            continue
+        piece = normalize(line[start:end])
+        parts.append(piece)
+        if piece:
+            at += [-1] * (len(piece) - 1) + [end]
+        else:  # the cluster vanished: the boundary moves to its end
+            at[-1] = end
+        start = end
+    if "".join(parts) != norm:  # composition across clusters: only the line's start and end are sure
+        at = [0] + [-1] * (len(norm) - 1) + [len(line)] if norm else [0]
+    return norm, np.asarray(at, dtype=np.int64)
+
+
+def _char_at_byte(text: str) -> np.ndarray:
+    """For each byte offset 0 .. len(utf8) of text, the character offset there, or -1 inside a character."""
+    lengths = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
+    out = np.full(int(lengths.sum()) + 1, -1, dtype=np.int64)
+    out[np.concatenate(([0], np.cumsum(lengths)))] = np.arange(len(text) + 1)
+    return out
+
+
+def student_lines(encoder, lines: list[str]) -> list[tuple[list[int], np.ndarray]]:
+    """Each line's ids (as DocumentEncoder.encode_batch gives them) and each id's end offset in the
+    original line (-1: inside a character or a cluster's expansion)."""
+    if not lines:
+        return []
+    texts, maps = zip(*(normalised_offsets(line, encoder.preprocess) for line in lines))
+    protos = encoder.sp.encode(list(texts), return_type="proto", num_threads=encoder.num_threads)
+    out = []
+    for text, at, proto in zip(texts, maps, protos):
+        char_at = _char_at_byte(text)
+        ids = [piece.id for piece in proto.pieces]
+        chars = char_at[[piece.end for piece in proto.pieces]] if ids else np.zeros(0, dtype=np.int64)
+        # sentencepiece gives the bytes of a byte-fallback character but the last an empty span at its
+        # start: they end inside the character, not before it
+        partial = np.array([p.begin == p.end and encoder.sp.is_byte(p.id) for p in proto.pieces], dtype=bool)
+        ends = np.where((chars >= 0) & ~partial, at[chars.clip(min=0)], -1)
+        out.append((ids, ends))
+    return out
+
+
+def student_sequence_ends(encoded: list[tuple[list[int], np.ndarray]], lines: list[str]) -> np.ndarray:
+    """End offsets of a document's student sequence, <s> + every line's ids + </s>, in the text
+    "\\n".join(lines): the newline after a line belongs to the token ending that line."""
+    parts, start = [np.zeros(1, dtype=np.int64)], 0
+    for k, ((_, ends), line) in enumerate(zip(encoded, lines)):
+        last = k == len(lines) - 1
+        shifted = np.where(ends >= 0, ends + start, -1)
+        if not last:
+            shifted = np.where(ends == len(line), start + len(line) + 1, shifted)
+        parts.append(shifted)
+        start += len(line) + 1
+    parts.append(np.full(1, -1, dtype=np.int64))
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes: printable bytes stand for themselves, the others for
+    the characters from U+0100 on, in order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    found = json.loads(backend.to_str())
+    return "ByteLevel" in json.dumps(found.get("decoder")) or "ByteLevel" in json.dumps(found.get("pre_tokenizer"))
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes | None:
+    """The bytes a piece stands for (None: not whole bytes of text, e.g. a special token)."""
+    if byte_level:
+        table = _byte_decoder()
+        if not all(c in table for c in piece):
+            return None
+        return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+class TeacherEncoder:
+    """The teacher's ids of a text as it was written, and the end offset of each (alignment's rules)."""
+
+    def __init__(self, name_or_dir):
+        from distil_ja.tokenization import load_tokenizer
+
+        self.name = str(name_or_dir)
+        try:
+            self.tokenizer = load_tokenizer(self.name)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load --teacher_tokenizer {self.name!r}: {first_line(err)}") from err
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise UsageError(f"--teacher_tokenizer {self.name!r} is not a fast (Rust) tokenizer: no offsets")
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise UsageError(f"--teacher_tokenizer {self.name!r} defines no end-of-text token (eos)")
+        self.byte_level = _is_byte_level(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Content ids of text (no special tokens added, none parsed from the text) and their ends."""
+        if not text:
+            return [], np.zeros(0, dtype=np.int64)
+        found = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                               split_special_tokens=True)
+        ids = list(found["input_ids"])
+        ends = self._ends_from_bytes(text, ids)
+        if ends is None:
+            ends = _ends_from_offsets(found["offset_mapping"], self.tokenizer.convert_ids_to_tokens(ids))
+        return ids, ends
+
+    def _ends_from_bytes(self, text: str, ids: list[int]) -> np.ndarray | None:
+        pieces = [piece_bytes(p, self.byte_level) for p in self.tokenizer.convert_ids_to_tokens(ids)]
+        if any(p is None for p in pieces):
+            return None
+        data = text.encode("utf-8")
+        spelled = b"".join(pieces)
+        lead = 0
+        if spelled != data:
+            if spelled != b" " + data:
+                return None
+            lead = 1  # sentencepiece's dummy prefix
+        byte_ends = np.cumsum([len(p) for p in pieces]) - lead
+        return _char_at_byte(text)[byte_ends.clip(min=0)]
+
+    def sequence(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """[bos] + ids + [eos] of a document's text, and the ends (bos at 0, eos -1)."""
+        ids, ends = self.encode(text)
+        head = [] if self.bos_id is None else [self.bos_id]
+        t_ids = np.asarray(head + ids + [self.eos_id], dtype=np.int32)
+        t_ends = np.concatenate((np.zeros(len(head), dtype=np.int64), ends, [-1]))
+        return t_ids, t_ends
+
+
+def _ends_from_offsets(offsets, pieces: list[str]) -> np.ndarray:
+    """Ends from a (start, end) character offset mapping, where the pieces do not spell the text (a
+    normaliser rewrote it). A whitespace piece overlapping the next token (sentencepiece's "▁", whose
+    span the mapping smears over the next character) ends where the next starts; any other token
+    overlapping the next (part of a character's bytes), or empty, ends nowhere."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    ends = spans[:, 1].copy()
+    for j in range(len(spans) - 1):
+        if spans[j, 1] > spans[j + 1, 0]:
+            blank = not pieces[j].replace("\u2581", "").replace("\u0120", "").strip()
+            ends[j] = spans[j + 1, 0] if blank else -1
+    ends[spans[:, 1] <= spans[:, 0]] = -1
+    return ends
+
+
+def align(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
+    """For each student position, the teacher position whose prefix ends at the same offset, or -1.
+
+    Of several positions of one side ending at one offset, only the last counts (module docstring).
+    """
+    teacher_last = {int(e): j for j, e in enumerate(teacher_ends) if e >= 0}
+    student_last = {int(e): i for i, e in enumerate(student_ends) if e >= 0}
+    out = np.full(len(student_ends), -1, dtype=np.int32)
+    for offset, i in student_last.items():
+        j = teacher_last.get(offset)
+        if j is not None:
+            out[i] = j
+    return out
+
+
+# ---- vocabularies --------------------------------------------------------------------------
+
+
+def pieces_of(tokenizer) -> list[str]:
+    """The tokenizer's pieces in id order (added tokens included)."""
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def same_vocabulary(a, b) -> bool:
+    """Two tokenizers with the same pieces in the same id order (not only the same size)."""
+    return len(a) == len(b) and pieces_of(a) == pieces_of(b)
+
+
+def tokenizer_identity(tokenizer, source) -> dict:
+    """What binarize.py --teacher_tokenizer records and train.py checks: name, size, special ids and a
+    sha256 over the pieces in id order."""
+    digest = hashlib.sha256("\n".join(pieces_of(tokenizer)).encode("utf-8")).hexdigest()
+    special = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "unk", "pad")}
+    return {"name": str(source), "vocab_size": len(tokenizer), "special_ids": special, "sha256": digest}
+
+
+def _surfaces(tokenizer) -> dict[str, int]:
+    """Surface string -> lowest id, for the pieces that spell whole UTF-8 text (special tokens excluded)."""
+    byte_level = _is_byte_level(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    found = {}
+    for i, piece in enumerate(pieces_of(tokenizer)):
+        if i in special or piece is None:
+            continue
+        if not byte_level and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            continue  # a byte-fallback piece: one byte of a character, not text
+        raw = piece_bytes(piece, byte_level)
+        try:
+            surface = raw.decode("utf-8") if raw is not None else None
+        except UnicodeDecodeError:
+            surface = None
+        if surface and surface not in found:
+            found[surface] = i
+    return found
+
+
+def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:
+    """(student ids, teacher ids) of the pieces both vocabularies have, one to one: the same surface
+    string, and the special tokens by role (bos, eos, unk, pad; an id already paired is not paired again)."""
+    pairs, used_s, used_t = [], set(), set()
+    for role in ("eos", "bos", "unk", "pad"):
+        s, t = getattr(student, f"{role}_token_id", None), getattr(teacher, f"{role}_token_id", None)
+        if s is not None and t is not None and s not in used_s and t not in used_t:
+            pairs.append((s, t))
+            used_s.add(s)
+            used_t.add(t)
+    teacher_surfaces = _surfaces(teacher)
+    for surface, s in _surfaces(student).items():
+        t = teacher_surfaces.get(surface)
+        if t is not None and s not in used_s and t not in used_t:
+            pairs.append((s, t))
+            used_s.add(s)
+            used_t.add(t)
+    pairs.sort()
+    return (np.array([s for s, _ in pairs], dtype=np.int64), np.array([t for _, t in pairs], dtype=np.int64))
