@@ -137,7 +137,7 @@ class Size:
     log_interval: int = 25
     eval_interval: int = 0  # students' training steps between dev evaluations (their curves); 0 = at the end
     sample: bool = False  # the project's sample text instead of the corpora
-    cross_vocab: int = 1000  # the xkd runs' teacher tokenizer: another vocabulary, of this size
+    cross_vocab: int = 8000  # the xkd runs' teacher tokenizer: another vocabulary, of this size
 
 
 SIZES = {
@@ -145,7 +145,7 @@ SIZES = {
     "smoke": Size(vocab=1000, tokenizer_lines=0, n_positions=64, teacher=Model(2, 32, 2), student=Model(1, 32, 2),
                   teacher_steps=12, student_steps=6, batch_size=4, grad_accum=1, teacher_lr=3e-3, student_lr=3e-3,
                   warmup_prop=0.05, weight_decay=0.0, jobs=3, n_gpu=0, log_interval=4, eval_interval=2, sample=True,
-                  cross_vocab=400),
+                  cross_vocab=1600),
     # 2 CPU cores: a 4 x 128 teacher, a 1 x 128 student (4x fewer layers), ~0.5M teacher tokens.
     "tiny": Size(vocab=4000, tokenizer_lines=20000, n_positions=128, teacher=Model(4, 128, 4), student=Model(1, 128, 4),
                  teacher_steps=420, student_steps=120, batch_size=16, grad_accum=1, teacher_lr=4e-3, student_lr=3e-3,
@@ -160,7 +160,7 @@ SIZES = {
                 student=Model(3, 512, 8), teacher_steps=4200, student_steps=1200, batch_size=32, grad_accum=1,
                 teacher_lr=1e-3, student_lr=1e-3, warmup_prop=0.05, weight_decay=0.01, jobs=3, n_gpu=1,
                 precision=["--precision", "bf16", "--no-compile"], wikinews_mb=-1, aozora_mb=16, dev_docs=0,
-                eval_batch=32, log_interval=100, eval_interval=200, cross_vocab=2000),
+                eval_batch=32, log_interval=100, eval_interval=200, cross_vocab=16000),
 }
 
 
