@@ -291,6 +291,7 @@ class ShardWriter:
                  "tokens": self.tokens, "unk_tokens": self.unk, **written}
         if self.alignments:
             entry.update(teacher_tokens=sum(len(t) for t in self.teacher_ids),
+                         teacher_alignable=sum(len(t) - 1 for t in self.teacher_ids),  # all but each eos
                          aligned=sum(int(np.count_nonzero(a >= 0)) for a in self.alignments),
                          alignable=self.tokens - len(self.seqs),  # every position but each </s>
                          extras=shards.write_extras(self.output_dir, name, {"teacher_ids": self.teacher_ids,
@@ -391,22 +392,25 @@ def totals_of(shard_entries):
     for key in ("documents", "sequences", "tokens", "unk_tokens"):
         totals[key] = sum(s[key] for s in shard_entries)
     if shard_entries and "aligned" in shard_entries[0]:
-        for key in ("teacher_tokens", "aligned", "alignable"):
+        for key in ("teacher_tokens", "aligned", "alignable", "teacher_alignable"):
             totals[key] = sum(s[key] for s in shard_entries)
         totals["aligned_share"] = totals["aligned"] / max(totals["alignable"], 1)
+        totals["boundary_agreement"] = totals["aligned"] / max(min(totals["alignable"], totals["teacher_alignable"]), 1)
     return totals
 
 
 def check_aligned_share(totals, teacher_name):
-    """Refuse (DataError, before manifest.json) a pair of tokenizers that align too rarely to distil."""
-    share = totals.get("aligned_share")
-    if share is None:
+    """Refuse (DataError, before manifest.json) a pair of tokenizers whose boundaries agree too rarely."""
+    agreement = totals.get("boundary_agreement")
+    if agreement is None:
         return
-    logger.info("%d of %d positions (%.1f%%) aligned with a position of the teacher tokenizer %s", totals["aligned"],
-                totals["alignable"], 100 * share, teacher_name)
-    if share < alignment.MIN_ALIGNED_SHARE:
-        raise DataError(f"only {share:.1%} of the positions align with the teacher tokenizer {teacher_name} (at least "
-                        f"{alignment.MIN_ALIGNED_SHARE:.0%} needed, distil_ja/alignment.py): a wrong --teacher_tokenizer?")
+    logger.info("%d of %d positions (%.1f%%) aligned with a position of the teacher tokenizer %s (%d positions); "
+                "boundary agreement %.3f", totals["aligned"], totals["alignable"], 100 * totals["aligned_share"],
+                teacher_name, totals["teacher_alignable"], agreement)
+    if agreement < alignment.MIN_BOUNDARY_AGREEMENT:
+        raise DataError(f"only {agreement:.1%} of the boundaries agree with the teacher tokenizer {teacher_name} "
+                        f"(at least {alignment.MIN_BOUNDARY_AGREEMENT:.0%} needed, distil_ja/alignment.py): "
+                        "a wrong --teacher_tokenizer, or text one side's normaliser rewrites?")
 
 
 def binarize(inputs, tokenizer, output_dir, *, num_workers=None, unit="doc", shard_size=20_000_000,

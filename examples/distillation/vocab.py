@@ -129,7 +129,8 @@ def check_cross_manifest(manifest: dict | None, cross: CrossTokenizer) -> None:
         raise DataError(f"the data was binarized for the teacher tokenizer {recorded.get('name')!r} "
                         f"(sha256 {str(recorded.get('sha256'))[:12]}…), not {cross.source!r} "
                         f"({str(cross.identity.get('sha256'))[:12]}…): binarize it again with --teacher_tokenizer")
-    share = manifest.get("totals", {}).get("aligned_share")
-    if share is not None and share < alignment.MIN_ALIGNED_SHARE:
-        raise DataError(f"only {share:.1%} of the positions align between the two tokenizers (at least "
-                        f"{alignment.MIN_ALIGNED_SHARE:.0%} needed): this pair cannot be distilled position by position")
+    agreement = manifest.get("totals", {}).get("boundary_agreement")
+    if agreement is not None and agreement < alignment.MIN_BOUNDARY_AGREEMENT:
+        raise DataError(f"only {agreement:.1%} of the boundaries of the two tokenizations agree (at least "
+                        f"{alignment.MIN_BOUNDARY_AGREEMENT:.0%} needed): this pair cannot be distilled position by "
+                        "position")

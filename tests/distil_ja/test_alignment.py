@@ -196,7 +196,9 @@ def test_binarize_writes_teacher_ids_and_alignment_that_spell_the_same_text(pair
             assert text.startswith(prefix), (i, prefix)
             student_ends_checked += 1
     totals = manifest["totals"]
-    assert totals["aligned"] == student_ends_checked and 0.5 < totals["aligned_share"] <= 1
+    assert totals["aligned"] == student_ends_checked and 0.5 < totals["aligned_share"] <= totals["boundary_agreement"] <= 1
+    assert totals["boundary_agreement"] == pytest.approx(
+        totals["aligned"] / min(totals["alignable"], sum(len(t) - 1 for t in extras["teacher_ids"])))
     assert manifest["teacher_tokenizer"]["vocab_size"] == len(teacher)
 
 
@@ -215,12 +217,12 @@ def test_a_pair_that_aligns_too_rarely_is_refused(pair_corpus, tiny_tokenizer, t
                                                  tmp_path, capsys):
     from data_prep import binarize
 
-    monkeypatch.setattr(alignment, "MIN_ALIGNED_SHARE", 0.999)
+    monkeypatch.setattr(alignment, "MIN_BOUNDARY_AGREEMENT", 0.999)
     code = binarize.main(["--input", str(pair_corpus["text"]), "--tokenizer", str(tiny_tokenizer), "--output_dir",
                           str(tmp_path / "out"), "--teacher_tokenizer", str(tiny_bpe_tokenizer), "--num_workers", "1",
                           "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1].startswith("error: ") and "of the positions align" in err[-1]
+    assert code == 1 and err[-1].startswith("error: ") and "of the boundaries agree" in err[-1]
     assert not (tmp_path / "out" / shards.MANIFEST).exists()
     with pytest.raises(DataError):
         shards.load_manifest(tmp_path / "out")

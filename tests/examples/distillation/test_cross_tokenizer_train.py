@@ -185,12 +185,12 @@ def test_a_pair_that_hardly_aligns_is_refused(cross_setup, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(cross_setup["data"], other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["totals"]["aligned_share"] = 0.05
+    manifest["totals"]["boundary_agreement"] = 0.05
     (other / "manifest.json").write_text(json.dumps(manifest))
     args = cross_args(cross_setup, tmp_path / "run")
     args[args.index("--data_file") + 1] = str(other)
     code, err = main_here(args, capsys)
-    assert code == EXIT_DATA and "only 5.0% of the positions align" in err
+    assert code == EXIT_DATA and "only 5.0% of the boundaries of the two tokenizations agree" in err
 
 
 @pytest.mark.parametrize("flag", ["--alpha_cos", "--alpha_mse"])
