@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from helpers import load_script
 
 
+@pytest.mark.slow
 def test_cpu_mode_reports_every_pair(tmp_path, capsys):
     script = load_script("bench/alignment_share.py")
     assert script.main(["--cpu", "--out_dir", str(tmp_path)]) == 0
