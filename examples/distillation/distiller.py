@@ -131,7 +131,6 @@ class Distiller:
         self.cross = cross
         self.vocab_map = None if cross is None else losses.VocabMap.build(
             cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device)
-        self.offline = dataset.teacher_topk is not None
         # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,
@@ -314,7 +313,7 @@ class Distiller:
         if want["clm"]:
             sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
         if want["mse"]:
-            sums["mse"] = mse_loss_sum(s_logits, teacher.flat.view_as(s_logits), mask)
+            sums["mse"] = mse_loss_sum(s_logits, teacher.logits, mask)
         return sums
 
     # ---- one optimizer step ---------------------------------------------------------------

@@ -299,6 +299,7 @@ class LogitsTeacher(Teacher):
     """Whole-batch teacher logits (B, S, V), the plain path's online teacher."""
 
     def __init__(self, logits):
+        self.logits = logits
         self.flat = logits.reshape(-1, logits.size(-1))
 
     def chunk(self, rows):
