@@ -269,24 +269,64 @@ def tokenizer_identity(tokenizer, source) -> dict:
     return {"name": str(source), "vocab_size": len(tokenizer), "special_ids": special, "sha256": digest}
 
 
-def _surfaces(tokenizer) -> dict[str, int]:
-    """Surface string -> lowest id, for the pieces that spell whole UTF-8 text (special tokens excluded)."""
+def piece_texts(tokenizer) -> list[str | None]:
+    """Each id's surface string: the text it stands for (None: a special token, a byte-fallback piece,
+    or bytes that are not whole UTF-8)."""
     byte_level = _is_byte_level(tokenizer)
     special = set(tokenizer.all_special_ids)
-    found = {}
+    texts = []
     for i, piece in enumerate(pieces_of(tokenizer)):
-        if i in special or piece is None:
-            continue
-        if not byte_level and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            continue  # a byte-fallback piece: one byte of a character, not text
-        raw = piece_bytes(piece, byte_level)
-        try:
-            surface = raw.decode("utf-8") if raw is not None else None
-        except UnicodeDecodeError:
-            surface = None
+        surface = None
+        if i not in special and piece is not None and not (
+                not byte_level and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6):
+            raw = piece_bytes(piece, byte_level)
+            try:
+                surface = raw.decode("utf-8") if raw is not None else None
+            except UnicodeDecodeError:
+                surface = None
+        texts.append(surface or None)
+    return texts
+
+
+def _surfaces(tokenizer) -> dict[str, int]:
+    """Surface string -> lowest id, for the pieces that spell whole UTF-8 text (special tokens excluded)."""
+    found = {}
+    for i, surface in enumerate(piece_texts(tokenizer)):
         if surface and surface not in found:
             found[surface] = i
     return found
+
+
+END, OTHER = 0, 1  # next-character classes: the end of the text (eos), and what has no class both sides share
+
+
+def _first_character(surface: str | None) -> str | None:
+    """The first character a piece writes, spaces skipped (sentencepiece's dummy space and GPT-2's
+    leading space mark a word start, not text the other side writes); None (class OTHER) for a piece
+    of spaces only, which says nothing of the next character."""
+    stripped = (surface or "").lstrip(" ")
+    return stripped[0] if stripped else None
+
+
+def next_character_classes(student, teacher) -> tuple[np.ndarray, np.ndarray, int]:
+    """(student class per id, teacher class per id, number of classes) of the next-character events.
+
+    Whatever the tokenizer, the probability that the text goes on with character c is the sum of the
+    probabilities of the pieces that begin with c: the first piece of any continuation begins with
+    its first character. So the two models' next-character distributions compare exactly. Classes:
+    END (each side's eos), OTHER (special tokens, partial bytes, a first character only one
+    vocabulary begins a piece with), then one per character both vocabularies begin pieces with.
+    """
+    firsts = [[_first_character(t) for t in piece_texts(tok)] for tok in (student, teacher)]
+    common = sorted(set(c for c in firsts[0] if c) & set(c for c in firsts[1] if c))
+    index = {c: k + 2 for k, c in enumerate(common)}
+    classes = []
+    for tok, first in zip((student, teacher), firsts):
+        cls = np.array([index.get(c, OTHER) for c in first], dtype=np.int64)
+        if tok.eos_token_id is not None:
+            cls[tok.eos_token_id] = END
+        classes.append(cls)
+    return classes[0], classes[1], len(common) + 2
 
 
 def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:

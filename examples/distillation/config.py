@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from distil_ja.cli import ArgumentParser, UsageError
-from losses import KD_LOSSES, KdSpec, TaidSchedule
+from losses import CROSS_KD, KD_LOSSES, KdSpec, TaidSchedule
 from models import AUTO, TYPE_CHOICES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; docs/training.md "Recommended recipe").
@@ -122,9 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="taid: momentum of the relative change of the loss that drives t, in [0, 1).")
     loss.add_argument("--akl_mu", type=float, default=0.5,
                       help="akl: the teacher's probability mass that makes the head, in (0, 1).")
+    loss.add_argument("--cross_kd", choices=CROSS_KD, default="chars",
+                      help="A teacher of another tokenizer: chars (default) compares the two next-character "
+                           "distributions (each character's probability summed over the pieces beginning with it); "
+                           "pieces compares the shared pieces exactly plus ULD on the rest (--uld_weight).")
     loss.add_argument("--uld_weight", type=float, default=1.0,
-                      help="A teacher of another tokenizer: the weight of the ULD term (sorted-probability gap) on the "
-                           "pieces the two vocabularies do not share, beside the exact divergence on the shared ones.")
+                      help="--cross_kd pieces: the weight of the ULD term (sorted-probability gap) on the pieces the "
+                           "two vocabularies do not share, beside the exact divergence on the shared ones.")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
     loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
@@ -463,7 +467,7 @@ def log_overrides(recipe: dict, args: argparse.Namespace, path: str) -> None:
 def kd_spec(params) -> KdSpec:
     """The KD objective of the run's flags."""
     return KdSpec(params.kd_loss, params.temperature, params.kd_beta, params.kd_skew, params.akl_mu,
-                  params.uld_weight)
+                  params.uld_weight, params.cross_kd)
 
 
 def taid_schedule(params) -> TaidSchedule | None:

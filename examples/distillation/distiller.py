@@ -130,7 +130,8 @@ class Distiller:
         # the alignment (LmSeqsDataset.batch_sequences); the KD term counts aligned positions only.
         self.cross = cross
         self.vocab_map = None if cross is None else losses.VocabMap.build(
-            cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device)
+            cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device,
+            classes=cross.classes)
         # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROW_CHUNK = 4096  # rows per fp32 pass of the plain path
 FUSED_ROW_CHUNK = 1024  # rows per chunk of the fused path: 1024 x 32000 x 4 B = 131 MB per fp32 temporary
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "taid", "akl")
+CROSS_KD = ("chars", "pieces")  # what a KD term between vocabularies compares (cross_kd_rows)
 LOGIT_TERMS = ("ce", "clm", "mse")  # the terms computed from logits, in the order of the fused path's sums
 TAIL_FLOOR = 1e-8  # least probability of a top-k tail bucket, the teacher's and the student's: log(0) is -inf
 # The log-probability given, on both sides, to a bucket that does not exist in a row (a teacher's top-k
@@ -50,7 +51,8 @@ class KdSpec:
     beta: float = 0.5  # jsd: weight of the teacher in the mixture; 0 and 1 are the two KLs (TRL's ends)
     skew: float = 0.1  # skew_fkl / skew_rkl: DistiLLM's alpha
     akl_mu: float = 0.5  # akl: the teacher's probability mass that makes the head (AKL's mu)
-    uld_weight: float = 1.0  # cross-tokenizer: weight of the ULD term on the pieces the vocabularies do not share
+    uld_weight: float = 1.0  # cross-tokenizer "pieces": weight of the ULD term on the pieces not shared
+    cross: str = "chars"  # cross-tokenizer: next-character distributions, or shared pieces + ULD (CROSS_KD)
 
     def __post_init__(self):
         """Refuse what no formula below can compute, in one line named by train.py's flag (a usage error there)."""
@@ -64,6 +66,8 @@ class KdSpec:
             raise ValueError(f"--kd_skew (the skew alpha) must be in (0, 1), got {self.skew}")
         if not 0 < self.akl_mu < 1:
             raise ValueError(f"--akl_mu (akl's head mass) must be in (0, 1), got {self.akl_mu}")
+        if self.cross not in CROSS_KD:
+            raise ValueError(f"--cross_kd must be one of {', '.join(CROSS_KD)}, got {self.cross!r}")
         if not self.uld_weight >= 0 or math.isinf(self.uld_weight):
             raise ValueError(f"--uld_weight must be finite and >= 0, got {self.uld_weight}")
 
@@ -261,15 +265,25 @@ class VocabMap(NamedTuple):
     student_shared: torch.Tensor
     teacher_shared: torch.Tensor
     teacher_to_student: torch.Tensor
+    # the next-character class of each id (distil_ja.alignment.next_character_classes), and their number
+    student_class: torch.Tensor | None = None
+    teacher_class: torch.Tensor | None = None
+    n_classes: int = 0
 
     @classmethod
-    def build(cls, student_ids, teacher_ids, student_vocab: int, teacher_vocab: int, device=None) -> "VocabMap":
+    def build(cls, student_ids, teacher_ids, student_vocab: int, teacher_vocab: int, device=None,
+              classes=None) -> "VocabMap":
+        """classes: (student class per id, teacher class per id, number of classes), or None."""
         s_ids = torch.as_tensor(student_ids, dtype=torch.long, device=device)
         t_ids = torch.as_tensor(teacher_ids, dtype=torch.long, device=device)
         s_shared = torch.zeros(student_vocab, dtype=torch.bool, device=device).index_fill_(0, s_ids, True)
         t_shared = torch.zeros(teacher_vocab, dtype=torch.bool, device=device).index_fill_(0, t_ids, True)
         t2s = torch.full((teacher_vocab,), -1, dtype=torch.long, device=device).index_copy_(0, t_ids, s_ids)
-        return cls(s_ids, t_ids, s_shared, t_shared, t2s)
+        if classes is None:
+            return cls(s_ids, t_ids, s_shared, t_shared, t2s)
+        s_cls, t_cls, n = classes
+        return cls(s_ids, t_ids, s_shared, t_shared, t2s, torch.as_tensor(s_cls, dtype=torch.long, device=device),
+                   torch.as_tensor(t_cls, dtype=torch.long, device=device), int(n))
 
 
 class Aligned(NamedTuple):
@@ -418,8 +432,42 @@ def sorted_gap(p_s, p_t):
     return (a - b).abs().sum(-1)
 
 
+def char_buckets(log_s, inner, vocab: VocabMap, temperature: float):
+    """Student and teacher next-character distributions at a position: each class's probability is the
+    sum over the pieces in it (VocabMap.student_class / teacher_class), floored at TAIL_FLOOR.
+
+    Online (Logits): every class, and the two rows are proper distributions. Offline (Topk): the classes
+    the teacher's top k reach, plus one rest bucket (last) for the teacher's mass outside its top k,
+    matched with the student's mass on the classes not reached; the classes not reached are absent
+    (ABSENT) on both sides. With k = V_t both equal the online rows (tested).
+    """
+    n = log_s.size(0)
+    s_cls = log_s.new_zeros(n, vocab.n_classes).index_add(1, vocab.student_class, log_s.exp())
+    if isinstance(inner, Logits):
+        p_t = torch.softmax(inner.logits / temperature, dim=-1)
+        t_cls = p_t.new_zeros(n, vocab.n_classes).index_add(1, vocab.teacher_class, p_t)
+        return s_cls.clamp(min=TAIL_FLOOR).log(), t_cls.clamp(min=TAIL_FLOOR).log()
+    t_cls = log_s.new_zeros(n, vocab.n_classes).scatter_add(1, vocab.teacher_class[inner.ids],
+                                                           inner.logprobs.to(log_s.dtype).exp())
+    reached = t_cls > 0
+    t_rest = (1 - t_cls.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    s_rest = torch.where(reached, 0.0, s_cls).sum(-1, keepdim=True).clamp(min=TAIL_FLOOR)
+    bucket_s = torch.cat([torch.where(reached, s_cls.clamp(min=TAIL_FLOOR).log(), ABSENT), s_rest.log()], -1)
+    t_all = torch.cat([torch.where(reached, t_cls.clamp(min=TAIL_FLOOR).log(), ABSENT), t_rest.log()], -1)
+    present = torch.cat([reached, reached.new_ones(n, 1)], -1)
+    bucket_t = torch.where(present, t_all - torch.logsumexp(t_all, -1, keepdim=True), ABSENT)
+    return bucket_s, bucket_t
+
+
 def cross_kd_rows(spec: KdSpec, s_logits, rows: Aligned, taid_t=None):
-    """Per-row KD term between a student and a teacher of different vocabularies, at aligned positions:
+    """Per-row KD term between a student and a teacher of different vocabularies, at aligned positions.
+
+    spec.cross "chars" (the default): T^2 D(student's next-character distribution || the teacher's),
+    each class the sum of its pieces' probabilities (char_buckets). The probability that the text
+    goes on with character c is the same event for both models whatever their pieces, so nothing is
+    biased; what is compared is one character ahead.
+
+    spec.cross "pieces":
 
         T^2 [ D(s_shared || t_shared) + uld_weight * W1(sort(s_unshared), sort(t_unshared)) ]
 
@@ -432,6 +480,9 @@ def cross_kd_rows(spec: KdSpec, s_logits, rows: Aligned, taid_t=None):
     """
     temperature, vocab, inner = spec.temperature, rows.vocab, rows.inner
     log_s = F.log_softmax(s_logits / temperature, dim=-1)
+    if spec.cross == "chars":
+        bucket_s, bucket_t = char_buckets(log_s, inner, vocab, temperature)
+        return divergence(spec, bucket_s, bucket_t, taid_t, tail_last=isinstance(inner, Topk)) * temperature**2
     p_s_unshared = log_s.exp().masked_fill(vocab.student_shared, 0.0)
     if isinstance(inner, Logits):
         log_t = F.log_softmax(inner.logits / temperature, dim=-1)

@@ -79,6 +79,7 @@ class CrossTokenizer:
     student_ids: np.ndarray
     teacher_ids: np.ndarray
     teacher_vocab_size: int
+    classes: tuple  # (student class per id, teacher class per id, number): alignment.next_character_classes
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")
@@ -114,8 +115,10 @@ def cross_tokenizer(student_tokenizer, teacher_source: str | None) -> CrossToken
         raise UsageError(f"the teacher's tokenizer {teacher_source!r} shares no piece with the student's")
     logger.info("Cross-tokenizer distillation: the teacher's tokenizer %s (%d pieces) and the student's (%d) share "
                 "%d pieces", teacher_source, len(teacher_tokenizer), len(student_tokenizer), len(student_ids))
+    classes = alignment.next_character_classes(student_tokenizer, teacher_tokenizer)
+    logger.info("Next-character classes: %d characters both vocabularies begin pieces with", classes[2] - 2)
     return CrossTokenizer(teacher_source, alignment.tokenizer_identity(teacher_tokenizer, teacher_source),
-                          np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer))
+                          np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer), classes)
 
 
 def check_cross_manifest(manifest: dict | None, cross: CrossTokenizer) -> None:

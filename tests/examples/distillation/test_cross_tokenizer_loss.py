@@ -1,6 +1,7 @@
-"""The KD term between vocabularies (losses.cross_kd_rows), against a float64 rewrite of its formula.
+"""The KD term between vocabularies (losses.cross_kd_rows), against a float64 rewrite of its formulas.
 
-    T^2 [ D(shared pieces + rest) + uld_weight * sum_i |sort(s_unshared)_i - sort(t_unshared)_i| ]
+    chars:   T^2 D(next-character classes: each the sum of its pieces' probabilities)
+    pieces:  T^2 [ D(shared pieces + rest) + uld_weight * sum_i |sort(s_unshared)_i - sort(t_unshared)_i| ]
 
 rewritten here with numpy-style float64 operations (probabilities, 1 - sum for the rest buckets,
 explicit sorts and zero padding), then checked in value and gradient, on the plain path and the
@@ -74,7 +75,7 @@ def test_plain_path_is_the_formula_in_value_and_gradient(kind, uld_weight):
     s_logits = F.linear(h, w).requires_grad_(True)
     t_logits = F.linear(t_h, t_w)
     teacher = AlignedTeacher(LogitsTeacher(t_logits), alignment, vocab())
-    spec = KdSpec(kind, TEMPERATURE, uld_weight=uld_weight)
+    spec = KdSpec(kind, TEMPERATURE, uld_weight=uld_weight, cross="pieces")
     got = kd_loss_sum(s_logits, teacher, losses.real_mask(lengths, S), spec)
     got.backward()
     s64 = s_logits.detach().double().requires_grad_(True)
@@ -93,7 +94,7 @@ def test_the_uld_term_is_there_and_matches_by_rank_not_identity():
     s = F.linear(h, w).reshape(-1, V_S)[:3]
     t = F.linear(t_h, t_w).reshape(-1, V_T)[:3]
     rows = losses.Aligned(losses.Logits(t), torch.ones(3, dtype=torch.bool), vocab())
-    spec = KdSpec("fkl", TEMPERATURE)
+    spec = KdSpec("fkl", TEMPERATURE, cross="pieces")
     base = losses.kd_rows(spec, s, rows)
     unshared = [i for i in range(V_T) if i not in TEACHER_IDS]
     permuted = t.clone()
@@ -102,14 +103,14 @@ def test_the_uld_term_is_there_and_matches_by_rank_not_identity():
     swapped = t.clone()
     swapped[:, [TEACHER_IDS[1], TEACHER_IDS[2]]] = t[:, [TEACHER_IDS[2], TEACHER_IDS[1]]]
     assert not torch.allclose(losses.kd_rows(spec, s, rows._replace(inner=losses.Logits(swapped))), base)
-    no_uld = losses.kd_rows(KdSpec("fkl", TEMPERATURE, uld_weight=0.0), s, rows)
+    no_uld = losses.kd_rows(KdSpec("fkl", TEMPERATURE, uld_weight=0.0, cross="pieces"), s, rows)
     assert (base - no_uld).min() > 0
 
 
 @pytest.mark.parametrize("kind", ["fkl", "jsd", "akl"])
 def test_fused_path_equals_the_plain_path(kind):
     h, w, t_h, t_w, ids, lengths, alignment = data(2)
-    spec = KdSpec(kind, TEMPERATURE)
+    spec = KdSpec(kind, TEMPERATURE, cross="pieces")
     weights = torch.tensor([0.6, 0.3, 0.0])
     h_f, w_f = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     teacher = AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, vocab())
@@ -141,7 +142,7 @@ def test_offline_with_every_teacher_piece_equals_online(kind):
     s_logits = F.linear(h, w)
     t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
     mask = losses.real_mask(lengths, S)
-    spec = KdSpec(kind, TEMPERATURE)
+    spec = KdSpec(kind, TEMPERATURE, cross="pieces")
     online = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, vocab()), mask, spec)
     rows = torch.arange(B * S).reshape(B, S).masked_fill(alignment < 0, -1)
     offline = kd_loss_sum(s_logits, AlignedTeacher(TopkTeacher(*offline_rows(t_flat, alignment, V_T)), rows, vocab()),
@@ -157,7 +158,7 @@ def test_offline_top_k_puts_the_unkept_mass_in_the_rest_bucket():
     t = F.linear(t_h, t_w).reshape(-1, V_T)[:1].double()
     lt = torch.log_softmax(t / TEMPERATURE, -1)
     top = lt.topk(4, -1)
-    got = losses.kd_rows(KdSpec("fkl", TEMPERATURE), s, losses.Aligned(losses.Topk(top.indices, top.values),
+    got = losses.kd_rows(KdSpec("fkl", TEMPERATURE, cross="pieces"), s, losses.Aligned(losses.Topk(top.indices, top.values),
                                                                        torch.ones(1, dtype=torch.bool), vocab()))
     p_s = torch.softmax(s / TEMPERATURE, -1)[0]
     kept = [(int(i), float(v.exp())) for i, v in zip(top.indices[0], top.values[0])]
@@ -180,7 +181,109 @@ def test_a_shared_vocabulary_reduces_to_the_same_tokenizer_term():
     mask = losses.real_mask(lengths, S)
     identity = VocabMap.build(range(V_S), range(V_S), V_S, V_S)
     every = torch.arange(B * S).reshape(B, S)
-    spec = KdSpec("fkl", TEMPERATURE)
+    spec = KdSpec("fkl", TEMPERATURE, cross="pieces")
     cross = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_logits), every, identity), mask, spec)
     same = kd_loss_sum(s_logits, t_logits, mask, spec)
     assert cross.item() == pytest.approx(same.item(), rel=1e-5)
+
+
+# ---- next-character classes (the default, --cross_kd chars) --------------------------------------
+
+STUDENT_CLASS = [0, 2, 3, 2, 4, 1, 5, 3, 6, 2, 1]  # per student id: 0 end, 1 other, 2.. characters
+TEACHER_CLASS = [0, 3, 2, 2, 5, 4, 6, 1, 3, 6, 2, 4, 5]
+N_CLASSES = 7
+
+
+def class_vocab():
+    return VocabMap.build(STUDENT_IDS, TEACHER_IDS, V_S, V_T, classes=(STUDENT_CLASS, TEACHER_CLASS, N_CLASSES))
+
+
+def class_reference(s, t, kind="fkl"):
+    """float64, by hand: each class's probability summed over its pieces, then the divergence."""
+    p_s = torch.softmax(s.double() / TEMPERATURE, -1)
+    p_t = torch.softmax(t.double() / TEMPERATURE, -1)
+    q = torch.stack([sum(p_s[:, i] for i in range(V_S) if STUDENT_CLASS[i] == c) for c in range(N_CLASSES)], -1)
+    p = torch.stack([sum(p_t[:, i] for i in range(V_T) if TEACHER_CLASS[i] == c) for c in range(N_CLASSES)], -1)
+    if kind == "fkl":
+        d = (p * (p.log() - q.log())).sum(-1)
+    elif kind == "rkl":
+        d = (q * (q.log() - p.log())).sum(-1)
+    else:
+        d = 0.5 * (p - q).abs().sum(-1)
+    return TEMPERATURE**2 * d
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd"])
+def test_next_character_term_is_the_formula_in_value_and_gradient(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(6)
+    s_logits = F.linear(h, w).requires_grad_(True)
+    t_logits = F.linear(t_h, t_w)
+    got = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_logits), alignment, class_vocab()),
+                      losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
+    got.backward()
+    s64 = s_logits.detach().double().requires_grad_(True)
+    real = losses.real_mask(lengths, S).reshape(-1)
+    index = alignment.reshape(-1)
+    keep = real & (index >= 0)
+    want = class_reference(s64.reshape(-1, V_S)[keep], t_logits.reshape(-1, V_T)[index[keep]], kind).sum()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_next_character_term_ignores_how_a_class_splits_into_pieces():
+    """Moving mass between two teacher pieces of one class changes nothing; between classes it does."""
+    h, w, t_h, t_w, ids, lengths, alignment = data(7)
+    s = F.linear(h, w).reshape(-1, V_S)[:3]
+    t = F.linear(t_h, t_w).reshape(-1, V_T)[:3]
+    rows = losses.Aligned(losses.Logits(t), torch.ones(3, dtype=torch.bool), class_vocab())
+    spec = KdSpec("fkl", TEMPERATURE)
+    base = losses.kd_rows(spec, s, rows)
+    same_class = t.clone()
+    same_class[:, [2, 3]] = t[:, [3, 2]]  # teacher ids 2 and 3 are both class 2
+    torch.testing.assert_close(losses.kd_rows(spec, s, rows._replace(inner=losses.Logits(same_class))), base)
+    other = t.clone()
+    other[:, [1, 2]] = t[:, [2, 1]]  # classes 3 and 2
+    assert not torch.allclose(losses.kd_rows(spec, s, rows._replace(inner=losses.Logits(other))), base)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "akl"])
+def test_next_character_fused_equals_plain_and_offline_with_every_piece_equals_online(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(8)
+    spec = KdSpec(kind, TEMPERATURE)
+    weights = torch.tensor([0.6, 0.3, 0.0])
+    h_f, w_f = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    sums = fused_logit_terms(h_f, (w_f, None), ids, lengths, weights, (True, True, False), spec,
+                             teacher=AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, class_vocab()), row_chunk=4)
+    (weights * sums).sum().backward()
+    h_p, w_p = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    s_logits = F.linear(h_p, w_p)
+    mask = losses.real_mask(lengths, S)
+    t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
+    kd = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, class_vocab()), mask, spec)
+    (weights[0] * kd + weights[1] * losses.clm_loss_sum(s_logits, ids, mask)).backward()
+    assert sums[0].item() == pytest.approx(kd.item(), rel=1e-5)
+    torch.testing.assert_close(h_f.grad, h_p.grad, rtol=1e-4, atol=1e-6)
+    rows = torch.arange(B * S).reshape(B, S).masked_fill(alignment < 0, -1)
+    offline = kd_loss_sum(s_logits, AlignedTeacher(TopkTeacher(*offline_rows(t_flat, alignment, V_T)), rows,
+                                                   class_vocab()), mask, spec)
+    assert offline.item() == pytest.approx(kd.item(), rel=1e-4)
+
+
+def test_next_character_offline_top_k_puts_the_unreached_classes_in_the_rest():
+    h, w, t_h, t_w, ids, lengths, alignment = data(9)
+    s = F.linear(h, w).reshape(-1, V_S)[:1].double()
+    t = F.linear(t_h, t_w).reshape(-1, V_T)[:1].double()
+    top = torch.log_softmax(t / TEMPERATURE, -1).topk(4, -1)
+    got = losses.kd_rows(KdSpec("fkl", TEMPERATURE), s, losses.Aligned(losses.Topk(top.indices, top.values),
+                                                                        torch.ones(1, dtype=torch.bool), class_vocab()))
+    p_s = torch.softmax(s / TEMPERATURE, -1)[0]
+    t_mass = {}
+    for i, v in zip(top.indices[0].tolist(), top.values[0].exp().tolist()):
+        t_mass[TEACHER_CLASS[i]] = t_mass.get(TEACHER_CLASS[i], 0.0) + v
+    s_mass = {c: sum(float(p_s[i]) for i in range(V_S) if STUDENT_CLASS[i] == c) for c in t_mass}
+    p = list(t_mass.values()) + [1 - sum(t_mass.values())]
+    q = [s_mass[c] for c in t_mass] + [1 - sum(s_mass.values())]
+    assert len(t_mass) < N_CLASSES
+    want = TEMPERATURE**2 * sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert got.item() == pytest.approx(want, rel=1e-6)
