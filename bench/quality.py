@@ -87,13 +87,14 @@ if __name__ == "__main__":  # run as a script: the repo root and examples/distil
 import config  # noqa: E402  (train.py's flags; its defaults are the project's recipe)
 import plots  # noqa: E402
 from distil_ja.cli import DataError  # noqa: E402
-from losses import KD_LOSSES  # noqa: E402
+from losses import CROSS_KD, KD_LOSSES  # noqa: E402
 from records import read_records  # noqa: E402
 
 # The KD students' default loss settings: the project's recipe, as train.py's defaults hold it.
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
                   "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
-                  "kd": config.build_parser().get_default("kd_loss")}
+                  "kd": config.build_parser().get_default("kd_loss"),
+                  "cross": config.build_parser().get_default("cross_kd")}  # the xkd runs' --cross_kd
 RUNS = ("no_kd", "kd", "kd_init", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
 TOPK_RUN = re.compile(r"x?kd_top([1-9][0-9]*)")
 # xkd runs: a teacher of another tokenizer (its own vocabulary of Size.cross_vocab pieces, the same
@@ -177,7 +178,9 @@ def parse_recipe(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"--recipe: {item!r}; keys are {', '.join(recipe)}")
         if key == "kd" and value not in KD_LOSSES:
             raise argparse.ArgumentTypeError(f"--recipe: {item!r}; kd is one of {', '.join(KD_LOSSES)}")
-        recipe[key] = value if key == "kd" else float(value)
+        if key == "cross" and value not in CROSS_KD:
+            raise argparse.ArgumentTypeError(f"--recipe: {item!r}; cross is one of {', '.join(CROSS_KD)}")
+        recipe[key] = value if key in ("kd", "cross") else float(value)
     return recipe
 
 
@@ -341,7 +344,11 @@ def student_runs(recipe: dict, names: list[str]) -> dict:
         "kd": {"init": "random", "teacher": True, "args": kd},
         "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
     }
-    return {name: {"topk": topk_of(name), "cross": is_cross(name), **fixed.get(name, fixed["kd"])} for name in names}
+    specs = {name: {"topk": topk_of(name), "cross": is_cross(name), **fixed.get(name, fixed["kd"])} for name in names}
+    for spec in specs.values():
+        if spec["cross"]:
+            spec["args"] = spec["args"] + ["--cross_kd", recipe["cross"]]
+    return specs
 
 
 def is_cross(run: str) -> bool:
@@ -711,7 +718,9 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         spec = specs[name]
         p = ppl["perplexity"][name]
         runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
-                      "teacher_topk": spec["topk"], "cross": spec["cross"], "recipe_text": recipe if spec["teacher"] else "clm only",
+                      "teacher_topk": spec["topk"], "cross": spec["cross"],
+                      "recipe_text": (recipe + (f" cross={args.recipe['cross']}" if spec["cross"] else "")
+                                      if spec["teacher"] else "clm only"),
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, **per_text(ppl, name),
