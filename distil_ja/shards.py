@@ -176,6 +176,13 @@ def shard_paths(data_files) -> tuple[list[tuple[Path, dict | None]], dict | None
     return shards, manifest
 
 
+def carried_extras(data_files) -> set[str]:
+    """The extras every shard of the named directories carries (none for a bare shard file)."""
+    shards, _ = shard_paths(data_files)
+    names = [set((entry or {}).get("extras", {})) for _, entry in shards]
+    return set.intersection(*names) if names else set()
+
+
 def load_sequences(data_files, verify: bool = True, extras=()) -> tuple[list[np.ndarray], dict | None]:
     """Every sequence of the named directories and shards, in order, and the manifest (if any);
     each shard checked against its manifest entry (read_shard).

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Continue the run in --dump_path exactly from its newest checkpoint.")
     io.add_argument("--data_file", nargs="+", required=True,
                     help="binarize.py output directory (manifest + shards), or one or more .pickle shards.")
+    io.add_argument("--train_on_prompt", action="store_true",
+                    help="A chat corpus (binarize.py on conversations): count every position in every loss term, "
+                         "the prompt's too (default: only those that predict an assistant token).")
     io.add_argument("--verify", choices=VERIFY_CHOICES, default="full",
                     help="How the shards and --teacher_logits are checked against their manifests before training: "
                          "full (default) = sizes and sha256 of every byte, size = sizes only. Paid once: a resume "

@@ -21,8 +21,8 @@ from config import amp_dtype, kd_spec, taid_schedule
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
-from losses import (LOGIT_TERMS, clm_loss_sum, cos_loss_sum, fused_logit_terms, kd_loss_sum, mse_loss_sum,
-                    real_mask)
+from losses import (LOGIT_TERMS, clm_loss_sum, cos_loss_sum, counted_masks, fused_logit_terms, kd_loss_sum,
+                    mse_loss_sum)
 from perplexity import held_out_scores
 from records import LOSS_TERMS
 from sharding import is_sharded
@@ -110,6 +110,7 @@ class Distiller:
         self.device = runtime.device
         self.dump_path = Path(params.dump_path)
         self.dataset = dataset
+        self.masked = dataset.loss_masks is not None  # a chat corpus: the loss counts assistant positions only
         self.teacher = teacher
         self.eval_sequences = eval_sequences  # held-out sequences and their text's size (--eval_data: EvalData)
         self.eval_tasks = list(eval_tasks)  # tasks.TaskData (--eval_tasks)
@@ -224,19 +225,21 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor, *teacher_data) -> dict[str, torch.Tensor]:
-        """Summed (not averaged) loss terms of one micro-batch, over real positions only.
+    def loss_sums(self, token_ids: torch.Tensor, lengths: torch.Tensor, *rest) -> dict[str, torch.Tensor]:
+        """Summed (not averaged) loss terms of one micro-batch, over real positions only (with a chat
+        corpus's loss masks, over the counted ones: losses.counted_masks).
 
-        `teacher_data`: what the batch carries for the teacher (LmSeqsDataset.batch_sequences): nothing
-        (online teacher, or none), (topk_ids, topk_logprobs) (offline), (teacher_ids, alignment) (another
-        tokenizer), or all four (another tokenizer, offline). Padding is on the right and attention is
+        `rest`: what the batch carries beside the ids (LmSeqsDataset.batch_sequences): the counted positions
+        with loss masks, then for the teacher: nothing (online teacher, or none), (topk_ids, topk_logprobs)
+        (offline), (teacher_ids, alignment) (another tokenizer), or all four (another tokenizer, offline).
+        Padding is on the right and attention is
         causal, so no real position can attend to padding: the models run without an attention mask,
         which keeps SDPA on its fused causal kernels. They return final hidden states; the logit terms
         apply the heads (fused: chunk by chunk). The loss weights of this step are `self.step_weights`
         (set by optimize_step).
         """
         want = {k: self.alphas[k] > 0 for k in LOSS_TERMS}
-        teacher_ids, alignment, topk = self.split_teacher_data(teacher_data)
+        counted, teacher_ids, alignment, topk = self.split_batch(rest)
         with self.autocast():
             s_hidden = self.student(token_ids)
             t_hidden = None
@@ -253,23 +256,26 @@ class Distiller:
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
                     s_hidden, head, token_ids, lengths, self.step_weights[:len(LOGIT_TERMS)], enabled, self.kd,
                     teacher=teacher, taid_t=self.step_taid_t, dtype=self.amp_dtype or torch.float32,
-                    chunk_fn=self.chunk_fn, row_chunk=self.row_chunk)
+                    chunk_fn=self.chunk_fn, row_chunk=self.row_chunk, counted=counted)
                 sums = {k: out[i] for i, k in enumerate(LOGIT_TERMS) if want[k]}
             else:
-                sums = self.plain_logit_terms(s_hidden, head, teacher, token_ids, lengths, want)
+                sums = self.plain_logit_terms(s_hidden, head, teacher, token_ids, lengths, want, counted)
         if want["cos"]:
             if self.cos_projection is not None:
                 with self.autocast():
                     s_hidden = self.cos_projection(s_hidden)
-            sums["cos"] = cos_loss_sum(s_hidden, t_hidden, real_mask(lengths, token_ids.size(1)))
+            sums["cos"] = cos_loss_sum(s_hidden, t_hidden, counted_masks(lengths, token_ids.size(1), counted)[0])
         return sums
 
-    def split_teacher_data(self, teacher_data):
-        """(teacher_ids or None, alignment or None, (topk_ids, topk_logprobs) or None) of a batch."""
-        teacher_ids = alignment = None
+    def split_batch(self, rest):
+        """(counted or None, teacher_ids or None, alignment or None, (topk_ids, topk_logprobs) or None): what a
+        batch carries after its ids and lengths."""
+        counted = teacher_ids = alignment = None
+        if self.masked:
+            counted, *rest = rest
         if self.cross is not None:
-            teacher_ids, alignment, *teacher_data = teacher_data
-        return teacher_ids, alignment, tuple(teacher_data) or None
+            teacher_ids, alignment, *rest = rest
+        return counted, teacher_ids, alignment, tuple(rest) or None
 
     @property
     def row_chunk(self) -> int:
@@ -303,16 +309,16 @@ class Distiller:
             inner = losses.HiddenTeacher(t_hidden, t_head, dtype)
         return inner if alignment is None else losses.AlignedTeacher(inner, alignment, self.vocab_map)
 
-    def plain_logit_terms(self, s_hidden, head, teacher, token_ids, lengths, want):
+    def plain_logit_terms(self, s_hidden, head, teacher, token_ids, lengths, want, counted=None):
         """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
-        mask = real_mask(lengths, token_ids.size(1))
+        mask, pred = counted_masks(lengths, token_ids.size(1), counted)
         with self.autocast():
             s_logits = F.linear(s_hidden, *head)
         sums = {}
         if want["ce"]:
             sums["ce"] = kd_loss_sum(s_logits, teacher, mask, self.kd, taid_t=self.step_taid_t)
         if want["clm"]:
-            sums["clm"] = clm_loss_sum(s_logits, token_ids, mask)
+            sums["clm"] = clm_loss_sum(s_logits, token_ids, mask, pred)
         if want["mse"]:
             sums["mse"] = mse_loss_sum(s_logits, teacher.logits, mask)
         return sums
@@ -323,13 +329,15 @@ class Distiller:
         return tuple(x.to(self.device, non_blocking=True) for x in batch)
 
     def global_counts(self, batches) -> torch.Tensor:
-        """(real positions, predicted positions, KD positions) over every micro-batch of this step on every
-        rank, on the device. KD positions are the real ones, or for another tokenizer the aligned ones."""
-        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for batch in batches:
-            lengths = batch[1]
-            kd = lengths.sum() if self.cross is None else (batch[3] >= 0).sum()
-            counts += torch.stack([lengths.sum(), (lengths - 1).clamp(min=0).sum(), kd]).to(counts.dtype)
+        """(tokens, real positions, predicted positions, KD positions) over every micro-batch of this step on
+        every rank, on the device. KD positions are the real ones, or for another tokenizer the aligned ones;
+        with loss masks the real, predicted and KD positions are the counted ones (and aligned)."""
+        counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for token_ids, lengths, *rest in batches:
+            counted, _, alignment, _ = self.split_batch(rest)
+            real, pred = counted_masks(lengths, token_ids.size(1), counted)
+            kd = real if alignment is None else real & (alignment >= 0)
+            counts += torch.stack([lengths.sum(), real.sum(), pred.sum(), kd.sum()]).to(counts.dtype)
         if self.runtime.is_distributed:
             dist.all_reduce(counts)
         return counts
@@ -349,7 +357,7 @@ class Distiller:
         """
         batches = [self.to_device(batch) for batch in window]
         counts = self.global_counts(batches)
-        n_real, n_pred, n_kd = counts.clamp(min=1).unbind()
+        n_real, n_pred, n_kd = counts[1:].clamp(min=1).unbind()
         norms = torch.stack([n_pred if k == "clm" else n_kd if k == "ce" else n_real for k in LOSS_TERMS])
         self.step_weights = (self.alpha_vector.double() / norms * self.runtime.world_size).float()
         self.step_taid_t = None if self.taid is None else self.taid_state[0].float()
@@ -376,7 +384,7 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.n_steps += 1
-        self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0))
+        self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0))  # tokens first
         self._queue_readback(finite, counts[0], grad_norm)
         return {k: step_sums[i] / norms[i] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
 

@@ -8,6 +8,11 @@ A cross-tokenizer corpus (binarize.py --teacher_tokenizer) carries with each seq
 teacher's ids of the same text and the alignment (for each student position, the teacher
 position ending at the same character offset, or -1): `Aligned`. Such sequences are cut only at
 aligned positions, so each piece is the same text on both sides (split_aligned).
+
+A chat corpus (binarize.py on conversations) carries with each sequence its loss mask: 1 for each
+token of the assistant's (what the model must learn to produce), 0 for the prompt's. Its batches
+carry, per position, whether the next token is the assistant's: the positions every loss term
+counts (losses.counted_masks); --train_on_prompt reads the corpus without it.
 """
 
 import functools
@@ -19,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distil_ja.cli import DataError
+from distil_ja import shards
+from distil_ja.cli import DataError, UsageError
 
 logger = logging.getLogger("distillation")
 
@@ -37,14 +43,31 @@ class SpecialIds:
 
 def split_long(seq: np.ndarray, max_len: int, ids: SpecialIds) -> list[np.ndarray]:
     """Cut a sequence longer than max_len into chunks, each wrapped in <s> ... </s>."""
+    return [chunk for chunk, _ in split_masked(seq, None, max_len, ids)]
+
+
+def split_masked(seq: np.ndarray, mask: np.ndarray | None, max_len: int, ids: SpecialIds):
+    """split_long, with a chat sequence's loss mask cut alongside: [(chunk, its mask or None)].
+
+    The <s> and </s> a cut adds are not the assistant's (mask 0), except a final </s> that was in the
+    sequence already, which keeps its own. (binarize.py cuts conversations at turn boundaries to its
+    --max_len; this cut only happens when the model's context is shorter than that.)
+    """
     if len(seq) <= max_len:
-        return [seq]
-    body = seq[1 if seq[0] == ids.bos else 0 : -1 if seq[-1] == ids.eos else None]
+        return [(seq, mask)]
+    start, end = 1 if seq[0] == ids.bos else 0, -1 if seq[-1] == ids.eos else None
+    body = seq[start:end]
+    body_mask = None if mask is None else mask[start:end]
     step = max_len - 2
-    return [
-        np.concatenate(([ids.bos], body[i : i + step], [ids.eos])).astype(seq.dtype)
-        for i in range(0, len(body), step)
-    ]
+    pieces = []
+    for i in range(0, len(body), step):
+        chunk = np.concatenate(([ids.bos], body[i : i + step], [ids.eos])).astype(seq.dtype)
+        chunk_mask = None
+        if mask is not None:
+            last = mask[-1] if end is not None and i + step >= len(body) else 0
+            chunk_mask = np.concatenate(([0], body_mask[i : i + step], [last])).astype(mask.dtype)
+        pieces.append((chunk, chunk_mask))
+    return pieces
 
 
 @dataclass(frozen=True)
@@ -96,18 +119,47 @@ def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len:
     return pieces, dropped
 
 
+LOSS_MASK = "loss_mask"  # the extra a chat corpus's shards carry (binarize.py)
+
+
+def read_corpus(data_files, verify: bool = True, aligned: bool = False, train_on_prompt: bool = False):
+    """The shards train.py and dump_teacher_logits.py read: (sequences, manifest or None, [Aligned] or None,
+    loss masks or None). aligned: the corpus must carry a teacher's ids and the alignment (another
+    tokenizer). A chat corpus's loss masks are read unless train_on_prompt (every token then counts)."""
+    masked = LOSS_MASK in shards.carried_extras(data_files) and not train_on_prompt
+    names = ((LOSS_MASK,) if masked else ()) + (("teacher_ids", "alignment") if aligned else ())
+    if not names:
+        return (*shards.load_sequences(data_files, verify=verify), None, None)
+    sequences, manifest, extras = shards.load_sequences(data_files, verify=verify, extras=names)
+    sides = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])] if aligned else None
+    if masked:
+        logger.info("A chat corpus: the loss counts the positions that predict the assistant's tokens "
+                    "(--train_on_prompt: every position)")
+    return sequences, manifest, sides, extras.get(LOSS_MASK)
+
+
+def counted_positions(mask: np.ndarray) -> np.ndarray:
+    """The positions of a sequence that a loss mask counts: i where token i + 1 is the assistant's."""
+    return np.flatnonzero(mask[1:])
+
+
 class LmSeqsDataset(Dataset):
-    """Holds sequences that fit the model context. Items are integer arrays; with a teacher of another
-    tokenizer (aligned) (sequence, teacher ids, alignment); with an offline teacher (teacher_topk) the
-    top-k ids and log-probs follow."""
+    """Holds sequences that fit the model context. Items are integer arrays; with a chat corpus's loss
+    masks (loss_masks) (sequence, loss mask); with a teacher of another tokenizer (aligned) the teacher
+    ids and the alignment follow; with an offline teacher (teacher_topk) the top-k ids and log-probs."""
 
     def __init__(self, sequences: list[np.ndarray], max_len: int, ids: SpecialIds = SpecialIds(),
-                 aligned: list[Aligned] | None = None, teacher_max_len: int | None = None):
+                 aligned: list[Aligned] | None = None, teacher_max_len: int | None = None,
+                 loss_masks: list[np.ndarray] | None = None):
         self.ids = ids
         n_in = len(sequences)
         dropped = 0
+        if loss_masks is not None and aligned is not None:
+            raise UsageError("a chat corpus (loss masks) with a teacher of another tokenizer is not supported yet")
         if aligned is None:
-            split = [(chunk, None) for seq in sequences for chunk in split_long(seq, max_len, ids)]
+            masks = [None] * len(sequences) if loss_masks is None else loss_masks
+            split = [piece for seq, mask in zip(sequences, masks, strict=True)
+                     for piece in split_masked(seq, mask, max_len, ids)]
         else:
             split = []
             for seq, side in zip(sequences, aligned, strict=True):
@@ -115,19 +167,26 @@ class LmSeqsDataset(Dataset):
                 split += pieces
                 dropped += lost
         long_kept = [x for x in split if len(x[0]) >= MIN_SEQ_LEN]
-        kept = [x for x in long_kept if np.count_nonzero(x[0] == ids.unk) <= MAX_UNK_FRACTION * len(x[0])]
+        known = [x for x in long_kept if np.count_nonzero(x[0] == ids.unk) <= MAX_UNK_FRACTION * len(x[0])]
+        kept = known if loss_masks is None else [x for x in known if len(counted_positions(x[1]))]
         logger.info(
             "Dataset: %d sequences in, %d after splitting to max_len %d, %d too short (< %d tokens) "
             "and %d mostly <unk> dropped, %d kept",
             n_in, len(split), max_len, len(split) - len(long_kept), MIN_SEQ_LEN,
-            len(long_kept) - len(kept), len(kept),
+            len(long_kept) - len(known), len(kept),
         )
         if dropped:
             logger.warning("Dataset: %d tokens dropped where no aligned position fell within the contexts", dropped)
         self.sequences = [x[0] for x in kept]
         self.lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
         self.aligned = None if aligned is None else [x[1] for x in kept]
+        self.loss_masks = None if loss_masks is None else [x[1] for x in kept]
         self.teacher_topk = None
+        if self.loss_masks is not None:
+            n_counted = int(self.row_counts().sum())
+            logger.info("Dataset: %d sequences without an assistant token dropped; %d of %d positions (%.1f%%) "
+                        "predict an assistant token and are counted", len(known) - len(kept), n_counted,
+                        int(self.lengths.sum()), 100 * n_counted / max(int(self.lengths.sum()), 1))
         if self.aligned is not None:
             n_aligned = sum(int(np.count_nonzero(a.alignment >= 0)) for a in self.aligned)
             n_positions = int(self.lengths.sum()) - len(self.sequences)  # every </s> predicts nothing
@@ -144,7 +203,18 @@ class LmSeqsDataset(Dataset):
 
     def cache_extras(self) -> dict:
         """What token_cache.write_cache keeps beside the sequences (from_cache reads it back)."""
-        return {} if self.aligned is None else {"teacher_ids": self.teacher_ids, "alignment": self.alignments}
+        extras = {} if self.loss_masks is None else {"loss_mask": self.loss_masks}
+        if self.aligned is not None:
+            extras.update(teacher_ids=self.teacher_ids, alignment=self.alignments)
+        return extras
+
+    def row_counts(self) -> np.ndarray:
+        """Per sequence, the positions an offline teacher's dump holds a row for: every position, or with
+        loss masks the counted ones (counted_positions), so a chat dump holds the assistant's rows only."""
+        if self.loss_masks is None:
+            return self.lengths
+        return np.fromiter((len(counted_positions(m)) for m in self.loss_masks), dtype=np.int64,
+                           count=len(self.loss_masks))
 
     @classmethod
     def from_cache(cls, folder: Path, ids: SpecialIds = SpecialIds(), teacher_topk=None) -> "LmSeqsDataset":
@@ -157,10 +227,12 @@ class LmSeqsDataset(Dataset):
         dataset.sequences = MappedSequences(folder)
         dataset.lengths = dataset.sequences.lengths()
         dataset.teacher_topk = teacher_topk
-        dataset.aligned = None
+        dataset.aligned = dataset.loss_masks = None
         if (Path(folder) / "alignment.npy").is_file():
             dataset.aligned = CachedAligned(MappedSequences(folder, "teacher_ids"), MappedSequences(folder, "alignment"))
-        if teacher_topk is not None and not np.array_equal(teacher_topk.lengths(), dataset.lengths):
+        if (Path(folder) / "loss_mask.npy").is_file():
+            dataset.loss_masks = MappedSequences(folder, "loss_mask")
+        if teacher_topk is not None and not np.array_equal(teacher_topk.lengths(), dataset.row_counts()):
             raise DataError(f"{teacher_topk.folder}: its rows do not line up with the training sequences")
         return dataset
 
@@ -168,9 +240,11 @@ class LmSeqsDataset(Dataset):
         return len(self.sequences)
 
     def __getitem__(self, index):
-        if self.teacher_topk is None and self.aligned is None:
+        if self.teacher_topk is None and self.aligned is None and self.loss_masks is None:
             return self.sequences[index]
         item = (self.sequences[index],)
+        if self.loss_masks is not None:
+            item += (self.loss_masks[index],)
         if self.aligned is not None:
             side = self.aligned[index]
             item += (side.teacher_ids, side.alignment)
@@ -183,17 +257,26 @@ class LmSeqsDataset(Dataset):
         the dataset's longest sequence, so never beyond the model context): fewer distinct shapes, so
         compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), then
 
+        - with loss masks: counted (B, S) bool, position i counted when token i + 1 is the assistant's;
         - with a teacher of another tokenizer: teacher_ids (B, S_t) int64 (right-padded with 0; padding
           is never attended to, attention being causal) and alignment (B, S) int64: for each student
           position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1;
         - with an offline teacher: topk_ids (B, S, k) int64 and topk_logprobs (B, S, k) float32, padded
-          with 0 (padded positions are beyond `lengths`: masked).
+          with 0 (padded positions are beyond `lengths`: masked); with loss masks the dump's rows are the
+          counted positions', placed there (the others hold 0 and are never counted).
         """
-        if self.teacher_topk is None and self.aligned is None:
+        if self.teacher_topk is None and self.aligned is None and self.loss_masks is None:
             return self.pad_tokens(batch, multiple)
         columns = list(zip(*batch))
         token_ids, lengths = self.pad_tokens(columns.pop(0), multiple)
         out = (token_ids, lengths)
+        rows = None
+        if self.loss_masks is not None:
+            counted = torch.zeros(token_ids.shape, dtype=torch.bool)
+            rows = [torch.from_numpy(counted_positions(np.asarray(m))) for m in columns.pop(0)]
+            for row, positions in enumerate(rows):
+                counted[row, positions] = True
+            out += (counted,)
         if self.aligned is not None:
             t_seqs, alignments = columns.pop(0), columns.pop(0)
             out += self.pad_aligned(t_seqs, alignments, token_ids.shape)
@@ -202,8 +285,9 @@ class LmSeqsDataset(Dataset):
             shape = (*token_ids.shape, self.teacher_topk.top_k)
             ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.float32)
             for row, (row_ids, row_logprobs) in enumerate(zip(topk_ids, topk_logprobs)):
-                ids[row, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
-                logprobs[row, : len(row_logprobs)] = torch.from_numpy(row_logprobs.astype(np.float32))
+                where = slice(0, len(row_ids)) if rows is None else rows[row]
+                ids[row, where] = torch.from_numpy(row_ids.astype(np.int64))
+                logprobs[row, where] = torch.from_numpy(row_logprobs.astype(np.float32))
             out += (ids, logprobs)
         return out
 

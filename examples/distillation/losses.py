@@ -546,6 +546,22 @@ def predicted_mask(mask):
     return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1) & mask
 
 
+def counted_masks(lengths, seq_len: int, counted=None):
+    """(real, pred), (B, S) bool each: the positions the KD, MSE and cosine terms count, and those the
+    CLM term counts.
+
+    Without `counted`: every real position, and every real position whose next token is real. With a
+    chat corpus's loss mask (`counted[b, i]`: token i + 1 is an assistant token, so position i predicts
+    one; LmSeqsDataset.batch_sequences) both are the counted positions: every term then learns only
+    where the model must produce the assistant's text, and none where it reads the prompt.
+    """
+    real = real_mask(lengths, seq_len)
+    if counted is None:
+        return real, predicted_mask(real)
+    counted = counted & predicted_mask(real)
+    return counted, counted
+
+
 def next_tokens(input_ids):
     """(B, S) targets of each position (the last position's is a placeholder, never counted)."""
     return torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
@@ -572,11 +588,12 @@ def kd_loss_sum(s_logits, teacher, mask, spec: KdSpec, taid_t=None):
     return total
 
 
-def clm_loss_sum(s_logits, input_ids, mask) -> torch.Tensor:
-    """Sum of next-token cross-entropy where both the position and its target are real."""
+def clm_loss_sum(s_logits, input_ids, mask, pred=None) -> torch.Tensor:
+    """Sum of next-token cross-entropy where both the position and its target are real (or, given
+    `pred`, at its positions: counted_masks)."""
     vocab = s_logits.size(-1)
     s_rows, targets = s_logits.reshape(-1, vocab), next_tokens(input_ids).reshape(-1)
-    keep = predicted_mask(mask).reshape(-1)
+    keep = (predicted_mask(mask) if pred is None else pred).reshape(-1)
     total = s_logits.new_zeros((), dtype=torch.float32)
     for rows in _row_chunks(s_rows.size(0), ROW_CHUNK):
         total = total + masked_sum(clm_rows(s_rows[rows].float(), targets[rows]), keep[rows])
@@ -694,7 +711,8 @@ def fused_chunk(spec: KdSpec, dtype, h, head, teacher, targets, real, pred, weig
 
 
 class FusedLogitTerms(torch.autograd.Function):
-    """(KD, CLM, MSE) sums over real positions from hidden states and LM heads, gradient computed in forward.
+    """(KD, CLM, MSE) sums over real (or counted) positions from hidden states and LM heads, gradient computed
+    in forward.
 
     The gradients for the student's hidden states, head weight and bias are accumulated chunk by chunk
     while the terms are computed and kept for backward (hidden-state sized, and one fp32 head-sized
@@ -705,12 +723,11 @@ class FusedLogitTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, bias, input_ids, lengths, weights, taid_t, teacher, config):
+    def forward(ctx, h, w, bias, input_ids, lengths, weights, taid_t, teacher, counted, config):
         spec, dtype, row_chunk, chunk_fn, enabled = config
         batch, seq, width = h.shape
-        real = real_mask(lengths, seq)
-        pred = predicted_mask(real).reshape(-1)
-        real, targets = real.reshape(-1), next_tokens(input_ids).reshape(-1)
+        real, pred = (m.reshape(-1) for m in counted_masks(lengths, seq, counted))
+        targets = next_tokens(input_ids).reshape(-1)
         flat = h.detach().reshape(-1, width)
         grad_h = torch.empty_like(flat)
         grad_w = torch.zeros_like(w, dtype=torch.float32)
@@ -738,11 +755,12 @@ class FusedLogitTerms(torch.autograd.Function):
         c = grad_sums[ctx.first] / weights[ctx.first]
         grad_h, grad_w, grad_bias = (None if g is None else g.mul_(c.to(g.dtype)) for g in ctx.grads)
         del ctx.grads
-        return grad_h, grad_w, grad_bias, None, None, None, None, None, None
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None
 
 
 def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpec, teacher: Teacher | None = None,
-                      taid_t=None, dtype=torch.float32, chunk_fn=fused_chunk, row_chunk=FUSED_ROW_CHUNK):
+                      taid_t=None, dtype=torch.float32, chunk_fn=fused_chunk, row_chunk=FUSED_ROW_CHUNK,
+                      counted=None):
     """(KD, CLM, MSE) sums of a micro-batch from final hidden states, without B x S x V logits.
 
     h: the student's final hidden states (B, S, d); head: (weight (V, d), bias or None) of its LM head.
@@ -751,11 +769,12 @@ def fused_logit_terms(h, head, input_ids, lengths, weights, enabled, spec: KdSpe
     when neither KD nor MSE is on. taid_t: TAID's interpolation weight, a 0-dim float32 tensor (taid
     only; a tensor, so a compiled chunk does not recompile as it moves). weights: float32 tensor (3,),
     the loss weights of the terms (see FusedLogitTerms for how the caller must use them); enabled:
-    three host booleans saying which terms are on (an off term is returned as 0).
+    three host booleans saying which terms are on (an off term is returned as 0). counted: a chat
+    corpus's (B, S) bool loss mask (counted_masks), or None (every real position counts).
     """
     if not any(enabled):
         raise ValueError("fused_logit_terms needs at least one term")
     if (enabled[0] or enabled[2]) and teacher is None:
         raise ValueError("the KD and MSE terms need a teacher")
     config = (spec, dtype, row_chunk, chunk_fn, tuple(bool(e) for e in enabled))
-    return FusedLogitTerms.apply(h, head[0], head[1], input_ids, lengths, weights, taid_t, teacher, config)
+    return FusedLogitTerms.apply(h, head[0], head[1], input_ids, lengths, weights, taid_t, teacher, counted, config)

@@ -49,6 +49,7 @@ import models
 from distil_ja import fileio, shards
 from distil_ja.cli import DataError, UsageError, first_line
 from distil_ja.tokenization import resolve_spiece, sha256_file
+from lm_seqs_dataset import LmSeqsDataset, counted_positions
 from token_cache import OFFSETS
 
 FORMAT = "distil-ja/teacher-topk/v1"
@@ -160,6 +161,16 @@ def check_training(manifest: dict, folder, *, temperature: float, tokenizer: dic
         raise UsageError(f"the student's context ({student_context}) is shorter than the max_len "
                          f"{manifest['max_len']} of {folder}, whose sequences are cut to it: dump again with "
                          f"--max_len {student_context}")
+
+
+def check_rows(manifest: dict, folder, masked: bool) -> None:
+    """A chat corpus's dump holds rows for the positions train.py counts: the assistant's (masked), or
+    every position (--train_on_prompt, or not a chat corpus). DataError when they differ."""
+    if bool(manifest.get("assistant_only")) != masked:
+        said = "only the assistant's positions" if manifest.get("assistant_only") else "every position"
+        want = "only the assistant's" if masked else "every position (--train_on_prompt)"
+        raise DataError(f"{folder} holds rows for {said}, this run counts {want}: dump again with the same "
+                        "--train_on_prompt as train.py's")
 
 
 def check_sequences(manifest: dict, folder, sequences) -> None:
@@ -322,13 +333,14 @@ def shard_files(rank: int) -> tuple[str, str]:
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
                device: torch.device, progress: bool = True) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
-    its own pad_tokens, as in training). Returns its manifest entry.
+    its own pad_tokens, as in training; with loss masks, the counted positions' rows only). Returns its
+    manifest entry ("tokens": the rows it holds).
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
     """
     folder = Path(folder)
-    offsets = offsets_of(dataset.lengths)
+    offsets = offsets_of(dataset.row_counts())  # a chat corpus's: the counted positions only
     rows = int(offsets[end] - offsets[start])
     entry = {"rank": rank, "first_sequence": start, "sequences": end - start, "tokens": rows}
     if rows == 0:
@@ -356,8 +368,9 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
                                                     settings.vocab_size, settings.top_k, settings.temperature)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
-                    ids[a:b] = top_ids.numpy()
-                    logprobs[a:b] = top_logprobs.numpy()
+                    kept = slice(None) if dataset.loss_masks is None else counted_positions(dataset.loss_masks[i])
+                    ids[a:b] = top_ids.numpy()[kept]
+                    logprobs[a:b] = top_logprobs.numpy()[kept]
                 bar.update(int(sum(dataset.lengths[i] for i in batch)))
             ids_file.write(ids)
             logprobs_file.write(stored_logprobs(logprobs, settings.logprobs_dtype))
@@ -434,6 +447,8 @@ class TopKLogits:
         if len(self.offsets) != self.manifest["sequences"] + 1 or self.offsets[-1] != self.manifest["tokens"]:
             raise DataError(f"{offsets_path}: {len(self.offsets) - 1} sequences, {self.offsets[-1]} tokens; "
                             f"the manifest says {self.manifest['sequences']}, {self.manifest['tokens']}")
+        if self.manifest.get("assistant_only"):  # a chat dump: rows for the counted positions only
+            self.offsets = offsets_of(LmSeqsDataset.from_cache(self.folder / SEQUENCES).row_counts())
         self.first, self.ids, self.logprobs = [], [], []
         covered = 0
         for entry in sorted(self.manifest["shards"], key=lambda e: e["first_sequence"]):

@@ -30,7 +30,7 @@ from distil_ja import fileio, outputs, shards  # noqa: E402
 from distil_ja.cli import DataError, UsageError, first_line, run_command  # noqa: E402
 from distil_ja.tokenization import load_tokenizer  # noqa: E402
 from distiller import Distiller  # noqa: E402
-from lm_seqs_dataset import Aligned, LmSeqsDataset, SpecialIds  # noqa: E402
+from lm_seqs_dataset import LmSeqsDataset, SpecialIds, read_corpus  # noqa: E402
 from node_local import check_same_sequences, claim_dump_path, forget_marker  # noqa: E402
 from perplexity import load_encoder, read_eval_data  # noqa: E402
 from sharding import check_shardable, shard_teacher  # noqa: E402
@@ -245,15 +245,12 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
     With an offline teacher (topk) they are cut to its max_len and must be the sequences it was dumped from;
     with a teacher of another tokenizer (cross) they carry its ids and the alignment, cut at aligned positions."""
     try:
-        verify = params.verify == "full"
-        if cross is None:
-            sequences, manifest = shards.load_sequences(params.data_file, verify=verify)
-            aligned = None
-        else:
+        if cross is not None:
             check_cross_manifest(shards.shard_paths(params.data_file)[1], cross)  # before reading the shards
-            sequences, manifest, extras = shards.load_sequences(params.data_file, verify=verify,
-                                                                extras=("teacher_ids", "alignment"))
-            aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
+        sequences, manifest, aligned, loss_masks = read_corpus(params.data_file, params.verify == "full",
+                                                               cross is not None, params.train_on_prompt)
+        if topk is not None:
+            teacher_logits.check_rows(topk.manifest, params.teacher_logits, loss_masks is not None)
         check_compatibility(student, teacher if cross is None else None, ids, len(tokenizer), sequences)
         if manifest is not None:
             check_manifest(manifest, ids, len(tokenizer), tokenizer_source)
@@ -264,7 +261,7 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
         else:
             max_len = context_length(student, teacher if cross is None else None)
             teacher_max_len = None if cross is None else context_length(teacher, None)
-        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len)
+        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len, loss_masks)
         if topk is not None:
             teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
             teacher_logits.verify_files(params.teacher_logits, topk.manifest, full=params.verify == "full")

@@ -48,7 +48,9 @@ class TrainingLog:
     def reset(self) -> None:
         device = self.runtime.device
         self.sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)  # this rank's, unreduced
-        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # (real, predicted, KD), global
+        # (tokens, real, predicted, KD positions), global; with a chat corpus's loss masks the last three
+        # are the counted positions (Distiller.global_counts)
+        self.counts = torch.zeros(4, dtype=torch.float64, device=device)
         self.slots = self.real = 0  # this rank's positions with and without padding
         self.start = time.perf_counter()
 
@@ -63,6 +65,8 @@ class TrainingLog:
         counts = state["log_counts"].to(self.runtime.device)
         if counts.numel() == 2:  # a checkpoint from before the KD count: KD counted the real positions
             counts = torch.cat([counts, counts[:1]])
+        if counts.numel() == 3:  # from before loss masks: every real position was a token
+            counts = torch.cat([counts[:1], counts])
         self.counts = counts
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
 
@@ -107,7 +111,7 @@ class TrainingLog:
         sums = self.sums.clone()
         if self.runtime.is_distributed:
             dist.all_reduce(sums)  # counts are already global
-        n_real, n_pred, n_kd = self.counts.clamp(min=1).tolist()
+        n_real, n_pred, n_kd = self.counts[1:].clamp(min=1).tolist()
         terms = {k: sums[i].item() / (n_pred if k == "clm" else n_kd if k == "ce" else n_real)
                  for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())

@@ -38,10 +38,9 @@ from config import PRECISIONS, amp_dtype, resolve_n_gpu, resolve_precision  # no
 from distil_ja import outputs, shards  # noqa: E402
 from distil_ja.cli import ArgumentParser, DataError, UsageError, first_line, run_command  # noqa: E402
 from distil_ja.tokenization import load_tokenizer  # noqa: E402
-from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset  # noqa: E402
+from lm_seqs_dataset import MIN_SEQ_LEN, LmSeqsDataset, read_corpus  # noqa: E402
 from token_cache import write_cache  # noqa: E402
 from utils import attempt, init_distributed, logger, raise_first_error, setup_logging  # noqa: E402
-from lm_seqs_dataset import Aligned  # noqa: E402
 from vocab import (check_cross_manifest, check_manifest, cross_tokenizer, own_tokenizer, save_tokenizer,  # noqa: E402
                    special_ids_of)
 
@@ -57,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="What train.py's --data_file will be: a binarize.py output directory or .pickle shards.")
     parser.add_argument("--output_dir", required=True, help="The dump (train.py --teacher_logits).")
     parser.add_argument("--force", action="store_true", help="Delete an existing --output_dir first.")
+    parser.add_argument("--train_on_prompt", action="store_true",
+                        help="A chat corpus: rows for every position, as train.py --train_on_prompt needs (default: "
+                             "only the positions that predict an assistant token, as train.py counts them).")
     parser.add_argument("--top_k", type=int, default=64, help="Token ids (and log-probabilities) kept per position.")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="Of the teacher's softmax; train.py must use the same --temperature.")
@@ -110,16 +112,13 @@ def load_sequences(args, tokenizer, source: str, ids, max_len: int, cross=None, 
     the error instead of raising it (every rank raises it). cross: a teacher of another tokenizer
     (vocab.CrossTokenizer), whose ids and alignment the data must carry."""
     try:
-        aligned = None
-        if cross is None:
-            sequences, binarized = shards.load_sequences(args.data_file)
-        else:
+        if cross is not None:
             check_cross_manifest(shards.shard_paths(args.data_file)[1], cross)  # before reading the shards
-            sequences, binarized, extras = shards.load_sequences(args.data_file, extras=("teacher_ids", "alignment"))
-            aligned = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])]
+        sequences, binarized, aligned, loss_masks = read_corpus(args.data_file, True, cross is not None,
+                                                                args.train_on_prompt)
         if binarized is not None:
             check_manifest(binarized, ids, len(tokenizer), source)
-        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len)
+        dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len, loss_masks)
         if len(dataset) == 0:
             raise DataError("no sequence is left after filtering (all too short or mostly <unk>)")
         max_id = max(int(s.max()) for s in dataset.sequences)
@@ -177,11 +176,11 @@ def dump(args, runtime) -> None:
 
     settings = teacher_logits.DumpSettings(args.top_k, args.temperature, vocab_size, args.batch_size,
                                            args.logprobs_dtype)
-    offsets = teacher_logits.offsets_of(dataset.lengths)
+    offsets = teacher_logits.offsets_of(dataset.row_counts())  # a chat corpus's: the assistant's positions
     start, end = teacher_logits.rank_slice(offsets, args.batch_size, runtime.world_size, runtime.global_rank)
-    logger.info("Teacher %s (%s) on %s: top %d at temperature %g of %d sequences (%d tokens, max_len %d) over %d "
-                "process(es)", args.teacher, args.precision, runtime.device, args.top_k, args.temperature,
-                len(dataset), int(offsets[-1]), max_len, runtime.world_size)
+    logger.info("Teacher %s (%s) on %s: top %d at temperature %g of %d sequences (%d tokens, %d rows, max_len %d) "
+                "over %d process(es)", args.teacher, args.precision, runtime.device, args.top_k, args.temperature,
+                len(dataset), int(dataset.lengths.sum()), int(offsets[-1]), max_len, runtime.world_size)
     t0 = time.perf_counter()
     entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
                                       runtime.device, progress=runtime.is_master)
@@ -189,11 +188,12 @@ def dump(args, runtime) -> None:
     seconds = time.perf_counter() - t0
     if not runtime.is_master:
         return
-    tokens = int(offsets[-1])
+    tokens, rows = int(dataset.lengths.sum()), int(offsets[-1])
     row_bytes = sum(e[k]["bytes"] for e in entries if e["sequences"] for k in ("ids", "logprobs"))
     teacher_logits.write_manifest(folder, {
         "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,
-        "sequences": len(dataset), "tokens": tokens, "sequences_sha256": sequences_sha256,
+        "sequences": len(dataset), "tokens": tokens, "rows": rows, "assistant_only": dataset.loss_masks is not None,
+        "sequences_sha256": sequences_sha256,
         "ids_dtype": shards.dtype_for_vocab(vocab_size).name, "logprobs_dtype": args.logprobs_dtype,
         "logprobs_rounding": "down" if args.logprobs_dtype == "float16" else "none",
         "precision": args.precision, "tokenizer": teacher_logits.tokenizer_identity(tokenizer, source, ids),
