@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from helpers import dump_args, dump_script, gpt2_config, random_sequences, train_args, write_shard
+from helpers import (chat_masks, dump_args, dump_script, gpt2_config, random_sequences, train_args, write_corpus,
+                     write_shard)
 
 TOKENIZER_TEXT = """\
 今日は朝から雨が降っていたので、駅まで傘をさして歩いた。
@@ -108,3 +110,21 @@ def tiny_run(tiny_setup, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return dump
+
+
+@pytest.fixture(scope="session")
+def chat_setup(offline_setup, tmp_path_factory):
+    """offline_setup with a chat corpus of its sequences (cut to 60 tokens, so nothing is cut again) and a
+    twin whose trailing prompt tokens (after the last assistant token, before </s>) are other tokens."""
+    folder = tmp_path_factory.mktemp("chat")
+    sequences = random_sequences(24, min_len=16, max_len=60, vocab_size=offline_setup["vocab"], seed=3)
+    masks = chat_masks(sequences)
+    twin = []
+    rng = np.random.default_rng(9)
+    for seq, mask in zip(sequences, masks):
+        last = int(np.flatnonzero(mask)[-1])
+        other = seq.copy()
+        other[last + 1 : -1] = rng.integers(7, offline_setup["vocab"], len(seq) - last - 2)
+        twin.append(other)
+    return {**offline_setup, "data": write_corpus(folder / "data", sequences, masks),
+            "twin": write_corpus(folder / "twin", twin, masks), "sequences": sequences, "masks": masks}

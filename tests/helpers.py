@@ -175,3 +175,41 @@ def torchrun(script, args, nproc: int = 2, timeout: int = 300):
 def torchrun_train(args, nproc: int = 2, timeout: int = 300):
     """train.py under torchrun (torchrun above)."""
     return torchrun(TRAIN_PY, args, nproc, timeout)
+
+
+def chat_masks(sequences, seed=0):
+    """Per sequence: a prompt, an assistant span, then trailing prompt tokens before </s> (mask 0)."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for seq in sequences:
+        n = len(seq)
+        start = int(rng.integers(1, n // 2))
+        end = int(rng.integers(start + 2, n - 2))
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[start:end] = 1
+        masks.append(mask)
+    return masks
+
+
+def write_corpus(folder, sequences, masks):
+    """A binarized directory as binarize.py writes a chat corpus: one shard, its loss_mask extra, the manifest."""
+    from distil_ja import shards
+
+    folder.mkdir(parents=True)
+    entry = {"file": "00000.pickle", "sequences": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
+             **shards.write_shard(folder / "00000.pickle", sequences)}
+    entry["extras"] = shards.write_extras(folder, entry["file"], {"loss_mask": masks})
+    shards.write_manifest(folder, {"shards": [entry]})
+    return folder
+
+
+def chat_args(setup, dump, data, *extra, offline=None):
+    """train_args on `data`, no cosine term; offline: --teacher_logits DIR instead of the teacher."""
+    args = train_args(setup, dump, "--alpha_cos", "0", *extra)
+    args[args.index("--data_file") + 1] = str(data)
+    if offline is not None:
+        for flag in ("--teacher_name", "--tokenizer_name"):
+            i = args.index(flag)
+            del args[i : i + 2]
+        args += ["--teacher_logits", str(offline)]
+    return args

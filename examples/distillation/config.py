@@ -26,6 +26,7 @@ import yaml
 
 from distil_ja.cli import ArgumentParser, UsageError
 from losses import CROSS_KD, KD_LOSSES, KdSpec, TaidSchedule
+from on_policy import Sampling
 from models import AUTO, TYPE_CHOICES
 
 # The recommended recipe (bench/quality.py --size tiny over 3 seeds; docs/training.md "Recommended recipe").
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--cross_kd pieces: the weight of the ULD term (sorted-probability gap) on the pieces the "
                            "two vocabularies do not share, beside the exact divergence on the shared ones.")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
+    loss.add_argument("--on_policy_fraction", type=float, default=0.0,
+                      help="A chat corpus: the share of optimizer steps on which the student samples the answers to "
+                           "the batch's prompts and the KD term is taken on its samples (on-policy distillation, "
+                           "GKD; 0, the default: never). Needs a teacher model (--teacher_name).")
+    loss.add_argument("--gen_temperature", type=float, default=1.0, help="On-policy steps: sampling temperature.")
+    loss.add_argument("--gen_top_p", type=float, default=1.0,
+                      help="On-policy steps: nucleus sampling's mass, in (0, 1] (1: the whole distribution).")
+    loss.add_argument("--max_new_tokens", type=int, default=128, help="On-policy steps: the longest sampled answer.")
     loss.add_argument("--alpha_mse", type=float, help="MSE between student and teacher logits.")
     loss.add_argument("--alpha_cos", type=float, help="1 - cosine of the last hidden states (a learned projection "
                       "maps a narrower student to the teacher's width).")
@@ -228,6 +237,11 @@ def native_bf16() -> bool:
     return torch.cuda.get_device_capability(local_rank)[0] >= 8
 
 
+def sampling(params) -> Sampling:
+    """On-policy steps' sampling settings (on_policy.Sampling checks their ranges)."""
+    return Sampling(params.gen_temperature, params.gen_top_p, params.max_new_tokens)
+
+
 def check_arguments(params) -> None:
     """Refuse bad flags, before anything is loaded or written (UsageError, exit 2)."""
     non_finite = [f"--{k} {v}" for k, v in sorted(vars(params).items()) if isinstance(v, float) and not math.isfinite(v)]
@@ -247,6 +261,18 @@ def check_arguments(params) -> None:
     if params.teacher_tokenizer is not None and params.teacher_name is None:
         raise UsageError("--teacher_tokenizer names the tokenizer of a teacher model (--teacher_name); a dump "
                          "(--teacher_logits) records its own")
+    if not 0 <= params.on_policy_fraction <= 1:
+        raise UsageError(f"--on_policy_fraction must be in [0, 1], got {params.on_policy_fraction}")
+    if params.on_policy_fraction > 0:
+        if params.teacher_logits is not None:
+            raise UsageError("--on_policy_fraction needs a teacher model to score the student's samples; "
+                             "--teacher_logits holds the teacher's rows of the corpus only")
+        if params.teacher_name is None or params.alpha_ce <= 0:
+            raise UsageError("--on_policy_fraction needs a teacher (--teacher_name) and the KD term (--alpha_ce > 0)")
+        try:
+            sampling(params)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if params.shard_teacher and params.teacher_name is None:
         raise UsageError("--shard_teacher needs a teacher model (--teacher_name)")
     no_teacher = params.teacher_name is None and params.teacher_logits is None

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from tqdm import tqdm
 import checkpoint
 import losses
 import models
-from config import amp_dtype, kd_spec, taid_schedule
+import on_policy
+from config import amp_dtype, kd_spec, sampling, taid_schedule
 from distil_ja.cli import TrainingError, UsageError
 from grouped_batch_sampler import GroupedBatchSampler, SkippingBatchSampler, length_groups
 from lm_seqs_dataset import LmSeqsDataset
@@ -137,6 +139,13 @@ class Distiller:
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,
                                          device=self.device)
+        # --on_policy_fraction: the share of steps whose answers the student samples (on_policy.py); on those
+        # steps the CLM term is off (the student's own samples are not data) and the KD term grades its answers.
+        self.on_policy_fraction = params.on_policy_fraction
+        self.sampling = sampling(params)
+        self.stop_ids = on_policy.end_of_turn_ids(dataset, student.config.eos_token_id) if \
+            self.on_policy_fraction > 0 else set()
+        self.step_on_policy = False
         self._build_data(params, runtime, dataset)
         self._build_optimization(params, runtime, student)
 
@@ -238,7 +247,7 @@ class Distiller:
         apply the heads (fused: chunk by chunk). The loss weights of this step are `self.step_weights`
         (set by optimize_step).
         """
-        want = {k: self.alphas[k] > 0 for k in LOSS_TERMS}
+        want = {k: self.alphas[k] > 0 and not (self.step_on_policy and k == "clm") for k in LOSS_TERMS}
         counted, teacher_ids, alignment, topk = self.split_batch(rest)
         with self.autocast():
             s_hidden = self.student(token_ids)
@@ -337,7 +346,8 @@ class Distiller:
             counted, _, alignment, _ = self.split_batch(rest)
             real, pred = counted_masks(lengths, token_ids.size(1), counted)
             kd = real if alignment is None else real & (alignment >= 0)
-            counts += torch.stack([lengths.sum(), real.sum(), pred.sum(), kd.sum()]).to(counts.dtype)
+            n_pred = pred.sum() * (not self.step_on_policy)  # an on-policy step has no CLM term
+            counts += torch.stack([lengths.sum(), real.sum(), n_pred, kd.sum()]).to(counts.dtype)
         if self.runtime.is_distributed:
             dist.all_reduce(counts)
         return counts
@@ -356,6 +366,9 @@ class Distiller:
         copied back asynchronously and read one step later (settle).
         """
         batches = [self.to_device(batch) for batch in window]
+        self.step_on_policy = on_policy.is_on_policy_step(self.params.seed, self.n_steps, self.on_policy_fraction)
+        if self.step_on_policy:
+            batches = [self.sampled_batch(batch) for batch in batches]
         counts = self.global_counts(batches)
         n_real, n_pred, n_kd = counts[1:].clamp(min=1).unbind()
         norms = torch.stack([n_pred if k == "clm" else n_kd if k == "ce" else n_real for k in LOSS_TERMS])
@@ -384,9 +397,25 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.n_steps += 1
-        self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0))  # tokens first
+        self.log.add_step(torch.where(finite, step_sums, 0.0), torch.where(finite, counts, 0.0),  # tokens first
+                          self.step_on_policy)
         self._queue_readback(finite, counts[0], grad_norm)
         return {k: step_sums[i] / norms[i] for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
+
+    def sampled_batch(self, batch):
+        """An on-policy micro-batch: each row's prompt with the student's sampled answer (on_policy.generate,
+        the unwrapped student: no DDP all-reduce), counted where it predicts a sampled token. Its time goes
+        to the log."""
+        token_ids, lengths, counted = batch[:3]
+        start = time.perf_counter()
+        with self.autocast():
+            sampled = on_policy.generate(self.raw, on_policy.prompts_of(token_ids, lengths, counted), self.sampling,
+                                         self.stop_ids, models.max_positions(self.raw.config) or token_ids.size(1),
+                                         self.dataset.ids.pad, self.params.seed, self.n_steps, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.log.add_generation(time.perf_counter() - start)
+        return sampled
 
     def update_taid(self, kd_sum, n_real, finite):
         """TAID's t after this step, from the step's KD term over the global batch (the same on every rank)."""

@@ -2,7 +2,8 @@
 
 A run's folder (DUMP_PATH) holds `metrics.jsonl` (one JSON object per log line: step, tokens_seen,
 the weighted loss terms named by LOSS_TERMS, loss, the loop state named by LOGGED_STATE where the
-run has it, skipped_steps) and `eval_results.json` (the
+run has it, skipped_steps, and in a window with on-policy steps ON_POLICY_RECORDS: their number and the
+share of the window's time rank 0 spent sampling) and `eval_results.json` (the
 latest evaluation, with every earlier one under "history"; an evaluation of --eval_data holds the
 perplexity and, for text, the held-out measures named by HELD_OUT_PER_TEXT). This module is the one place that
 names those files and reads them back; it imports nothing of the training side.
@@ -14,6 +15,7 @@ from pathlib import Path
 from distil_ja.cli import DataError
 
 LOSS_TERMS = ("ce", "clm", "mse", "cos")  # the order of the sums in a step's tensor; "ce" is the KD term
+ON_POLICY_RECORDS = ("on_policy_steps", "generation_share")  # --on_policy_fraction: per log window
 LOGGED_STATE = ("taid_t",)  # loop state logged beside the terms: TAID's t after the step (--kd_loss taid)
 # An evaluation's measures of --eval_data that cross tokenizers (perplexity.held_out_scores): None for binarized data
 HELD_OUT_PER_TEXT = ("bits_per_char", "bits_per_byte")

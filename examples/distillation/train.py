@@ -262,6 +262,9 @@ def load_dataset(params, world_size: int, tokenizer, tokenizer_source: str, ids:
             max_len = context_length(student, teacher if cross is None else None)
             teacher_max_len = None if cross is None else context_length(teacher, None)
         dataset = LmSeqsDataset(sequences, max_len, ids, aligned, teacher_max_len, loss_masks)
+        if params.on_policy_fraction > 0 and loss_masks is None:
+            raise UsageError("--on_policy_fraction needs a chat corpus (binarize.py on conversations), read with its "
+                             "loss masks (no --train_on_prompt): the student answers its prompts")
         if topk is not None:
             teacher_logits.check_sequences(topk.manifest, params.teacher_logits, dataset.sequences)
             teacher_logits.verify_files(params.teacher_logits, topk.manifest, full=params.verify == "full")
@@ -316,6 +319,8 @@ def train(params) -> None:
     student = load_student(params)
     topk = open_teacher_logits(params, tokenizer, tokenizer_source, ids, student)
     cross = check_cross(params, tokenizer, teacher, topk)
+    if cross is not None and params.on_policy_fraction > 0:
+        raise UsageError("--on_policy_fraction with a teacher of another tokenizer is not supported yet")
     # A resumed run trains on the sequences it started with: its token cache, written (and its shards read
     # and verified against their sha256) once, at the first start.
     reuse_cache = params.resume and token_cache.is_complete(Path(params.dump_path) / TOKEN_CACHE)

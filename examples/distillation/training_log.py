@@ -53,12 +53,14 @@ class TrainingLog:
         self.counts = torch.zeros(4, dtype=torch.float64, device=device)
         self.slots = self.real = 0  # this rank's positions with and without padding
         self.start = time.perf_counter()
+        self.generation_s = 0.0  # this rank's time sampling on-policy answers since the last log line
+        self.on_policy_steps = 0
 
     # ---- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"log_sums": self.sums.cpu(), "log_counts": self.counts.cpu(), "log_slots": self.slots,
-                "log_real": self.real}
+                "log_real": self.real, "log_on_policy_steps": self.on_policy_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["log_sums"].to(self.runtime.device)
@@ -69,6 +71,7 @@ class TrainingLog:
             counts = torch.cat([counts[:1], counts])
         self.counts = counts
         self.slots, self.real = state.get("log_slots", 0), state.get("log_real", 0)
+        self.on_policy_steps = state.get("log_on_policy_steps", 0)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop the lines a crashed run wrote after its last checkpoint (master only)."""
@@ -95,9 +98,14 @@ class TrainingLog:
         self.slots += token_ids.numel()
         self.real += int(lengths.sum())
 
-    def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor) -> None:
+    def add_step(self, step_sums: torch.Tensor, counts: torch.Tensor, on_policy: bool = False) -> None:
         self.sums += step_sums
         self.counts += counts
+        self.on_policy_steps += on_policy
+
+    def add_generation(self, seconds: float) -> None:
+        """Time this rank spent sampling an on-policy micro-batch (the device synchronised after it)."""
+        self.generation_s += seconds
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -115,7 +123,11 @@ class TrainingLog:
         terms = {k: sums[i].item() / (n_pred if k == "clm" else n_kd if k == "ce" else n_real)
                  for i, k in enumerate(LOSS_TERMS) if self.alphas[k] > 0}
         terms["loss"] = sum(self.alphas[k] * v for k, v in terms.items())
-        tokens_per_s = self.counts[0].item() / max(time.perf_counter() - self.start, 1e-9)  # real tokens, all ranks
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.counts[0].item() / seconds  # real tokens, all ranks
+        # on-policy steps: how many, and the share of this window's time rank 0 spent sampling
+        generation = {} if not self.on_policy_steps else {"on_policy_steps": self.on_policy_steps,
+                                                         "generation_share": self.generation_s / seconds}
         if self.writer is not None:
             scalars = {**{f"losses/{k}": v for k, v in terms.items()}, "global/lr": lr,
                        "global/tokens_per_s": tokens_per_s, "global/skipped_steps": skipped,
@@ -123,14 +135,17 @@ class TrainingLog:
             if grad_norm is not None:  # None: the window was restored from a checkpoint and no step ran since
                 scalars["global/grad_norm"] = float(grad_norm)
             scalars.update({f"kd/{k}": v for k, v in state.items()})
+            scalars.update({f"on_policy/{k}": v for k, v in generation.items()})
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
         if self.runtime.is_master:
             with open(self.dump_path / METRICS, "a") as f:
                 f.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **terms, **state,
-                                    "skipped_steps": skipped}) + "\n")
-            logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s", step, total_steps,
-                        " ".join(f"{k} {v:.4f}" for k, v in {**terms, **state}.items()), lr, tokens_per_s)
+                                    "skipped_steps": skipped, **generation}) + "\n")
+            said = "" if not generation else (f" | {generation['on_policy_steps']} on-policy step(s), "
+                                              f"{100 * generation['generation_share']:.0f}% of the time sampling")
+            logger.info("step %d/%d | %s | lr %.3g | %.0f tok/s%s", step, total_steps,
+                        " ".join(f"{k} {v:.4f}" for k, v in {**terms, **state}.items()), lr, tokens_per_s, said)
         self.reset()
 
     def write_eval(self, record: dict, history: list[dict]) -> None:

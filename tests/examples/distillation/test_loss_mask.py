@@ -10,55 +10,12 @@ import pytest
 import torch
 
 import train
-from distil_ja import shards
 from distil_ja.cli import EXIT_DATA
-from helpers import dump_args, dump_script, random_sequences, train_args, weights
+from helpers import chat_args, dump_args, dump_script, weights
 from lm_seqs_dataset import LmSeqsDataset, SpecialIds, counted_positions, split_masked
 from losses import KdSpec, HiddenTeacher, clm_loss_sum, counted_masks, fused_logit_terms, kd_loss_sum
 
 IDS = SpecialIds()
-
-
-def chat_masks(sequences, seed=0):
-    """Per sequence: a prompt, an assistant span, then trailing prompt tokens before </s> (mask 0)."""
-    rng = np.random.default_rng(seed)
-    masks = []
-    for seq in sequences:
-        n = len(seq)
-        start = int(rng.integers(1, n // 2))
-        end = int(rng.integers(start + 2, n - 2))
-        mask = np.zeros(n, dtype=np.uint8)
-        mask[start:end] = 1
-        masks.append(mask)
-    return masks
-
-
-def write_corpus(folder, sequences, masks):
-    """A binarized directory as binarize.py writes a chat corpus: one shard, its loss_mask extra, the manifest."""
-    folder.mkdir(parents=True)
-    entry = {"file": "00000.pickle", "sequences": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
-             **shards.write_shard(folder / "00000.pickle", sequences)}
-    entry["extras"] = shards.write_extras(folder, entry["file"], {"loss_mask": masks})
-    shards.write_manifest(folder, {"shards": [entry]})
-    return folder
-
-
-@pytest.fixture(scope="module")
-def chat_setup(offline_setup, tmp_path_factory):
-    """offline_setup with a chat corpus of its sequences (cut to 60 tokens, so nothing is cut again) and a
-    twin whose trailing prompt tokens (after the last assistant token, before </s>) are other tokens."""
-    folder = tmp_path_factory.mktemp("chat")
-    sequences = random_sequences(24, min_len=16, max_len=60, vocab_size=offline_setup["vocab"], seed=3)
-    masks = chat_masks(sequences)
-    twin = []
-    rng = np.random.default_rng(9)
-    for seq, mask in zip(sequences, masks):
-        last = int(np.flatnonzero(mask)[-1])
-        other = seq.copy()
-        other[last + 1 : -1] = rng.integers(7, offline_setup["vocab"], len(seq) - last - 2)
-        twin.append(other)
-    return {**offline_setup, "data": write_corpus(folder / "data", sequences, masks),
-            "twin": write_corpus(folder / "twin", twin, masks), "sequences": sequences, "masks": masks}
 
 
 # ---- the positions ----------------------------------------------------------------------------------
@@ -158,18 +115,6 @@ def test_fused_and_plain_terms_count_only_the_counted_positions():
 
 
 # ---- training -------------------------------------------------------------------------------------
-
-
-def chat_args(setup, dump, data, *extra, offline=None):
-    """train_args on `data`, no cosine term; offline: --teacher_logits DIR instead of the teacher."""
-    args = train_args(setup, dump, "--alpha_cos", "0", *extra)
-    args[args.index("--data_file") + 1] = str(data)
-    if offline is not None:
-        for flag in ("--teacher_name", "--tokenizer_name"):
-            i = args.index(flag)
-            del args[i : i + 2]
-        args += ["--teacher_logits", str(offline)]
-    return args
 
 
 def test_training_never_sees_what_it_does_not_count(chat_setup, tmp_path):
