@@ -41,6 +41,7 @@ from functools import lru_cache
 import numpy as np
 
 from distil_ja.cli import UsageError, first_line
+from distil_ja.tokenization import normalize_text
 
 # Boundary agreement: aligned positions / the positions of the side with fewer (each side's </s> or
 # eos excluded), i.e. the share of the coarser tokenization's boundaries that the finer one has too;
@@ -164,7 +165,14 @@ def piece_bytes(piece: str, byte_level: bool) -> bytes | None:
 
 
 class TeacherEncoder:
-    """The teacher's ids of a text as it was written, and the end offset of each (alignment's rules)."""
+    """The teacher's ids of a text as it was written, and the end offset of each (alignment's rules).
+
+    "As written" is as the teacher reads text: a tokenizer that declares rinna's recipe (`do_lower_case`
+    in its config: rinna's and make_tokenizer.py's, which transformers itself ignores) was trained on
+    NFKC-normalised, lowercased text, so it gets that, its offsets mapped back to the original text
+    cluster by cluster as the student's are; any other tokenizer sees the text as it is, with its own
+    normaliser (a cased teacher reads cased text). evaluate.py's TokenizerEncoder follows the same rule.
+    """
 
     def __init__(self, name_or_dir):
         from distil_ja.tokenization import load_tokenizer
@@ -182,9 +190,17 @@ class TeacherEncoder:
             raise UsageError(f"--teacher_tokenizer {self.name!r} defines no end-of-text token (eos)")
         self.byte_level = _is_byte_level(self.tokenizer)
         self.vocab_size = len(self.tokenizer)
+        self.lowercase = bool(self.tokenizer.init_kwargs.get("do_lower_case", False))
 
     def encode(self, text: str) -> tuple[list[int], np.ndarray]:
-        """Content ids of text (no special tokens added, none parsed from the text) and their ends."""
+        """Content ids of text (no special tokens added, none parsed from the text) and their ends in it."""
+        if not self.lowercase:
+            return self._encode(text)
+        norm, at = normalised_offsets(text, normalize_text)
+        ids, ends = self._encode(norm)
+        return ids, np.where(ends >= 0, at[ends.clip(min=0)], -1)
+
+    def _encode(self, text: str) -> tuple[list[int], np.ndarray]:
         if not text:
             return [], np.zeros(0, dtype=np.int64)
         found = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,

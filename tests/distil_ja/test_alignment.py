@@ -87,6 +87,20 @@ def test_a_sentencepiece_teacher_drops_its_dummy_space(tiny_tokenizer):
         assert teacher.tokenizer.decode(ids[: j + 1]) == text[:end]
 
 
+def test_a_teacher_of_rinnas_recipe_reads_the_text_normalised_as_it_was_trained(tiny_tokenizer):
+    """A teacher tokenizer that declares do_lower_case (make_tokenizer.py's, rinna's) gets NFKC + lowercase text,
+    as its training data was (binarize.py) and as evaluate.py feeds it; its ends are offsets of the original."""
+    teacher = TeacherEncoder(tiny_tokenizer)
+    assert teacher.lowercase
+    text = "ＰＹＴＨＯＮで（計算）した。Gpu"
+    ids, ends = teacher.encode(text)
+    assert ids == teacher.tokenizer(normalize_text(text), add_special_tokens=False)["input_ids"]
+    assert ends[-1] == len(text)
+    for j, end in enumerate(ends):
+        if end >= 0 and teacher.tokenizer.unk_token_id not in ids[: j + 1]:
+            assert teacher.tokenizer.decode(ids[: j + 1]) == normalize_text(text[:end]), j
+
+
 def test_student_ids_equal_the_encoders_and_end_where_their_text_does(tiny_tokenizer):
     enc = DocumentEncoder(str(tiny_tokenizer))
     lines = ["ＰＹＴＨＯＮで計算した。", "Ｇｐｕの駅"]
