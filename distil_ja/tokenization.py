@@ -275,6 +275,11 @@ class DocumentEncoder:
         texts = [self.preprocess(line) for line in lines]
         return self.sp.encode(texts, num_threads=self.num_threads)
 
+    def encode_line(self, line):
+        """ids of one line, as encode_batch gives them, without a batch call's thread pool (about a
+        millisecond a call: chat text comes in many short pieces)."""
+        return self.sp.encode(self.preprocess(line))
+
     def encode_lines(self, lines):
         out = []
         for ids in self.encode_batch(list(lines)):

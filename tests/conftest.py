@@ -128,3 +128,25 @@ def chat_setup(offline_setup, tmp_path_factory):
         twin.append(other)
     return {**offline_setup, "data": write_corpus(folder / "data", sequences, masks),
             "twin": write_corpus(folder / "twin", twin, masks), "sequences": sequences, "masks": masks}
+
+
+CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer(tmp_path_factory, tiny_tokenizer) -> Path:
+    """tiny_tokenizer with CHAT_MARKERS as special tokens (ids after its pieces) and CHAT_TEMPLATE as its
+    chat template: a folder holding tokenizer.json and the same spiece.model, as binarize.py reads it."""
+    import shutil
+
+    from distil_ja.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_tokenizer))
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_MARKERS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("chat_tokenizer") / "tok"
+    tokenizer.save_pretrained(folder)
+    shutil.copyfile(tiny_tokenizer / "spiece.model", folder / "spiece.model")
+    return folder
