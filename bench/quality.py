@@ -21,6 +21,10 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
       kd_init    distilled with the same recipe, initialised from teacher layers
       kd_topK    as kd, from the teacher's top-K log-probabilities dumped in step 6 (--teacher_logits;
                  the dump has no hidden states, so the recipe needs cos=0), e.g. kd_top8, kd_top64
+      xkd        distilled from a teacher of another tokenizer (Size.cross_vocab pieces, trained like the
+                 teacher on its own ids of the same text), at the aligned positions (--cross_kd, --recipe cross=)
+      xkd_topK   as xkd, from that teacher's top-K dump at the aligned positions
+      no_kd_x    the xkd runs' no-teacher baseline: their very pieces and batches, --alpha_ce 0
  8. evaluate.py --json          perplexity and bits per character of the models on the held-out dev paragraphs, and with
                                 --task_data TASK=FILE[,...] their zero-shot accuracy on each task (evaluate.py --task)
 
@@ -95,7 +99,12 @@ DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_
                   "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
                   "kd": config.build_parser().get_default("kd_loss"),
                   "cross": config.build_parser().get_default("cross_kd")}  # the xkd runs' --cross_kd
-RUNS = ("no_kd", "kd", "kd_init", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
+RUNS = ("no_kd", "kd", "kd_init", "no_kd_x", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
+# no_kd_x: the xkd runs' own no-teacher baseline. The cross-tokenizer dataset cuts documents at aligned
+# positions only, so its pieces (hence its shuffled batches) are not no_kd's, and at this size batch order
+# alone moves a student by about as much as the teacher does; no_kd_x trains on the xkd runs' very batches
+# (the teacher of the other tokenizer loaded, --alpha_ce 0), so xkd - no_kd_x is the teacher's effect alone.
+NO_TEACHER_SIGNAL = "no_kd_x"
 TOPK_RUN = re.compile(r"x?kd_top([1-9][0-9]*)")
 # xkd runs: a teacher of another tokenizer (its own vocabulary of Size.cross_vocab pieces, the same
 # architecture and steps as the teacher), online (xkd) or from its top-K dump (xkd_topK).
@@ -343,6 +352,7 @@ def student_runs(recipe: dict, names: list[str]) -> dict:
         "no_kd": {"init": "random", "teacher": False, "args": CLM_ONLY},
         "kd": {"init": "random", "teacher": True, "args": kd},
         "kd_init": {"init": "teacher layers", "teacher": True, "args": kd},
+        NO_TEACHER_SIGNAL: {"init": "random", "teacher": True, "args": CLM_ONLY},
     }
     specs = {name: {"topk": topk_of(name), "cross": is_cross(name), **fixed.get(name, fixed["kd"])} for name in names}
     for spec in specs.values():
@@ -352,8 +362,8 @@ def student_runs(recipe: dict, names: list[str]) -> dict:
 
 
 def is_cross(run: str) -> bool:
-    """xkd, xkd_topK: the teacher of another tokenizer."""
-    return run.startswith("xkd")
+    """xkd, xkd_topK and their baseline no_kd_x: the teacher of another tokenizer."""
+    return run.startswith("xkd") or run == NO_TEACHER_SIGNAL
 
 
 def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None) -> Path:
@@ -443,6 +453,8 @@ def teacher_cell(row: dict) -> str:
     other = ", other tokenizer" if row.get("cross") else ""
     if row.get("teacher_topk"):
         return f"top-{row['teacher_topk']} offline{other}"
+    if row.get("recipe_text") == "clm only" and row["teacher"]:  # no_kd_x
+        return f"loaded, unused (alpha_ce 0){other}"
     return f"yes{other}" if row["teacher"] else "no"
 
 
@@ -720,7 +732,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
                       "teacher_topk": spec["topk"], "cross": spec["cross"],
                       "recipe_text": (recipe + (f" cross={args.recipe['cross']}" if spec["cross"] else "")
-                                      if spec["teacher"] else "clm only"),
+                                      if spec["teacher"] and name != NO_TEACHER_SIGNAL else "clm only"),
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],
                       "perplexity": p, "ratio": p / t_ppl, **per_text(ppl, name),
@@ -744,13 +756,14 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
              f"recipe {recipe}, student lr {size.student_lr:g}"
              + (f" (KD students {args.kd_lr:g})" if args.kd_lr is not None else "")
              + (f"; teacher_x: the same teacher on its own {size.cross_vocab}-piece tokenizer" if cross else ""))
-    kd_names = [n for n in runs if n not in ("teacher", "teacher_x", "no_kd")]
+    kd_names = [n for n in runs if n not in ("teacher", "teacher_x", "no_kd", NO_TEACHER_SIGNAL)]
     verdicts = []
-    if "no_kd" in runs:
-        for n in kd_names:
-            better = runs[n]["perplexity"] < runs["no_kd"]["perplexity"]
-            verdicts.append(f"{n} {'beats' if better else 'does NOT beat'} no_kd "
-                            f"({runs[n]['perplexity']:.2f} vs {runs['no_kd']['perplexity']:.2f})")
+    for n in kd_names:  # each against its own baseline: no_kd_x for the xkd runs where it ran, in bits/char
+        base = NO_TEACHER_SIGNAL if runs[n].get("cross") and NO_TEACHER_SIGNAL in runs else "no_kd"
+        if base in runs:
+            better = runs[n]["bits_per_char"] < runs[base]["bits_per_char"]
+            verdicts.append(f"{n} {'beats' if better else 'does NOT beat'} {base} "
+                            f"({runs[n]['bits_per_char']:.4f} vs {runs[base]['bits_per_char']:.4f} bits/char)")
     kept = gain_kept(runs)
     if kept:
         verdicts.append("of the same-tokenizer KD gain in dev bits/char, " + ", ".join(
@@ -780,13 +793,15 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
 
 def gain_kept(runs: dict) -> dict[str, float]:
     """Each cross-tokenizer student's share of the same-tokenizer KD gain in dev bits per character:
-    (no_kd - xkd) / (no_kd - kd). Empty without no_kd, kd and an xkd run."""
+    (base - xkd) / (no_kd - kd), base its own no-teacher baseline (no_kd_x where it ran, else no_kd).
+    Empty without no_kd, kd and an xkd run."""
     try:
-        base, gain = runs["no_kd"]["bits_per_char"], runs["no_kd"]["bits_per_char"] - runs["kd"]["bits_per_char"]
+        gain = runs["no_kd"]["bits_per_char"] - runs["kd"]["bits_per_char"]
+        base = runs.get(NO_TEACHER_SIGNAL, runs["no_kd"])["bits_per_char"]
     except (KeyError, TypeError):
         return {}
     return {n: (base - r["bits_per_char"]) / gain for n, r in runs.items()
-            if r.get("cross") and r.get("bits_per_char") is not None and gain}
+            if r.get("cross") and n != NO_TEACHER_SIGNAL and r.get("bits_per_char") is not None and gain}
 
 
 def per_text(ppl: dict, label: str) -> dict:
