@@ -87,7 +87,7 @@ class Size:
 
 
 SIZES = {
-    "smoke": Size(vocab=600, train_pairs=0, dev_pairs=40, gen_pairs=8, teacher=(2, 32), student=(1, 32),
+    "smoke": Size(vocab=1200, train_pairs=0, dev_pairs=40, gen_pairs=8, teacher=(2, 32), student=(1, 32),
                   teacher_steps=10, student_steps=4, batch_size=8, max_new=8, n_gpu=0, sample=True),
     "tiny": Size(vocab=4000, train_pairs=12000, dev_pairs=300, gen_pairs=100, teacher=(4, 128), student=(1, 128),
                  teacher_steps=400, student_steps=150, batch_size=16, max_new=48, n_gpu=0),
