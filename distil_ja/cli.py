@@ -17,8 +17,10 @@ exits the process.
 """
 
 import argparse
+import contextlib
 import errno
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -54,6 +56,32 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated(f"terminated ({signal.Signals(signum).name})")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and Ctrl-C arriving inside the block take effect when it ends, as they would have then.
+
+    For a write that must not be cut half way: torch.save interrupted inside its zip writer raises a
+    second error from its clean-up, so the run would end with a traceback instead of its exit status
+    and line. Only the main thread handles signals; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), caught[0])
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSErrors that mean "the output does not fit": exit 1

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distil_ja import fileio
-from distil_ja.cli import DataError, format_bytes
+from distil_ja.cli import DataError, format_bytes, signals_deferred
 from utils import first_error
 
 logger = logging.getLogger("distillation")
@@ -57,7 +57,8 @@ class _WriteErrors:
 
 
 def _fsynced_save(obj, path: Path) -> None:
-    with fileio.atomic_open(path, "wb") as f:
+    """torch.save to path, atomically and fsynced; SIGTERM or Ctrl-C wait for the write (signals_deferred)."""
+    with signals_deferred(), fileio.atomic_open(path, "wb") as f:
         out = _WriteErrors(f)
         try:
             torch.save(obj, out)

@@ -78,3 +78,28 @@ def test_exit_table_values():
             cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 4, 130)
 
 
+
+
+def test_a_signal_inside_signals_deferred_takes_effect_when_the_block_ends():
+    """SIGTERM during a checkpoint write waits for it (torch.save cut half way ends in a traceback)."""
+    import os
+    import signal
+
+    from distil_ja.cli import Terminated, _terminate, signals_deferred
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    done = []
+    try:
+        with pytest.raises(Terminated):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("the block ran to its end")
+        assert done == ["the block ran to its end"]
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+        with signals_deferred():  # nothing caught: nothing raised, the handlers are back
+            pass
+        assert signal.getsignal(signal.SIGTERM) is _terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)
