@@ -200,7 +200,7 @@ def score(model_dir: Path, data: Path, dev_jsonl: Path, size: Size, device: str)
     answers = [json.loads(line)["completion"] for line in dev_jsonl.read_text(encoding="utf-8").splitlines()]
     if len(dataset) != len(answers):  # every dev conversation must be scored, each beside its own answer
         raise DataError(f"{data}: {len(dataset)} of {len(answers)} dev conversations left after filtering")
-    nll, greedy, scores = 0.0, Sampling(1.0, 1e-9, size.max_new), []
+    nll, greedy, scores, answer_tokens = 0.0, Sampling(1.0, 1e-9, size.max_new), [], []
     with torch.no_grad():
         for start in range(0, len(dataset), 16):
             token_ids, lengths, counted = (x.to(device) for x in dataset.batch_sequences(
@@ -217,20 +217,23 @@ def score(model_dir: Path, data: Path, dev_jsonl: Path, size: Size, device: str)
                     if index >= size.gen_pairs or prompt is None:
                         continue
                     answer = tokenizer.decode(out[row, len(prompt) : out_lengths[row]], skip_special_tokens=True)
+                    answer_tokens.append(int(out_lengths[row]) - len(prompt))
                     scores.append(chrf(answer, normalize_text(answers[index])))
     chars = sum(len(a) for a in answers[: len(dataset)])
     return {"bits_per_char": nll / math.log(2) / chars, "chrf": sum(scores) / max(len(scores), 1),
-            "answered": len(scores), "chars": chars}
+            "answered": len(scores), "answer_tokens": sum(answer_tokens) / max(len(answer_tokens), 1), "chars": chars}
 
 
 # ---- the runs -------------------------------------------------------------------------------------------------
 
 
 def run_step(name: str, cmd: list, log_dir: Path, done: Path, fresh: bool) -> float:
-    """Run a command unless its output exists (done); its output goes to LOG_DIR/NAME.log. Returns its wall s."""
+    """Run a command unless its output exists (done); its output goes to LOG_DIR/NAME.log. Returns its wall s
+    (of the run that made the output, kept in LOG_DIR/NAME.wall_s; None if unknown)."""
+    wall_file = log_dir / f"{name}.wall_s"
     if done.exists() and not fresh:
         print(f"[chat_quality] {name}: reused {done}", flush=True)
-        return 0.0
+        return float(wall_file.read_text()) if wall_file.is_file() else None
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"[chat_quality] {name}: {' '.join(map(str, cmd))}", flush=True)
     start = time.perf_counter()
@@ -240,6 +243,7 @@ def run_step(name: str, cmd: list, log_dir: Path, done: Path, fresh: bool) -> fl
     if result.returncode != 0:
         raise DataError(f"{name} failed (exit {result.returncode}): see {log_dir / (name + '.log')}")
     seconds = time.perf_counter() - start
+    wall_file.write_text(f"{seconds:.1f}")
     print(f"[chat_quality] {name}: done in {seconds:.1f} s", flush=True)
     return seconds
 
@@ -332,11 +336,12 @@ def table(results: dict) -> str:
     rows = [f"chat_quality --size {results['size']} --seed {results['seed']} ({results['date']}): "
             f"{results['task']['train_pairs']} training pairs, {results['task']['dev_pairs']} dev pairs "
             f"({results['task']['dev_answer_chars']} answer characters)",
-            "| model | dev bits/char | chrF (greedy) | wall s | generation share |", "| --- | ---: | ---: | ---: | ---: |"]
+            "| model | dev bits/char | chrF (greedy) | greedy answer tokens | wall s | generation share |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results["models"].items():
         share = "–" if r["generation_share"] is None else f"{r['generation_share']:.2f}"
         wall = "–" if not r["wall_s"] else f"{r['wall_s']:.0f}"
-        rows.append(f"| {name} | {r['bits_per_char']:.4f} | {r['chrf']:.2f} | {wall} | {share} |")
+        rows.append(f"| {name} | {r['bits_per_char']:.4f} | {r['chrf']:.2f} | {r['answer_tokens']:.1f} | {wall} | {share} |")
     return "\n".join(rows)
 
 
