@@ -189,7 +189,7 @@ def score(model_dir: Path, data: Path, dev_jsonl: Path, size: Size, device: str)
 
     from distil_ja.tokenization import load_tokenizer, normalize_text
     from lm_seqs_dataset import LmSeqsDataset, SpecialIds, read_corpus
-    from losses import counted_masks
+    from losses import clm_loss_sum, counted_masks
     from on_policy import Sampling, generate, prompts_of
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
@@ -205,10 +205,8 @@ def score(model_dir: Path, data: Path, dev_jsonl: Path, size: Size, device: str)
         for start in range(0, len(dataset), 16):
             token_ids, lengths, counted = (x.to(device) for x in dataset.batch_sequences(
                 [dataset[i] for i in range(start, min(start + 16, len(dataset)))]))
-            real, _ = counted_masks(lengths, token_ids.size(1), counted)
-            logits = model(token_ids).logits.double().log_softmax(-1)
-            targets = torch.cat([token_ids[:, 1:], token_ids[:, :1]], 1)
-            nll -= float(torch.where(real, logits.gather(2, targets[..., None])[..., 0], 0.0).sum())
+            real, pred = counted_masks(lengths, token_ids.size(1), counted)
+            nll += float(clm_loss_sum(model(token_ids).logits, token_ids, real, pred))  # the assistant's tokens
             if start < size.gen_pairs:
                 prompts = prompts_of(token_ids, lengths, counted)
                 out, out_lengths, _ = generate(model, prompts, greedy, {ids.eos}, N_POSITIONS, ids.pad, 0, 0, device)
