@@ -189,10 +189,11 @@ def encode_chunk(docs, unit, encoder=None, teacher=None):
 
 def encode_aligned_chunk(docs, unit, enc, teacher):
     """encode_chunk with the teacher's ids of each sequence's original text (its lines joined by a
-    newline, int32, lengths of their own) and the alignment (distil_ja.alignment: int32, laid out as the
-    tokens) as the extras "teacher_ids" and "alignment". The student's ids are those of encode_chunk."""
+    newline, int32, lengths of their own), the alignment and the depth (distil_ja.alignment.within_pieces:
+    int32 and uint8, laid out as the tokens) as the extras "teacher_ids", "alignment" and "depth". The
+    student's ids are those of encode_chunk."""
     dtype = shards.dtype_for_vocab(enc.vocab_size)
-    seqs, t_seqs, aligned, doc_counts = [], [], [], []
+    seqs, t_seqs, aligned, depths, doc_counts = [], [], [], [], []
     for doc in docs:
         count = 0
         for lines in ([doc] if unit == "doc" else [[line] for line in doc]):
@@ -203,11 +204,16 @@ def encode_aligned_chunk(docs, unit, enc, teacher):
             t_ids, t_ends = teacher.sequence("\n".join(lines))
             seqs.append(np.asarray([enc.bos_id, *ids, enc.eos_id], dtype=dtype))
             t_seqs.append(t_ids)
-            aligned.append(alignment.align(alignment.student_sequence_ends(encoded, lines), t_ends))
+            s_ends = alignment.student_sequence_ends(encoded, lines)
+            found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, teacher.surfaces,
+                                                   alignment.align(s_ends, t_ends))
+            aligned.append(found)
+            depths.append(depth)
             count += 1
         doc_counts.append(count)
     side = {"teacher_ids": (_joined(t_seqs, np.int32), "int32", _lengths(t_seqs)),
-            "alignment": (_joined(aligned, np.int32), "int32", None)}
+            "alignment": (_joined(aligned, np.int32), "int32", None),
+            "depth": (_joined(depths, np.uint8), "uint8", None)}
     return Encoded(_joined(seqs, dtype), _lengths(seqs), _unk_counts(seqs, enc.unk_id),
                    np.asarray(doc_counts, dtype=np.int64).tobytes(), side)
 
@@ -365,10 +371,11 @@ class ShardWriter:
     def extra_counts(self):
         """The shard's counts of its extras: the alignment's, or the assistant tokens of a loss mask."""
         if "alignment" in self.extras:
-            teacher_ids, alignments = self.extras["teacher_ids"], self.extras["alignment"]
+            teacher_ids, alignments, depths = (self.extras[k] for k in ("teacher_ids", "alignment", "depth"))
             return {"teacher_tokens": sum(len(t) for t in teacher_ids),
                     "teacher_alignable": sum(len(t) - 1 for t in teacher_ids),  # all but each eos
-                    "aligned": sum(int(np.count_nonzero(a >= 0)) for a in alignments),
+                    "aligned": sum(int(np.count_nonzero((a >= 0) & (d == 0))) for a, d in zip(alignments, depths)),
+                    "within": sum(int(np.count_nonzero(d)) for d in depths),
                     "alignable": self.tokens - len(self.seqs)}  # every position but each </s>
         if "loss_mask" in self.extras:
             return {"assistant_tokens": sum(int(np.count_nonzero(m)) for m in self.extras["loss_mask"])}
@@ -563,9 +570,10 @@ def totals_of(shard_entries):
     for key in ("documents", "sequences", "tokens", "unk_tokens"):
         totals[key] = sum(s[key] for s in shard_entries)
     if shard_entries and "aligned" in shard_entries[0]:
-        for key in ("teacher_tokens", "aligned", "alignable", "teacher_alignable"):
+        for key in ("teacher_tokens", "aligned", "within", "alignable", "teacher_alignable"):
             totals[key] = sum(s[key] for s in shard_entries)
         totals["aligned_share"] = totals["aligned"] / max(totals["alignable"], 1)
+        totals["within_share"] = totals["within"] / max(totals["alignable"], 1)
         totals["boundary_agreement"] = totals["aligned"] / max(min(totals["alignable"], totals["teacher_alignable"]), 1)
     if shard_entries and "assistant_tokens" in shard_entries[0]:
         totals["conversations"] = totals["documents"]
@@ -579,8 +587,9 @@ def check_aligned_share(totals, teacher_name):
     if agreement is None:
         return
     logger.info("%d of %d positions (%.1f%%) aligned with a position of the teacher tokenizer %s (%d positions); "
-                "boundary agreement %.3f", totals["aligned"], totals["alignable"], 100 * totals["aligned_share"],
-                teacher_name, totals["teacher_alignable"], agreement)
+                "boundary agreement %.3f; %d more (%.1f%%) inside a teacher piece (depth 1-%d)", totals["aligned"],
+                totals["alignable"], 100 * totals["aligned_share"], teacher_name, totals["teacher_alignable"], agreement,
+                totals["within"], 100 * totals["within_share"], alignment.MAX_DEPTH)
     if agreement < alignment.MIN_BOUNDARY_AGREEMENT:
         raise DataError(f"only {agreement:.1%} of the boundaries agree with the teacher tokenizer {teacher_name} "
                         f"(at least {alignment.MIN_BOUNDARY_AGREEMENT:.0%} needed, distil_ja/alignment.py): "

@@ -192,6 +192,7 @@ class TeacherEncoder:
         self.byte_level = _is_byte_level(self.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self.lowercase = bool(self.tokenizer.init_kwargs.get("do_lower_case", False))
+        self.surfaces = piece_texts(self.tokenizer)  # within_pieces counts depths in these
 
     def encode(self, text: str) -> tuple[list[int], np.ndarray]:
         """Content ids of text (no special tokens added, none parsed from the text) and their ends in it."""
@@ -265,6 +266,61 @@ def align(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
     return out
 
 
+# Inside a teacher piece: a student position that ends k characters into a teacher piece (1 <= k <=
+# MAX_DEPTH) predicts the next character of a text the teacher reads as one piece. The teacher's row
+# before that piece, restricted to the pieces that begin with those k characters, gives the teacher's
+# next-character distribution there, but for the share of the piece that is those k characters alone,
+# after which the row says nothing (within_pieces; losses.char_buckets). Deeper positions are rare (a
+# piece of over 16 characters) and stay unaligned; the depth is stored as uint8.
+MAX_DEPTH = 15
+
+
+def within_pieces(student_ends: np.ndarray, teacher_ends: np.ndarray, teacher_ids, surfaces,
+                  aligned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(alignment, depth): `aligned` (align's) with the student positions that end inside a teacher piece
+    added, and per student position its depth, the characters it ends into that piece (0: at an end).
+
+    For such a position the alignment holds the teacher position j before the piece (the last one ending
+    before it), the piece being teacher_ids[j + 1]: row j's distribution over pieces, restricted to those
+    that begin with the piece's first k characters, gives the teacher's next-character distribution
+    there, but for the piece of those k characters alone (losses.char_buckets).
+
+        text      "今日は"            student <s> ▁ 今 日 は </s>   ends 0 0 1 2 3 -
+        teacher   <bos> 今日は <eos>   ends 0 3 -
+        student 今 (end 1): depth 1 into 今日は, alignment 0 (the bos row); 日 (end 2): depth 2, alignment 0;
+        は (end 3): aligned with 今日は's position (depth 0).
+
+    Counted in the piece's surface characters (surfaces[id], piece_texts'), from its end: only a piece
+    whose surface is as long as the text it covers, or begins with a space and is one longer (a dummy
+    leading space), takes positions inside it (not one whose length a normaliser changed, nor one
+    without a surface); nor does a piece after a position ending nowhere (part of a character), and no
+    depth is over MAX_DEPTH.
+    """
+    alignment, depth = aligned.copy(), np.zeros(len(student_ends), dtype=np.uint8)
+    teacher_last = {int(e): j for j, e in enumerate(teacher_ends) if e >= 0}
+    offsets = np.array(sorted(teacher_last), dtype=np.int64)
+    if not len(offsets):
+        return alignment, depth
+    student_last = {int(e): i for i, e in enumerate(student_ends) if e >= 0}
+    for offset, i in student_last.items():
+        if alignment[i] >= 0:
+            continue
+        before = int(np.searchsorted(offsets, offset)) - 1
+        if before < 0:
+            continue
+        start = int(offsets[before])
+        j = teacher_last[start]
+        if j + 1 >= len(teacher_ends) or teacher_ends[j + 1] <= offset:
+            continue
+        end = int(teacher_ends[j + 1])
+        surface = surfaces[int(teacher_ids[j + 1])] or ""
+        extra = len(surface) - (end - start)
+        k = len(surface) - (end - offset)
+        if (extra == 0 or (extra == 1 and surface.startswith(" "))) and 1 <= k <= MAX_DEPTH:
+            alignment[i], depth[i] = j, k
+    return alignment, depth
+
+
 # ---- vocabularies --------------------------------------------------------------------------
 
 
@@ -335,15 +391,51 @@ def next_character_classes(student, teacher) -> tuple[np.ndarray, np.ndarray, in
     vocabulary begins a piece with), then one per character both vocabularies begin pieces with.
     """
     firsts = [[_first_character(t) for t in piece_texts(tok)] for tok in (student, teacher)]
-    common = sorted(set(c for c in firsts[0] if c) & set(c for c in firsts[1] if c))
-    index = {c: k + 2 for k, c in enumerate(common)}
+    index = _class_index(firsts[0], firsts[1])
     classes = []
     for tok, first in zip((student, teacher), firsts):
         cls = np.array([index.get(c, OTHER) for c in first], dtype=np.int64)
         if tok.eos_token_id is not None:
             cls[tok.eos_token_id] = END
         classes.append(cls)
-    return classes[0], classes[1], len(common) + 2
+    return classes[0], classes[1], len(index) + 2
+
+
+def _class_index(student_firsts, teacher_firsts) -> dict[str, int]:
+    """Character -> class, for the characters both vocabularies begin pieces with (from 2: END, OTHER)."""
+    common = sorted(set(c for c in student_firsts if c) & set(c for c in teacher_firsts if c))
+    return {c: k + 2 for k, c in enumerate(common)}
+
+
+def within_piece_tables(student, teacher, teacher_classes: np.ndarray,
+                        max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix, classes), each (max_depth + 1, V_t): what the KD term needs at a depth (within_pieces).
+
+    prefix[k, id]: a number for the piece's first k surface characters, the same for two pieces exactly
+    when those agree (-1: the piece is shorter than k characters, or has no surface), so the pieces that
+    begin with a piece's first k characters are those with its prefix[k]; prefix[0] is 0 for every id.
+    classes[k, id]: the next-character class of the piece's text after its first k characters (spaces
+    skipped, as next_character_classes does at k = 0, which is teacher_classes), or CUT = the number of
+    classes (one past the last) for a piece of exactly k characters: the teacher's piece ends there, and
+    what comes next is its next row's, which the row before the piece does not hold.
+    """
+    texts = piece_texts(teacher)
+    student_firsts = [_first_character(t) for t in piece_texts(student)]
+    index = _class_index(student_firsts, [_first_character(t) for t in texts])
+    cut = len(index) + 2  # next_character_classes' number of classes
+    prefix = np.full((max_depth + 1, len(texts)), -1, dtype=np.int32)
+    classes = np.full((max_depth + 1, len(texts)), OTHER, dtype=np.int64)
+    prefix[0], classes[0] = 0, teacher_classes
+    for k in range(1, max_depth + 1):
+        numbers = {}
+        for i, text in enumerate(texts):
+            if text is not None and len(text) >= k:
+                prefix[k, i] = numbers.setdefault(text[:k], len(numbers))
+                if len(text) == k:
+                    classes[k, i] = cut
+                elif first := _first_character(text[k:]):
+                    classes[k, i] = index.get(first, OTHER)
+    return prefix, classes
 
 
 def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:

@@ -72,10 +72,23 @@ def split_masked(seq: np.ndarray, mask: np.ndarray | None, max_len: int, ids: Sp
 
 @dataclass(frozen=True)
 class Aligned:
-    """One sequence's teacher side: the teacher's ids and, per student position, the aligned teacher position."""
+    """One sequence's teacher side: the teacher's ids and, per student position, the aligned teacher
+    position and the depth (distil_ja.alignment.within_pieces: 0 where both end at one offset, k >= 1
+    where the student's ends k characters into the teacher's next piece; None: data binarized before
+    depths, every position at 0)."""
 
     teacher_ids: np.ndarray
     alignment: np.ndarray
+    depth: np.ndarray | None = None
+
+    @property
+    def depths(self) -> np.ndarray:
+        return np.zeros(len(self.alignment), dtype=np.uint8) if self.depth is None else self.depth
+
+    @property
+    def ends(self) -> np.ndarray:
+        """The positions where both tokenizations end at one offset (aligned, depth 0)."""
+        return (self.alignment >= 0) & (self.depths == 0)
 
 
 def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len: int, ids: SpecialIds):
@@ -91,8 +104,9 @@ def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len:
         return [(seq, side)], 0
     head = 1 if side.alignment[0] == 0 else 0  # the teacher's leading special token
     body, t_body, t_head, t_tail = seq[1:-1], side.teacher_ids[head:-1], side.teacher_ids[:head], side.teacher_ids[-1:]
+    depths = side.depths
     # boundaries after student body token b and teacher body token c (-1: the start)
-    i = np.flatnonzero(side.alignment[1:-1] >= 0)
+    i = np.flatnonzero(side.ends[1:-1])
     bounds = [(-1, -1)] + [(int(b), int(side.alignment[b + 1]) - head) for b in i]
     pieces, start, dropped = [], 0, 0
     while start < len(bounds) - 1:
@@ -110,9 +124,12 @@ def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len:
         student = np.concatenate(([ids.bos], body[b0 + 1 : b1 + 1], [ids.eos])).astype(seq.dtype)
         teacher = np.concatenate((t_head, t_body[c0 + 1 : c1 + 1], t_tail)).astype(side.teacher_ids.dtype)
         original = side.alignment[b0 + 2 : b1 + 2]
+        # a position inside the piece after the cut keeps the piece's row before it: the head's, if any
         shifted = np.where(original >= 0, original - (c0 + 1), -1)
         alignment = np.concatenate(([0 if head else -1], shifted, [-1])).astype(side.alignment.dtype)
-        pieces.append((student, Aligned(teacher, alignment)))
+        depth = np.concatenate(([0], depths[b0 + 2 : b1 + 2], [0])).astype(np.uint8)
+        depth[alignment < 0] = 0
+        pieces.append((student, Aligned(teacher, alignment, None if side.depth is None else depth)))
         start = end
     if start == len(bounds) - 1 and bounds[start][0] < len(body) - 1:  # text after the last aligned position
         dropped += len(body) - 1 - bounds[start][0]
@@ -120,6 +137,7 @@ def split_aligned(seq: np.ndarray, side: Aligned, max_len: int, teacher_max_len:
 
 
 LOSS_MASK = "loss_mask"  # the extra a chat corpus's shards carry (binarize.py)
+DEPTH = "depth"  # the extra of a cross-tokenizer corpus's shards beside teacher_ids and alignment
 
 
 def read_corpus(data_files, verify: bool = True, aligned: bool = False, train_on_prompt: bool = False):
@@ -127,11 +145,19 @@ def read_corpus(data_files, verify: bool = True, aligned: bool = False, train_on
     loss masks or None). aligned: the corpus must carry a teacher's ids and the alignment (another
     tokenizer). A chat corpus's loss masks are read unless train_on_prompt (every token then counts)."""
     masked = LOSS_MASK in shards.carried_extras(data_files) and not train_on_prompt
-    names = ((LOSS_MASK,) if masked else ()) + (("teacher_ids", "alignment") if aligned else ())
+    with_depth = aligned and DEPTH in shards.carried_extras(data_files)
+    names = ((LOSS_MASK,) if masked else ()) + (("teacher_ids", "alignment") if aligned else ()) + \
+        ((DEPTH,) if with_depth else ())
     if not names:
         return (*shards.load_sequences(data_files, verify=verify), None, None)
     sequences, manifest, extras = shards.load_sequences(data_files, verify=verify, extras=names)
-    sides = [Aligned(t, a) for t, a in zip(extras["teacher_ids"], extras["alignment"])] if aligned else None
+    sides = None
+    if aligned:
+        depths = extras[DEPTH] if with_depth else [None] * len(sequences)
+        sides = [Aligned(t, a, d) for t, a, d in zip(extras["teacher_ids"], extras["alignment"], depths)]
+        if not with_depth:
+            logger.info("The data was binarized before depths (binarize.py writes them since 2026-12-03): "
+                        "--within_pieces reaches no position inside a teacher piece; binarize it again to reach them")
     if masked:
         logger.info("A chat corpus: the loss counts the positions that predict the assistant's tokens "
                     "(--train_on_prompt: every position)")
@@ -188,10 +214,12 @@ class LmSeqsDataset(Dataset):
                         "predict an assistant token and are counted", len(known) - len(kept), n_counted,
                         int(self.lengths.sum()), 100 * n_counted / max(int(self.lengths.sum()), 1))
         if self.aligned is not None:
-            n_aligned = sum(int(np.count_nonzero(a.alignment >= 0)) for a in self.aligned)
-            n_positions = int(self.lengths.sum()) - len(self.sequences)  # every </s> predicts nothing
-            logger.info("Dataset: %d of %d positions (%.1f%%) aligned with a teacher position", n_aligned,
-                        n_positions, 100 * n_aligned / max(n_positions, 1))
+            n_aligned = sum(int(np.count_nonzero(a.ends)) for a in self.aligned)
+            n_within = sum(int(np.count_nonzero(a.depths)) for a in self.aligned)
+            n_positions = max(int(self.lengths.sum()) - len(self.sequences), 1)  # every </s> predicts nothing
+            logger.info("Dataset: %d of %d positions (%.1f%%) aligned with a teacher position, %d more (%.1f%%) "
+                        "inside a teacher piece", n_aligned, n_positions, 100 * n_aligned / n_positions,
+                        n_within, 100 * n_within / n_positions)
 
     @property
     def teacher_ids(self) -> list[np.ndarray] | None:
@@ -206,6 +234,7 @@ class LmSeqsDataset(Dataset):
         extras = {} if self.loss_masks is None else {"loss_mask": self.loss_masks}
         if self.aligned is not None:
             extras.update(teacher_ids=self.teacher_ids, alignment=self.alignments)
+            extras[DEPTH] = [a.depths for a in self.aligned]
         return extras
 
     def row_counts(self) -> np.ndarray:
@@ -229,7 +258,9 @@ class LmSeqsDataset(Dataset):
         dataset.teacher_topk = teacher_topk
         dataset.aligned = dataset.loss_masks = None
         if (Path(folder) / "alignment.npy").is_file():
-            dataset.aligned = CachedAligned(MappedSequences(folder, "teacher_ids"), MappedSequences(folder, "alignment"))
+            depth = MappedSequences(folder, DEPTH) if (Path(folder) / f"{DEPTH}.npy").is_file() else None
+            dataset.aligned = CachedAligned(MappedSequences(folder, "teacher_ids"), MappedSequences(folder, "alignment"),
+                                            depth)
         if (Path(folder) / "loss_mask.npy").is_file():
             dataset.loss_masks = MappedSequences(folder, "loss_mask")
         if teacher_topk is not None and not np.array_equal(teacher_topk.lengths(), dataset.row_counts()):
@@ -247,7 +278,7 @@ class LmSeqsDataset(Dataset):
             item += (self.loss_masks[index],)
         if self.aligned is not None:
             side = self.aligned[index]
-            item += (side.teacher_ids, side.alignment)
+            item += (side.teacher_ids, side.alignment, side.depths)
         if self.teacher_topk is not None:
             item += tuple(self.teacher_topk[index])
         return item
@@ -259,8 +290,9 @@ class LmSeqsDataset(Dataset):
 
         - with loss masks: counted (B, S) bool, position i counted when token i + 1 is the assistant's;
         - with a teacher of another tokenizer: teacher_ids (B, S_t) int64 (right-padded with 0; padding
-          is never attended to, attention being causal) and alignment (B, S) int64: for each student
-          position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1;
+          is never attended to, attention being causal), alignment (B, S) int64: for each student
+          position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1,
+          and depth (B, S) int64 (Aligned; 0 on padding);
         - with an offline teacher: topk_ids (B, S, k) int64 and topk_logprobs (B, S, k) float32, padded
           with 0 (padded positions are beyond `lengths`: masked); with loss masks the dump's rows are the
           counted positions', placed there (the others hold 0 and are never counted).
@@ -278,8 +310,8 @@ class LmSeqsDataset(Dataset):
                 counted[row, positions] = True
             out += (counted,)
         if self.aligned is not None:
-            t_seqs, alignments = columns.pop(0), columns.pop(0)
-            out += self.pad_aligned(t_seqs, alignments, token_ids.shape)
+            t_seqs, alignments, depths = columns.pop(0), columns.pop(0), columns.pop(0)
+            out += self.pad_aligned(t_seqs, alignments, depths, token_ids.shape)
         if self.teacher_topk is not None:
             topk_ids, topk_logprobs = columns
             shape = (*token_ids.shape, self.teacher_topk.top_k)
@@ -292,16 +324,18 @@ class LmSeqsDataset(Dataset):
         return out
 
     @staticmethod
-    def pad_aligned(teacher_seqs, alignments, shape) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher_ids (B, S_t), alignment (B, S) as flattened teacher-batch positions or -1)."""
+    def pad_aligned(teacher_seqs, alignments, depths, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(teacher_ids (B, S_t), alignment (B, S) as flattened teacher-batch positions or -1, depth (B, S))."""
         width = max(len(t) for t in teacher_seqs)
         teacher_ids = torch.zeros((len(teacher_seqs), width), dtype=torch.long)
         alignment = torch.full(shape, -1, dtype=torch.long)
-        for row, (t, a) in enumerate(zip(teacher_seqs, alignments)):
+        depth = torch.zeros(shape, dtype=torch.long)
+        for row, (t, a, d) in enumerate(zip(teacher_seqs, alignments, depths)):
             teacher_ids[row, : len(t)] = torch.from_numpy(t.astype(np.int64))
             a = torch.from_numpy(a.astype(np.int64))
             alignment[row, : len(a)] = torch.where(a >= 0, a + row * width, -1)
-        return teacher_ids, alignment
+            depth[row, : len(d)] = torch.from_numpy(d.astype(np.int64))
+        return teacher_ids, alignment, depth
 
     def pad_tokens(self, batch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)
@@ -321,11 +355,11 @@ class LmSeqsDataset(Dataset):
 class CachedAligned:
     """The teacher side of cached sequences (token_cache extras), item by item, memory-mapped."""
 
-    def __init__(self, teacher_ids, alignment):
-        self.teacher_ids, self.alignment = teacher_ids, alignment
+    def __init__(self, teacher_ids, alignment, depth=None):
+        self.teacher_ids, self.alignment, self.depth = teacher_ids, alignment, depth
 
     def __len__(self):
         return len(self.alignment)
 
     def __getitem__(self, index) -> Aligned:
-        return Aligned(self.teacher_ids[index], self.alignment[index])
+        return Aligned(self.teacher_ids[index], self.alignment[index], None if self.depth is None else self.depth[index])

@@ -40,6 +40,73 @@ def test_align_keeps_the_last_of_equal_ends_and_boundaries_both_sides_have():
     assert align(student, np.array([0, 0, 1, 3, 4, -1])).tolist() == [-1, 1, -1, 3, 4, -1]
 
 
+def test_within_pieces_gives_the_depth_into_the_teachers_next_piece():
+    # text "今日は雨"; student <s> ▁ 今 日 は 雨 </s>; teacher <bos> 今日は 雨 <eos> (ids 7, 8)
+    surfaces = [None] * 10
+    surfaces[7], surfaces[8] = "今日は", "雨"
+    s_ends, t_ends, t_ids = np.array([0, 0, 1, 2, 3, 4, -1]), np.array([0, 3, 4, -1]), [1, 7, 8, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [-1, 0, 0, 0, 1, 2, -1]  # 今 and 日: the bos row, whose next piece is 今日は
+    assert depth.tolist() == [0, 0, 1, 2, 0, 0, 0]
+
+
+def test_within_pieces_counts_a_dummy_space_and_skips_what_it_cannot_place():
+    surfaces = [None] * 10
+    surfaces[7], surfaces[8], surfaces[9] = " 今日は", "平成元", "雨"
+    # a sentencepiece teacher's first piece "▁今日は": one character longer than the text it covers
+    s_ends, t_ends, t_ids = np.array([0, 1, 2, 3, -1]), np.array([3, -1]), [7, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [-1, -1, -1, 0, -1] and depth.tolist() == [0] * 5  # no row before the first piece
+    s_ends, t_ends, t_ids = np.array([0, 1, 2, 3, -1]), np.array([0, 3, -1]), [1, 7, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [0, 0, 0, 1, -1] and depth.tolist() == [0, 2, 3, 0, 0]  # 今 is 2 into " 今日は"
+    # "元㍻" read as "元平成" (3 characters for 2): the length changed, no depth is sure
+    s_ends, t_ends, t_ids = np.array([0, 1, 2, -1]), np.array([0, 2, -1]), [1, 8, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [0, -1, 1, -1] and depth.tolist() == [0, 0, 0, 0]
+    # a piece after a position that ends inside a character (-1), and a depth beyond MAX_DEPTH
+    s_ends, t_ends, t_ids = np.array([0, 1, 2, -1]), np.array([0, -1, 2, -1]), [1, 9, 9, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [0, -1, 2, -1] and depth.tolist() == [0, 0, 0, 0]
+    surfaces[9] = "あ" * 20
+    s_ends, t_ends, t_ids = np.array([0, 5, 16, 20, -1]), np.array([0, 20, -1]), [1, 9, 2]
+    found, depth = alignment.within_pieces(s_ends, t_ends, t_ids, surfaces, alignment.align(s_ends, t_ends))
+    assert found.tolist() == [0, 0, -1, 1, -1] and depth.tolist() == [0, 5, 0, 0, 0]
+
+
+def test_within_piece_tables_group_the_pieces_that_extend_a_prefix(tiny_tokenizer, tiny_bpe_tokenizer):
+    student, teacher = load_tokenizer(str(tiny_tokenizer)), load_tokenizer(str(tiny_bpe_tokenizer))
+    s_cls, t_cls, n = alignment.next_character_classes(student, teacher)
+    prefix, classes = alignment.within_piece_tables(student, teacher, t_cls)
+    texts = alignment.piece_texts(teacher)
+    assert prefix.shape == classes.shape == (alignment.MAX_DEPTH + 1, len(teacher))
+    assert (prefix[0] == 0).all() and (classes[0] == t_cls).all()
+    firsts = {}  # a class's character, read off the student's pieces at depth 0
+    for cls, text in zip(s_cls, alignment.piece_texts(student)):
+        if cls > 1:
+            firsts[int(cls)] = text.lstrip(" ")[0]
+    checked = 0
+    cuts = 0
+    for k in (1, 2):
+        for i, text in enumerate(texts):
+            if text is None or len(text) < k:
+                assert prefix[k, i] == -1
+                continue
+            same = [j for j, t in enumerate(texts) if t is not None and len(t) >= k and t[:k] == text[:k]]
+            assert np.flatnonzero(prefix[k] == prefix[k, i]).tolist() == same
+            if len(text) == k:  # the piece that ends with those k characters: CUT, one past the classes
+                assert classes[k, i] == n
+                cuts += 1
+                continue
+            rest = text[k:].lstrip(" ")
+            if classes[k, i] > 1:
+                assert rest[0] == firsts[int(classes[k, i])]
+                checked += 1
+            else:
+                assert not rest or rest[0] not in firsts.values()
+    assert checked > 5 and cuts > 5 and (classes[1:] <= n).all()
+
+
 def test_teacher_ends_from_offsets_when_the_pieces_do_not_spell_the_text():
     # a sentencepiece "▁" smeared over the next character ends where it starts; a piece overlapping the
     # next (part of a character's bytes) or an empty one ends nowhere
@@ -197,20 +264,29 @@ def pair_corpus(tmp_path_factory, tiny_tokenizer, tiny_bpe_tokenizer):
 def test_binarize_writes_teacher_ids_and_alignment_that_spell_the_same_text(pair_corpus, tiny_bpe_tokenizer, unit):
     folder = pair_corpus["folder"] / unit
     manifest = shards.load_manifest(folder)
-    sequences, _, extras = shards.load_sequences([folder], extras=("teacher_ids", "alignment"))
+    sequences, _, extras = shards.load_sequences([folder], extras=("teacher_ids", "alignment", "depth"))
     texts = ["\n".join(d) for d in pair_corpus["docs"]] if unit == "doc" else pair_corpus["lines"]
     assert len(sequences) == len(texts) == manifest["totals"]["sequences"]
     teacher = load_tokenizer(str(tiny_bpe_tokenizer))
-    student_ends_checked = 0
-    for seq, t_ids, a, text in zip(sequences, extras["teacher_ids"], extras["alignment"], texts):
-        assert len(a) == len(seq) and a[-1] == -1
+    surfaces = alignment.piece_texts(teacher)
+    aligned = within = 0
+    for seq, t_ids, a, d, text in zip(sequences, extras["teacher_ids"], extras["alignment"], extras["depth"], texts):
+        assert len(a) == len(d) == len(seq) and a[-1] == -1 and d.dtype == np.uint8
         assert teacher.decode(t_ids.tolist()[:-1]) == text  # the teacher read the text as it was
+        assert not np.any(d[a < 0])
         for i in np.flatnonzero(a >= 0):
             prefix = teacher.decode(t_ids[: a[i] + 1].tolist())
             assert text.startswith(prefix), (i, prefix)
-            student_ends_checked += 1
+            if d[i] == 0:
+                aligned += 1
+                continue
+            # inside the next teacher piece: its first d characters are the text that follows, and it is longer
+            piece = surfaces[t_ids[a[i] + 1]]
+            assert 1 <= d[i] < len(piece) and text[len(prefix):].startswith(piece[: d[i]]), (i, piece, d[i])
+            within += 1
     totals = manifest["totals"]
-    assert totals["aligned"] == student_ends_checked and 0.5 < totals["aligned_share"] <= totals["boundary_agreement"] <= 1
+    assert totals["aligned"] == aligned and 0.5 < totals["aligned_share"] <= totals["boundary_agreement"] <= 1
+    assert totals["within"] == within > 0 and totals["within_share"] == pytest.approx(within / totals["alignable"])
     assert totals["boundary_agreement"] == pytest.approx(
         totals["aligned"] / min(totals["alignable"], sum(len(t) - 1 for t in extras["teacher_ids"])))
     assert manifest["teacher_tokenizer"]["vocab_size"] == len(teacher)

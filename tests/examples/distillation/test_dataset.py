@@ -177,6 +177,24 @@ def test_split_aligned_without_a_teacher_bos_and_with_the_teacher_limit():
     assert pieces == [] and dropped == 4  # no aligned position within 1 body token: nothing is cut mid-text
 
 
+def test_split_aligned_keeps_depths_and_gives_the_piece_after_a_cut_the_heads_row():
+    # [a] ends 1 character into [ab] (the <tb> row before it), [d] 1 into [de] (the [c] row before it)
+    depth = np.array([0, 1, 0, 1, 0, 0], dtype=np.uint8)
+    side = Aligned(TEACHER, np.array([0, 0, 2, 2, 4, -1], dtype=np.int32), depth)
+    assert side.ends.tolist() == [True, False, True, False, True, False]
+    pieces, dropped = split_aligned(STUDENT, side, max_len=4, teacher_max_len=10, ids=IDS)
+    assert dropped == 0 and [p[0].tolist() for p in pieces] == [[1, 10, 11, 2], [1, 12, 13, 2]]
+    # after the cut at [bc]-[c], [d]'s row is the one ending at the cut: the new <tb>'s
+    assert [p[1].alignment.tolist() for p in pieces] == [[0, 0, 2, -1], [0, 0, 2, -1]]
+    assert [p[1].depth.tolist() for p in pieces] == [[0, 1, 0, 0], [0, 1, 0, 0]]
+    no_bos = Aligned(TEACHER[1:], np.array([-1, -1, 1, 1, 3, -1], dtype=np.int32), np.array([0, 0, 0, 1, 0, 0], np.uint8))
+    pieces, _ = split_aligned(STUDENT, no_bos, max_len=4, teacher_max_len=10, ids=IDS)
+    assert [p[1].alignment.tolist() for p in pieces] == [[-1, -1, 1, -1], [-1, -1, 1, -1]]  # no row before [d]
+    assert [p[1].depth.tolist() for p in pieces] == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    whole, _ = split_aligned(STUDENT, side, max_len=10, teacher_max_len=10, ids=IDS)
+    assert whole[0][1] is side
+
+
 def pairs_side(n_pairs, first_id=60):
     """A student of 2 n tokens under a teacher whose every piece is two student pieces (with <tb>, <te>)."""
     student = seq(*range(10, 10 + 2 * n_pairs))
@@ -189,8 +207,9 @@ def test_aligned_batches_point_at_flattened_teacher_positions(tmp_path):
     (s6, a6), (s7, a7) = pairs_side(6), pairs_side(7, first_id=80)
     ds = LmSeqsDataset([s6, s7], max_len=64, ids=IDS, aligned=[a6, a7])
     assert len(ds) == 2 and ds.aligned[0] is a6
-    token_ids, lengths, teacher_ids, alignment = ds.batch_sequences([ds[0], ds[1]])
+    token_ids, lengths, teacher_ids, alignment, depth = ds.batch_sequences([ds[0], ds[1]])
     assert teacher_ids.shape == (2, 9) and lengths.tolist() == [14, 16]
+    assert depth.shape == alignment.shape and not depth.any()  # binarized before depths: every position at 0
     assert teacher_ids[0, :8].tolist() == list(range(60, 68)) and teacher_ids[0, 8] == 0
     assert alignment[0, :4].tolist() == [0, -1, 1, -1] and alignment[1, :4].tolist() == [9, -1, 10, -1]
     flat = teacher_ids.reshape(-1)
