@@ -134,7 +134,8 @@ class Distiller:
         self.cross = cross
         self.vocab_map = None if cross is None else losses.VocabMap.build(
             cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device,
-            classes=cross.classes)
+            classes=cross.classes,
+            depth_tables=cross.depth_tables if params.cross_kd == "chars" and params.within_pieces else None)
         # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,
@@ -248,7 +249,7 @@ class Distiller:
         (set by optimize_step).
         """
         want = {k: self.alphas[k] > 0 and not (self.step_on_policy and k == "clm") for k in LOSS_TERMS}
-        counted, teacher_ids, alignment, topk = self.split_batch(rest)
+        counted, teacher_ids, alignment, depth, topk = self.split_batch(rest)
         with self.autocast():
             s_hidden = self.student(token_ids)
             t_hidden = None
@@ -259,7 +260,8 @@ class Distiller:
         sums = {}
         if want["ce"] or want["clm"] or want["mse"]:
             plain = not self.fused_loss
-            teacher = self.teacher_side(t_hidden, alignment, topk, want, self.amp_dtype or torch.float32, plain)
+            teacher = self.teacher_side(t_hidden, (teacher_ids, alignment, depth), topk, want,
+                                        self.amp_dtype or torch.float32, plain)
             if not plain:
                 enabled = (want["ce"], want["clm"], want["mse"])
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
@@ -277,14 +279,23 @@ class Distiller:
         return sums
 
     def split_batch(self, rest):
-        """(counted or None, teacher_ids or None, alignment or None, (topk_ids, topk_logprobs) or None): what a
-        batch carries after its ids and lengths."""
-        counted = teacher_ids = alignment = None
+        """(counted, teacher_ids, alignment, depth, (topk_ids, topk_logprobs)), each None where absent: what a
+        batch carries after its ids and lengths. alignment and depth are the KD term's (kd_alignment)."""
+        counted = teacher_ids = alignment = depth = None
         if self.masked:
             counted, *rest = rest
         if self.cross is not None:
-            teacher_ids, alignment, *rest = rest
-        return counted, teacher_ids, alignment, tuple(rest) or None
+            teacher_ids, alignment, depth, *rest = rest
+            alignment, depth = self.kd_alignment(alignment, depth)
+        return counted, teacher_ids, alignment, depth, tuple(rest) or None
+
+    def kd_alignment(self, alignment, depth):
+        """The teacher rows the KD term reads: with depth tables (--cross_kd chars --within_pieces) the
+        positions inside a teacher piece too (depth > 0, losses.char_buckets); otherwise the aligned ones
+        only (depth None)."""
+        if self.vocab_map.depth_prefix is not None:
+            return alignment, depth
+        return torch.where(depth == 0, alignment, -1), None
 
     @property
     def row_chunk(self) -> int:
@@ -292,20 +303,22 @@ class Distiller:
         vocabulary (and sorts both for ULD)."""
         return losses.FUSED_ROW_CHUNK if self.cross is None else losses.FUSED_ROW_CHUNK // 4
 
-    def teacher_side(self, t_hidden, alignment, topk, want, dtype, plain: bool) -> losses.Teacher | None:
+    def teacher_side(self, t_hidden, aligned, topk, want, dtype, plain: bool) -> losses.Teacher | None:
         """The teacher's side of the logit terms (losses.Teacher), None when neither KD nor MSE is on.
 
         Online: its hidden states and head (plain path: its whole-batch logits); offline: its top-k rows;
-        another tokenizer: either of those, aligned (AlignedTeacher; offline, the dump's rows are the
-        student's positions, so an aligned position indexes its own row).
+        another tokenizer (aligned = the batch's teacher_ids, alignment and depth; all None otherwise):
+        either of those, aligned (AlignedTeacher; offline, the dump's rows are the student's positions,
+        so an aligned position indexes its own row).
         """
         if not (want["ce"] or want["mse"]):
             return None
+        teacher_ids, alignment, depth = aligned
         if topk is not None:
             inner = losses.TopkTeacher(*topk)
             if alignment is not None:
                 own = torch.arange(alignment.numel(), device=alignment.device).view_as(alignment)
-                return losses.AlignedTeacher(inner, torch.where(alignment >= 0, own, -1), self.vocab_map)
+                return losses.AlignedTeacher(inner, torch.where(alignment >= 0, own, -1), self.vocab_map, depth)
             return inner
         if t_hidden is None:
             return None
@@ -316,7 +329,10 @@ class Distiller:
                 inner = losses.LogitsTeacher(F.linear(t_hidden, *t_head))
         else:
             inner = losses.HiddenTeacher(t_hidden, t_head, dtype)
-        return inner if alignment is None else losses.AlignedTeacher(inner, alignment, self.vocab_map)
+        if alignment is None:
+            return inner
+        prefix = None if depth is None else self.vocab_map.prefix_of(teacher_ids, alignment, depth)
+        return losses.AlignedTeacher(inner, alignment, self.vocab_map, depth, prefix)
 
     def plain_logit_terms(self, s_hidden, head, teacher, token_ids, lengths, want, counted=None):
         """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
@@ -343,7 +359,7 @@ class Distiller:
         with loss masks the real, predicted and KD positions are the counted ones (and aligned)."""
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)
         for token_ids, lengths, *rest in batches:
-            counted, _, alignment, _ = self.split_batch(rest)
+            counted, _, alignment, _, _ = self.split_batch(rest)
             real, pred = counted_masks(lengths, token_ids.size(1), counted)
             kd = real if alignment is None else real & (alignment >= 0)
             n_pred = pred.sum() * (not self.step_on_policy)  # an on-policy step has no CLM term

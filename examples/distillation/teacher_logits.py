@@ -258,10 +258,15 @@ def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_s
 
 
 @torch.inference_mode()
-def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int,
-                          temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, temperature: float,
+                          depth_prefix=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """topk_logprobs for a teacher of another tokenizer: per sequence (its lm_seqs_dataset.Aligned side),
-    one row per student position, the top k of the aligned teacher position, zeros where none is aligned."""
+    one row per student position, the top k of the aligned teacher position, zeros where none is aligned.
+
+    With depth_prefix (alignment.within_piece_tables' prefix, on the device) a position at depth k, inside
+    the teacher's next piece, gets the top k of the teacher row before that piece restricted to the pieces
+    that begin with its first k characters, the piece of those alone included (losses.char_buckets),
+    renormalised; -inf fills the slots beyond the pieces there are. Without, such a position holds zeros, as an unaligned one."""
     width = max(len(side.teacher_ids) for side in sides)
     token_ids = torch.zeros((len(sides), width), dtype=torch.long)
     for row, side in enumerate(sides):
@@ -272,8 +277,15 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int,
         alignment = torch.from_numpy(side.alignment.astype(np.int64))
         ids = torch.zeros((len(alignment), top_k), dtype=torch.long)
         values = torch.zeros((len(alignment), top_k), dtype=torch.float32)
-        aligned = alignment >= 0
-        logprobs = torch.log_softmax(logits[row, alignment[aligned].to(device), :vocab_size].float() / temperature, -1)
+        depth = torch.from_numpy(side.depths.astype(np.int64))
+        aligned = (alignment >= 0) & ((depth == 0) | (depth_prefix is not None))
+        index = alignment[aligned].to(device)
+        scaled = logits[row, index, :vocab_size].float() / temperature
+        if depth_prefix is not None:
+            d = depth[aligned].to(device)
+            want = depth_prefix[d, token_ids[row].to(device)[(index + 1).clamp(max=width - 1)]]
+            scaled = scaled.masked_fill(depth_prefix[d] != want[:, None], float("-inf"))
+        logprobs = torch.log_softmax(scaled, -1)
         top = logprobs.topk(top_k, dim=-1)
         ids[aligned], values[aligned] = top.indices.cpu(), top.values.cpu()
         rows.append((ids, values))
@@ -331,10 +343,10 @@ def shard_files(rank: int) -> tuple[str, str]:
 
 
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
-               device: torch.device, progress: bool = True) -> dict:
+               device: torch.device, progress: bool = True, depth_prefix=None) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
     its own pad_tokens, as in training; with loss masks, the counted positions' rows only). Returns its
-    manifest entry ("tokens": the rows it holds).
+    manifest entry ("tokens": the rows it holds). depth_prefix: aligned_topk_logprobs'.
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
@@ -365,7 +377,8 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
                                             settings.top_k, settings.temperature)
                 else:
                     results = aligned_topk_logprobs(model, [dataset.aligned[i] for i in batch], device,
-                                                    settings.vocab_size, settings.top_k, settings.temperature)
+                                                    settings.vocab_size, settings.top_k, settings.temperature,
+                                                    depth_prefix)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
                     kept = slice(None) if dataset.loss_masks is None else counted_positions(dataset.loss_masks[i])

@@ -80,6 +80,7 @@ class CrossTokenizer:
     teacher_ids: np.ndarray
     teacher_vocab_size: int
     classes: tuple  # (student class per id, teacher class per id, number): alignment.next_character_classes
+    depth_tables: tuple | None  # (prefix, classes) inside teacher pieces (alignment.within_piece_tables); None: unused
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")
@@ -117,8 +118,10 @@ def cross_tokenizer(student_tokenizer, teacher_source: str | None) -> CrossToken
                 "%d pieces", teacher_source, len(teacher_tokenizer), len(student_tokenizer), len(student_ids))
     classes = alignment.next_character_classes(student_tokenizer, teacher_tokenizer)
     logger.info("Next-character classes: %d characters both vocabularies begin pieces with", classes[2] - 2)
+    depth_tables = alignment.within_piece_tables(student_tokenizer, teacher_tokenizer, classes[1])
     return CrossTokenizer(teacher_source, alignment.tokenizer_identity(teacher_tokenizer, teacher_source),
-                          np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer), classes)
+                          np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer), classes,
+                          depth_tables)
 
 
 def check_cross_manifest(manifest: dict | None, cross: CrossTokenizer) -> None:

@@ -182,8 +182,10 @@ def dump(args, runtime) -> None:
                 "over %d process(es)", args.teacher, args.precision, runtime.device, args.top_k, args.temperature,
                 len(dataset), int(dataset.lengths.sum()), int(offsets[-1]), max_len, runtime.world_size)
     t0 = time.perf_counter()
+    # inside a teacher piece: its rows restricted to the pieces that extend what the student has read (chars)
+    depth_prefix = None if cross is None else torch.as_tensor(cross.depth_tables[0], device=runtime.device)
     entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
-                                      runtime.device, progress=runtime.is_master)
+                                      runtime.device, progress=runtime.is_master, depth_prefix=depth_prefix)
     entries = gather(entry)  # also waits for the slowest rank
     seconds = time.perf_counter() - t0
     if not runtime.is_master:
@@ -198,7 +200,8 @@ def dump(args, runtime) -> None:
         "logprobs_rounding": "down" if args.logprobs_dtype == "float16" else "none",
         "precision": args.precision, "tokenizer": teacher_logits.tokenizer_identity(tokenizer, source, ids),
         "teacher": identity, "data": teacher_logits.data_identity(args.data_file, binarized),
-        **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len}),
+        **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len,
+                                     "depths": True}),
         "world_size": runtime.world_size, "shards": [e for e in entries if e["sequences"]],
         "bytes_per_token": row_bytes / tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
     })

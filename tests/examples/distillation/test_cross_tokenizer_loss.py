@@ -287,3 +287,135 @@ def test_next_character_offline_top_k_puts_the_unreached_classes_in_the_rest():
     assert len(t_mass) < N_CLASSES
     want = TEMPERATURE**2 * sum(a * math.log(a / b) for a, b in zip(p, q))
     assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+# ---- inside a teacher piece (depth > 0): the teacher's row before it, conditioned on the characters read ----
+# Tables for depths 0..2 (distil_ja.alignment.within_piece_tables' layout): DEPTH_PREFIX[k][id] numbers the
+# piece's first k characters (-1: shorter than k), DEPTH_CLASS[k][id] the class of its character after them,
+# CUT for a piece of exactly k characters (ids 0 and 10 at depth 1, 2 and 6 at depth 2; prefix 2 at depth 2 has none).
+CUT = N_CLASSES
+DEPTH_PREFIX = [[0] * V_T,
+                [1, 0, 0, 1, 0, -1, 1, 2, 0, 1, 2, 2, 0],
+                [-1, 0, 1, 1, 0, -1, 0, -1, 2, 1, -1, -1, 0]]
+DEPTH_CLASS = [TEACHER_CLASS,
+               [CUT, 2, 3, 4, 5, 1, 6, 2, 3, 4, CUT, 5, 6],
+               [1, 6, CUT, 2, 3, 1, CUT, 1, 4, 5, 1, 1, 2]]
+# per student position (B, S): depth, and the teacher piece after its row (whose prefix the pieces must share)
+DEPTHS = torch.tensor([[0, 1, 0, 2, 1, 0], [0, 0, 2, 1, 0, 2]])
+NEXT_PIECE = torch.tensor([[3, 3, 4, 9, 11, 1], [5, 2, 8, 7, 0, 12]])
+
+
+def depth_vocab():
+    return VocabMap.build(STUDENT_IDS, TEACHER_IDS, V_S, V_T, classes=(STUDENT_CLASS, TEACHER_CLASS, N_CLASSES),
+                          depth_tables=(DEPTH_PREFIX, DEPTH_CLASS))
+
+
+def depth_prefixes():
+    return torch.tensor([[DEPTH_PREFIX[d][n] for d, n in zip(dr.tolist(), nr.tolist())]
+                         for dr, nr in zip(DEPTHS, NEXT_PIECE)])
+
+
+def depth_reference(s, t, depths, prefixes, kind="fkl"):
+    """float64, by hand: the student's classes as at depth 0; the teacher's, the pieces that carry the row's
+    prefix at its depth, each class's mass among them over their total, plus the share of the piece that
+    ends there (CUT) times the student's own class probability, held constant."""
+    p_s = torch.softmax(s.double() / TEMPERATURE, -1)
+    p_t = torch.softmax(t.double() / TEMPERATURE, -1)
+    q = torch.stack([sum(p_s[:, i] for i in range(V_S) if STUDENT_CLASS[i] == c) for c in range(N_CLASSES)], -1)
+    rows = []
+    for r, (k, g) in enumerate(zip(depths.tolist(), prefixes.tolist())):
+        members = [i for i in range(V_T) if DEPTH_PREFIX[k][i] == g]
+        total = sum(p_t[r, i] for i in members)
+        cut = sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == CUT), p_t.new_zeros(()))
+        rows.append(torch.stack([sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == c), p_t.new_zeros(()))
+                                 for c in range(N_CLASSES)]) / total + cut / total * q[r].detach())
+    p = torch.stack(rows).clamp(min=1e-8)
+    q = q.clamp(min=1e-8)
+    if kind == "fkl":
+        d = (p * (p.log() - q.log())).sum(-1)
+    elif kind == "rkl":
+        d = (q * (q.log() - p.log())).sum(-1)
+    else:
+        d = 0.5 * (p - q).abs().sum(-1)
+    return TEMPERATURE**2 * d
+
+
+def test_prefix_of_reads_the_next_teacher_piece_at_its_depth():
+    vocab = depth_vocab()
+    teacher_ids = torch.randint(0, V_T, (B, S_T), generator=torch.Generator().manual_seed(3))
+    alignment = torch.tensor([[0, 2, -1, 3, 5, 5], [7, -1, 9, 10, 12, 12]])
+    depth = torch.tensor([[0, 1, 2, 2, 1, 2], [0, 0, 2, 1, 0, 2]])
+    got = vocab.prefix_of(teacher_ids, alignment, depth)
+    flat = teacher_ids.reshape(-1)
+    for p, (a, d) in enumerate(zip(alignment.reshape(-1).tolist(), depth.reshape(-1).tolist())):
+        want = 0 if a < 0 or d == 0 else DEPTH_PREFIX[d][int(flat[a + 1])]
+        assert got.reshape(-1)[p] == want
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd"])
+def test_inside_a_teacher_piece_the_term_is_the_conditioned_formula_in_value_and_gradient(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(10)
+    s_logits = F.linear(h, w).requires_grad_(True)
+    t_logits = F.linear(t_h, t_w)
+    prefixes = depth_prefixes()
+    teacher = AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(), DEPTHS, prefixes)
+    got = kd_loss_sum(s_logits, teacher, losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
+    got.backward()
+    s64 = s_logits.detach().double().requires_grad_(True)
+    keep = losses.real_mask(lengths, S).reshape(-1) & (alignment.reshape(-1) >= 0)
+    index = alignment.reshape(-1)[keep]
+    want = depth_reference(s64.reshape(-1, V_S)[keep], t_logits.reshape(-1, V_T)[index],
+                           DEPTHS.reshape(-1)[keep], prefixes.reshape(-1)[keep], kind).sum()
+    want.backward()
+    assert (DEPTHS.reshape(-1)[keep] > 0).sum() >= 4
+    cuts = [any(DEPTH_PREFIX[k][i] == g and DEPTH_CLASS[k][i] == CUT for i in range(V_T))
+            for k, g in zip(DEPTHS.reshape(-1)[keep].tolist(), prefixes.reshape(-1)[keep].tolist()) if k > 0]
+    assert 2 <= sum(cuts) < len(cuts)  # rows where a piece ends with s, and one where none does
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # depth 0 everywhere is the plain next-character term
+    flat = kd_loss_sum(s_logits.detach(), AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(),
+                                                         torch.zeros_like(DEPTHS), torch.zeros_like(DEPTHS)),
+                       losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
+    plain = kd_loss_sum(s_logits.detach(), AlignedTeacher(LogitsTeacher(t_logits), alignment, class_vocab()),
+                        losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
+    assert flat.item() == pytest.approx(plain.item(), rel=1e-6) and flat.item() != pytest.approx(got.item(), rel=1e-3)
+
+
+def conditioned_offline_rows(t_logits_flat, alignment, prefixes):
+    """The dump's rows with every teacher piece kept (k = V_T), conditioned as aligned_topk_logprobs does."""
+    n = B * S
+    ids, logprobs = torch.zeros(n, V_T, dtype=torch.long), torch.zeros(n, V_T)
+    table = torch.tensor(DEPTH_PREFIX)
+    for p, (a, d, g) in enumerate(zip(alignment.reshape(-1).tolist(), DEPTHS.reshape(-1).tolist(),
+                                      prefixes.reshape(-1).tolist())):
+        if a >= 0:
+            scaled = (t_logits_flat[a] / TEMPERATURE).masked_fill(table[d] != g, float("-inf"))
+            top = torch.log_softmax(scaled, -1).topk(V_T)
+            ids[p], logprobs[p] = top.indices, top.values
+    return ids.reshape(B, S, V_T), logprobs.reshape(B, S, V_T)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_inside_a_teacher_piece_fused_equals_plain_and_offline_with_every_piece_equals_online(kind):
+    h, w, t_h, t_w, ids, lengths, alignment = data(11)
+    spec, prefixes = KdSpec(kind, TEMPERATURE), depth_prefixes()
+    weights = torch.tensor([0.6, 0.3, 0.0])
+    h_f, w_f = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    teacher = AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, depth_vocab(), DEPTHS, prefixes)
+    sums = fused_logit_terms(h_f, (w_f, None), ids, lengths, weights, (True, True, False), spec, teacher=teacher,
+                             row_chunk=4)
+    (weights * sums).sum().backward()
+    h_p, w_p = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    s_logits = F.linear(h_p, w_p)
+    mask = losses.real_mask(lengths, S)
+    t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
+    kd = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, depth_vocab(), DEPTHS, prefixes),
+                     mask, spec)
+    (weights[0] * kd + weights[1] * losses.clm_loss_sum(s_logits, ids, mask)).backward()
+    assert sums[0].item() == pytest.approx(kd.item(), rel=1e-5)
+    torch.testing.assert_close(h_f.grad, h_p.grad, rtol=1e-4, atol=1e-6)
+    rows = torch.arange(B * S).reshape(B, S).masked_fill(alignment < 0, -1)
+    dumped = TopkTeacher(*conditioned_offline_rows(t_flat, alignment, prefixes))
+    offline = kd_loss_sum(s_logits, AlignedTeacher(dumped, rows, depth_vocab(), DEPTHS), mask, spec)
+    assert offline.item() == pytest.approx(kd.item(), rel=1e-4)

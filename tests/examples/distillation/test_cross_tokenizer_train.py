@@ -73,7 +73,7 @@ def metrics(dump):
 def test_binarize_writes_the_teachers_ids_and_the_alignment(cross_setup):
     manifest = json.loads((cross_setup["data"] / "manifest.json").read_text())
     assert manifest["teacher_tokenizer"]["vocab_size"] == cross_setup["teacher_vocab"]
-    assert set(manifest["shards"][0]["extras"]) == {"teacher_ids", "alignment"}
+    assert set(manifest["shards"][0]["extras"]) == {"teacher_ids", "alignment", "depth"}
     assert 0.5 < manifest["totals"]["aligned_share"] <= 1
 
 
@@ -87,29 +87,60 @@ def test_online_training_across_tokenizers(cross_setup, tmp_path, caplog):
     assert steps[-1]["ce"] < steps[0]["ce"]  # it learns from the teacher
 
 
-def test_the_fused_path_equals_the_plain_one(cross_setup, tmp_path):
+WITHIN = [pytest.param((), id="aligned"), pytest.param(("--within_pieces",), id="within_pieces")]
+
+
+@pytest.mark.parametrize("within", WITHIN)
+def test_the_fused_path_equals_the_plain_one(cross_setup, tmp_path, within):
     for name, flag in (("fused", "--fused_loss"), ("plain", "--no-fused_loss")):
-        train.run(cross_args(cross_setup, tmp_path / name, "--max_steps", "2", flag))
+        train.run(cross_args(cross_setup, tmp_path / name, "--max_steps", "2", flag, *within))
     for a, b in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "plain")):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-5) and a["clm"] == pytest.approx(b["clm"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "fused"), weights(tmp_path / "plain"), atol=1e-5)
 
 
-def test_offline_with_every_teacher_piece_equals_online(cross_setup, tmp_path):
-    dump = tmp_path / "dump"
+@pytest.fixture(scope="module")
+def full_dump(cross_setup, tmp_path_factory):
+    """The teacher's rows over its whole vocabulary (top_k = its size), float32: offline equals online."""
+    dump = tmp_path_factory.mktemp("cross_dump") / "dump"
     assert dump_script().main([
         "--teacher", str(cross_setup["teacher"]), "--tokenizer_name", str(cross_setup["tokenizer"]),
         "--data_file", str(cross_setup["data"]), "--output_dir", str(dump), "--max_len", "64",
         "--top_k", str(cross_setup["teacher_vocab"]), "--logprobs_dtype", "float32", "--batch_size", "4",
         "--n_gpu", "0"]) == 0
-    manifest = json.loads((dump / "manifest.json").read_text())
-    assert manifest["teacher_tokenizer"]["vocab_size"] == cross_setup["teacher_vocab"]
-    offline = cross_args(cross_setup, tmp_path / "offline", "--max_steps", "2")
-    offline[offline.index("--teacher_name"):offline.index("--teacher_name") + 2] = ["--teacher_logits", str(dump)]
-    train.run(offline)
-    train.run(cross_args(cross_setup, tmp_path / "online", "--max_steps", "2"))
+    return dump
+
+
+def offline_args(cross_setup, dump, run, *extra):
+    args = cross_args(cross_setup, run, "--max_steps", "2", *extra)
+    args[args.index("--teacher_name"):args.index("--teacher_name") + 2] = ["--teacher_logits", str(dump)]
+    return args
+
+
+@pytest.mark.parametrize("within", WITHIN)
+def test_offline_with_every_teacher_piece_equals_online(cross_setup, full_dump, tmp_path, within):
+    manifest = json.loads((full_dump / "manifest.json").read_text())
+    assert manifest["teacher_tokenizer"]["vocab_size"] == cross_setup["teacher_vocab"] and manifest["depths"]
+    train.run(offline_args(cross_setup, full_dump, tmp_path / "offline", *within))
+    train.run(cross_args(cross_setup, tmp_path / "online", "--max_steps", "2", *within))
     for a, b in zip(metrics(tmp_path / "offline"), metrics(tmp_path / "online")):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+
+
+def test_a_dump_made_before_depths_reaches_the_aligned_positions_only(cross_setup, full_dump, tmp_path, caplog):
+    old = tmp_path / "old_dump"  # its rows inside teacher pieces would be zeros: they must not be read
+    shutil.copytree(full_dump, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["depths"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        train.run(offline_args(cross_setup, old, tmp_path / "offline", "--within_pieces"))
+    assert "dumped before depths" in caplog.text
+    train.run(offline_args(cross_setup, full_dump, tmp_path / "with_depths", "--within_pieces"))
+    train.run(cross_args(cross_setup, tmp_path / "aligned_only", "--max_steps", "2"))  # without --within_pieces
+    for a, b, c in zip(metrics(tmp_path / "offline"), metrics(tmp_path / "aligned_only"),
+                       metrics(tmp_path / "with_depths")):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4) and a["ce"] != pytest.approx(c["ce"], rel=1e-3)
 
 
 @pytest.mark.slow
