@@ -22,7 +22,8 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
       kd_topK    as kd, from the teacher's top-K log-probabilities dumped in step 6 (--teacher_logits;
                  the dump has no hidden states, so the recipe needs cos=0), e.g. kd_top8, kd_top64
       xkd        distilled from a teacher of another tokenizer (Size.cross_vocab pieces, trained like the
-                 teacher on its own ids of the same text), at the aligned positions (--cross_kd, --recipe cross=)
+                 teacher on its own ids of the same text), at the aligned positions (--cross_kd, --recipe cross=;
+                 within=1: --within_pieces)
       xkd_topK   as xkd, from that teacher's top-K dump at the aligned positions
       no_kd_x    the xkd runs' no-teacher baseline: their very pieces and batches, --alpha_ce 0
  8. evaluate.py --json          perplexity and bits per character of the models on the held-out dev paragraphs, and with
@@ -98,7 +99,8 @@ from records import read_records  # noqa: E402
 DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_ce"],
                   "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
                   "kd": config.build_parser().get_default("kd_loss"),
-                  "cross": config.build_parser().get_default("cross_kd")}  # the xkd runs' --cross_kd
+                  "cross": config.build_parser().get_default("cross_kd"),  # the xkd runs' --cross_kd
+                  "within": float(config.build_parser().get_default("within_pieces"))}  # 1: their --within_pieces
 RUNS = ("no_kd", "kd", "kd_init", "no_kd_x", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
 # no_kd_x: the xkd runs' own no-teacher baseline. The cross-tokenizer dataset cuts documents at aligned
 # positions only, so its pieces (hence its shuffled batches) are not no_kd's, and at this size batch order
@@ -191,6 +193,10 @@ def parse_recipe(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"--recipe: {item!r}; cross is one of {', '.join(CROSS_KD)}")
         recipe[key] = value if key in ("kd", "cross") else float(value)
     return recipe
+
+
+def cross_text(recipe: dict) -> str:
+    return f" cross={recipe['cross']}" + (" within" if recipe["within"] else "")
 
 
 def recipe_text(recipe: dict) -> str:
@@ -355,9 +361,11 @@ def student_runs(recipe: dict, names: list[str]) -> dict:
         NO_TEACHER_SIGNAL: {"init": "random", "teacher": True, "args": CLM_ONLY},
     }
     specs = {name: {"topk": topk_of(name), "cross": is_cross(name), **fixed.get(name, fixed["kd"])} for name in names}
-    for spec in specs.values():
+    for name, spec in specs.items():
         if spec["cross"]:
             spec["args"] = spec["args"] + ["--cross_kd", recipe["cross"]]
+            if recipe["within"] and name != NO_TEACHER_SIGNAL:
+                spec["args"] = spec["args"] + ["--within_pieces"]
     return specs
 
 
@@ -619,6 +627,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     # only for its own config: another student width keeps it).
     teacher_data_key = [tok_hash, None if args.dry_run else (data / "manifest.json").read_text(), teacher_cfg.read_text()]
     data_key = teacher_data_key + [student_cfg.read_text()]
+    # the runs on the pair's shards (no_kd_x): new pair data retrains them too
+    pair_key = None if args.dry_run or not cross else (data_pair / "manifest.json").read_text()
 
     teacher = out / "teacher"
     teacher_x = out / f"teacher-x{size.cross_vocab}"  # the teacher of another tokenizer (xkd runs)
@@ -652,7 +662,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         # the student trained alone needs no teacher: it runs while the teacher trains
-        futures = {name: submit(pool, name, dump, cmd, data_key)
+        futures = {name: submit(pool, name, dump, cmd, data_key + ([pair_key] if specs[name]["cross"] else []))
                    for name, dump, cmd, needs_teacher in jobs_list if not needs_teacher}
         steps["teacher"] = runner.run("teacher", train + common + [
             "--dump_path", teacher, "--student_config", teacher_cfg, *CLM_ONLY,
@@ -731,7 +741,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
         p = ppl["perplexity"][name]
         runs[name] = {"model": arch(size.student), "init": spec["init"], "teacher": spec["teacher"],
                       "teacher_topk": spec["topk"], "cross": spec["cross"],
-                      "recipe_text": (recipe + (f" cross={args.recipe['cross']}" if spec["cross"] else "")
+                      "recipe_text": (recipe + (cross_text(args.recipe) if spec["cross"] else "")
                                       if spec["teacher"] and name != NO_TEACHER_SIGNAL else "clm only"),
                       "lr": spec["lr"], "steps": size.student_steps, "tokens_seen": tokens_seen(dump),
                       "wall_s": steps[f"student_{name}"]["wall_s"], "cached": steps[f"student_{name}"]["cached"],

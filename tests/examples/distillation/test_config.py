@@ -92,7 +92,7 @@ def test_quality_default_recipe_is_the_recipe():
     quality = load_bench("quality")
     expected = {"T": RECOMMENDED["temperature"], "ce": RECOMMENDED["alpha_ce"], "clm": RECOMMENDED["alpha_clm"],
                 "cos": RECOMMENDED["alpha_cos"], "kd": config.parse_config(REQUIRED).kd_loss,
-                "cross": config.parse_config(REQUIRED).cross_kd}
+                "cross": config.parse_config(REQUIRED).cross_kd, "within": float(config.parse_config(REQUIRED).within_pieces)}
     assert quality.DEFAULT_RECIPE == expected
     assert quality.build_parser().parse_args([]).recipe == expected
     # the students' loss flags are valid train.py settings: with a teacher, and without one
@@ -103,6 +103,10 @@ def test_quality_default_recipe_is_the_recipe():
     alone = ["--data_file", "data", "--student_config", "s.json", "--tokenizer_name", "tok", "--n_gpu", "0"]
     no_kd = config.parse_config(alone + [str(a) for a in runs["no_kd"]["args"]])
     assert (no_kd.alpha_ce, no_kd.alpha_clm, no_kd.alpha_mse, no_kd.alpha_cos) == (0, 1, 0, 0)
+    # within=1 gives the cross-tokenizer KD runs --within_pieces, and their no-teacher baseline not
+    cross = quality.student_runs(quality.parse_recipe("cos=0,within=1"), ["xkd", "xkd_top8", "no_kd_x"])
+    assert [("--within_pieces" in cross[r]["args"]) for r in ("xkd", "xkd_top8", "no_kd_x")] == [True, True, False]
+    assert config.parse_config(REQUIRED + ["--n_gpu", "0", *map(str, cross["xkd"]["args"])]).within_pieces
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
