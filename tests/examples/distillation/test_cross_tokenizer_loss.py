@@ -204,6 +204,11 @@ def class_reference(s, t, kind="fkl"):
     p_t = torch.softmax(t.double() / TEMPERATURE, -1)
     q = torch.stack([sum(p_s[:, i] for i in range(V_S) if STUDENT_CLASS[i] == c) for c in range(N_CLASSES)], -1)
     p = torch.stack([sum(p_t[:, i] for i in range(V_T) if TEACHER_CLASS[i] == c) for c in range(N_CLASSES)], -1)
+    return class_divergence(p, q, kind)
+
+
+def class_divergence(p, q, kind):
+    """T^2 D between the teacher's class probabilities p and the student's q (float64 rows)."""
     if kind == "fkl":
         d = (p * (p.log() - q.log())).sum(-1)
     elif kind == "rkl":
@@ -329,15 +334,7 @@ def depth_reference(s, t, depths, prefixes, kind="fkl"):
         cut = sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == CUT), p_t.new_zeros(()))
         rows.append(torch.stack([sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == c), p_t.new_zeros(()))
                                  for c in range(N_CLASSES)]) / total + cut / total * q[r].detach())
-    p = torch.stack(rows).clamp(min=1e-8)
-    q = q.clamp(min=1e-8)
-    if kind == "fkl":
-        d = (p * (p.log() - q.log())).sum(-1)
-    elif kind == "rkl":
-        d = (q * (q.log() - p.log())).sum(-1)
-    else:
-        d = 0.5 * (p - q).abs().sum(-1)
-    return TEMPERATURE**2 * d
+    return class_divergence(torch.stack(rows).clamp(min=1e-8), q.clamp(min=1e-8), kind)
 
 
 def test_prefix_of_reads_the_next_teacher_piece_at_its_depth():
