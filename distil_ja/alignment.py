@@ -391,23 +391,18 @@ def next_character_classes(student, teacher) -> tuple[np.ndarray, np.ndarray, in
     vocabulary begins a piece with), then one per character both vocabularies begin pieces with.
     """
     firsts = [[_first_character(t) for t in piece_texts(tok)] for tok in (student, teacher)]
-    index = _class_index(firsts[0], firsts[1])
+    common = sorted(set(c for c in firsts[0] if c) & set(c for c in firsts[1] if c))
+    index = {c: k + 2 for k, c in enumerate(common)}
     classes = []
     for tok, first in zip((student, teacher), firsts):
         cls = np.array([index.get(c, OTHER) for c in first], dtype=np.int64)
         if tok.eos_token_id is not None:
             cls[tok.eos_token_id] = END
         classes.append(cls)
-    return classes[0], classes[1], len(index) + 2
+    return classes[0], classes[1], len(common) + 2
 
 
-def _class_index(student_firsts, teacher_firsts) -> dict[str, int]:
-    """Character -> class, for the characters both vocabularies begin pieces with (from 2: END, OTHER)."""
-    common = sorted(set(c for c in student_firsts if c) & set(c for c in teacher_firsts if c))
-    return {c: k + 2 for k, c in enumerate(common)}
-
-
-def within_piece_tables(student, teacher, teacher_classes: np.ndarray,
+def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
                         max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray]:
     """(prefix, classes), each (max_depth + 1, V_t): what the KD term needs at a depth (within_pieces).
 
@@ -415,14 +410,14 @@ def within_piece_tables(student, teacher, teacher_classes: np.ndarray,
     when those agree (-1: the piece is shorter than k characters, or has no surface), so the pieces that
     begin with a piece's first k characters are those with its prefix[k]; prefix[0] is 0 for every id.
     classes[k, id]: the next-character class of the piece's text after its first k characters (spaces
-    skipped, as next_character_classes does at k = 0, which is teacher_classes), or CUT = the number of
-    classes (one past the last) for a piece of exactly k characters: the teacher's piece ends there, and
-    what comes next is its next row's, which the row before the piece does not hold.
+    skipped, as next_character_classes does at k = 0, which is teacher_classes), or CUT = n_classes (one
+    past the last) for a piece of exactly k characters: the teacher's piece ends there, and what comes
+    next is its next row's, which the row before the piece does not hold. teacher_classes and n_classes:
+    next_character_classes', whose character classes are read off them.
     """
     texts = piece_texts(teacher)
-    student_firsts = [_first_character(t) for t in piece_texts(student)]
-    index = _class_index(student_firsts, [_first_character(t) for t in texts])
-    cut = len(index) + 2  # next_character_classes' number of classes
+    # a character's class, as next_character_classes gave it to the teacher's pieces that begin with it
+    index = {_first_character(t): int(c) for t, c in zip(texts, teacher_classes) if c > OTHER}
     prefix = np.full((max_depth + 1, len(texts)), -1, dtype=np.int32)
     classes = np.full((max_depth + 1, len(texts)), OTHER, dtype=np.int64)
     prefix[0], classes[0] = 0, teacher_classes
@@ -432,7 +427,7 @@ def within_piece_tables(student, teacher, teacher_classes: np.ndarray,
             if text is not None and len(text) >= k:
                 prefix[k, i] = numbers.setdefault(text[:k], len(numbers))
                 if len(text) == k:
-                    classes[k, i] = cut
+                    classes[k, i] = n_classes
                 elif first := _first_character(text[k:]):
                     classes[k, i] = index.get(first, OTHER)
     return prefix, classes

@@ -134,8 +134,7 @@ class Distiller:
         self.cross = cross
         self.vocab_map = None if cross is None else losses.VocabMap.build(
             cross.student_ids, cross.teacher_ids, self.vocab_size, cross.teacher_vocab_size, self.device,
-            classes=cross.classes,
-            depth_tables=cross.depth_tables if params.cross_kd == "chars" and params.within_pieces else None)
+            classes=cross.classes, depth_tables=cross.depth_tables)
         # The weights of the terms, in LOSS_TERMS order, on the device once: a step divides them by its
         # position counts there, so no step copies host values to the device (each copy would be a sync).
         self.alpha_vector = torch.tensor([self.alphas[k] for k in LOSS_TERMS], dtype=torch.float32,

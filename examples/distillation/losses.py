@@ -469,7 +469,8 @@ def char_buckets(log_s, inner, vocab: VocabMap, temperature: float, depth=None, 
 
     (VocabMap.depth_prefix picks the pieces, depth_class their class at k, CUT for s itself). Leaving s
     out would condition on the teacher's tokenization not cutting after s, which depends on the text
-    after it, and make the target over-confident (docs/cross-tokenizer.md). The student's row is its own next-piece distribution at the position, classed by first character as at k = 0.
+    after it, and make the target over-confident (docs/cross-tokenizer.md). The student's row is its own
+    next-piece distribution at the position, classed by first character as at k = 0.
 
     Online (Logits): every class, and the two rows are proper distributions. Offline (Topk): the classes
     the teacher's top k reach, plus one rest bucket (last) for the teacher's mass outside its top k,

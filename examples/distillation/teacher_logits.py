@@ -266,7 +266,8 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
     With depth_prefix (alignment.within_piece_tables' prefix, on the device) a position at depth k, inside
     the teacher's next piece, gets the top k of the teacher row before that piece restricted to the pieces
     that begin with its first k characters, the piece of those alone included (losses.char_buckets),
-    renormalised; -inf fills the slots beyond the pieces there are. Without, such a position holds zeros, as an unaligned one."""
+    renormalised; -inf fills the slots beyond the pieces there are. Without, such a position holds zeros,
+    as an unaligned one."""
     width = max(len(side.teacher_ids) for side in sides)
     token_ids = torch.zeros((len(sides), width), dtype=torch.long)
     for row, side in enumerate(sides):

@@ -206,11 +206,13 @@ def context_length(student, teacher) -> int:
 def check_cross(params, tokenizer, teacher, topk) -> CrossTokenizer | None:
     """The teacher's tokenizer against the student's: a CrossTokenizer when they differ (train across
     tokenizers), None when they are the same (the same-tokenizer path, unchanged)."""
+    depths = params.cross_kd == "chars" and params.within_pieces  # the depth tables only where the loss reads them
     if topk is not None:
-        cross = cross_tokenizer(tokenizer, teacher_logits.teacher_tokenizer_of(params.teacher_logits, topk.manifest))
+        cross = cross_tokenizer(tokenizer, teacher_logits.teacher_tokenizer_of(params.teacher_logits, topk.manifest),
+                                depths)
     elif teacher is not None:
         cross = cross_tokenizer(tokenizer, params.teacher_tokenizer or own_tokenizer(params.teacher_name,
-                                                                                     params.tokenizer_name))
+                                                                                     params.tokenizer_name), depths)
     else:
         return None
     if cross is None:
@@ -221,8 +223,8 @@ def check_cross(params, tokenizer, teacher, topk) -> CrossTokenizer | None:
                          "vocabulary: with a teacher of another tokenizer set them to 0")
     if teacher is not None and teacher.config.vocab_size < cross.teacher_vocab_size:
         raise UsageError(f"teacher vocab_size {teacher.config.vocab_size} < its tokenizer's {cross.teacher_vocab_size}")
-    if params.within_pieces and topk is not None and not topk.manifest.get("depths"):
-        # its rows inside teacher pieces are zeros, not the conditioned rows (dump_teacher_logits.py since 2026-12-03)
+    if depths and topk is not None and not topk.manifest.get("depths"):
+        # its rows inside teacher pieces are zeros, not the restricted rows (dump_teacher_logits.py since 2026-12-03)
         logger.warning("%s was dumped before depths: --within_pieces reaches no position inside a teacher piece; "
                        "dump it again to reach them", params.teacher_logits)
         cross = replace(cross, depth_tables=None)

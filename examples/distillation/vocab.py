@@ -99,10 +99,11 @@ def own_tokenizer(teacher_name: str, tokenizer_name: str | None) -> str | None:
     return teacher_name
 
 
-def cross_tokenizer(student_tokenizer, teacher_source: str | None) -> CrossTokenizer | None:
+def cross_tokenizer(student_tokenizer, teacher_source: str | None, depths: bool = False) -> CrossTokenizer | None:
     """The cross-tokenizer pair when the teacher's tokenizer (teacher_source) differs from the student's
     in content (the pieces in id order, not only their number); None when they are the same (the
-    same-tokenizer path, unchanged) or there is no teacher tokenizer to compare with."""
+    same-tokenizer path, unchanged) or there is no teacher tokenizer to compare with. depths: with the
+    tables for the positions inside teacher pieces (--within_pieces, dumps), else depth_tables None."""
     if teacher_source is None:
         return None
     try:
@@ -118,7 +119,7 @@ def cross_tokenizer(student_tokenizer, teacher_source: str | None) -> CrossToken
                 "%d pieces", teacher_source, len(teacher_tokenizer), len(student_tokenizer), len(student_ids))
     classes = alignment.next_character_classes(student_tokenizer, teacher_tokenizer)
     logger.info("Next-character classes: %d characters both vocabularies begin pieces with", classes[2] - 2)
-    depth_tables = alignment.within_piece_tables(student_tokenizer, teacher_tokenizer, classes[1])
+    depth_tables = alignment.within_piece_tables(teacher_tokenizer, classes[1], classes[2]) if depths else None
     return CrossTokenizer(teacher_source, alignment.tokenizer_identity(teacher_tokenizer, teacher_source),
                           np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer), classes,
                           depth_tables)

@@ -159,7 +159,8 @@ def dump(args, runtime) -> None:
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load tokenizer {source!r}: {first_line(err)}") from err
     ids = special_ids_of(tokenizer)
-    cross = cross_tokenizer(tokenizer, args.teacher_tokenizer or own_tokenizer(args.teacher, args.tokenizer_name))
+    cross = cross_tokenizer(tokenizer, args.teacher_tokenizer or own_tokenizer(args.teacher, args.tokenizer_name),
+                            depths=True)
     vocab_size = len(tokenizer) if cross is None else cross.teacher_vocab_size  # the ids the rows hold
     teacher, identity, max_len = load_teacher(args, ids if cross is None else None, vocab_size, runtime)
     teacher_max_len = None if cross is None else models.max_positions(teacher.config)

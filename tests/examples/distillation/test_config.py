@@ -92,7 +92,8 @@ def test_quality_default_recipe_is_the_recipe():
     quality = load_bench("quality")
     expected = {"T": RECOMMENDED["temperature"], "ce": RECOMMENDED["alpha_ce"], "clm": RECOMMENDED["alpha_clm"],
                 "cos": RECOMMENDED["alpha_cos"], "kd": config.parse_config(REQUIRED).kd_loss,
-                "cross": config.parse_config(REQUIRED).cross_kd, "within": float(config.parse_config(REQUIRED).within_pieces)}
+                "cross": config.parse_config(REQUIRED).cross_kd,
+                "within": float(config.parse_config(REQUIRED).within_pieces)}
     assert quality.DEFAULT_RECIPE == expected
     assert quality.build_parser().parse_args([]).recipe == expected
     # the students' loss flags are valid train.py settings: with a teacher, and without one
