@@ -213,6 +213,26 @@ def tied_head_keys(model) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if module is head}
 
 
+def attached_rows(width: int, attach: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask (B, 1, W + E, W + E), position_ids (B, W + E)) for a batch of W positions followed
+    by E attached ones: column W + e is read after position attach[:, e] of its own row, at the position
+    after it, attending to positions 0..attach and itself only (attach -1: padding, attending to itself).
+    The W positions stay causal among themselves and see no attached one, so their rows are those of the
+    batch alone. The mask is additive (0 or dtype's lowest) in the model's dtype: every tested family,
+    eager or SDPA, takes a 4-D mask as it is (tested against a separate forward per attached position).
+    """
+    batch, extra = attach.shape
+    total = width + extra
+    cols = torch.arange(total, device=attach.device)
+    real = cols[:width, None] >= cols[None, :]  # (W, W + E): causal, so no attached position (columns >= W)
+    own = cols[width:, None] == cols[None, :]  # (E, W + E)
+    attached = (cols[None, None, :] <= attach[:, :, None]) | own  # (B, E, W + E)
+    allowed = torch.cat([real.expand(batch, width, total), attached], 1)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attach.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    positions = torch.cat([cols[:width].expand(batch, width), (attach + 1).clamp(min=0)], 1)
+    return mask, positions
+
+
 # ---- state dicts ------------------------------------------------------------------------
 
 

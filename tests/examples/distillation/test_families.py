@@ -355,3 +355,28 @@ def test_export_evaluate_and_generate(family, teachers, tiny_setup, tmp_path, ca
                           "--seed", "0"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("--- sample") == 2 and "perplexity" in printed
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attached_positions_read_what_a_separate_forward_reads(family, attention):
+    """models.attached_rows: positions appended after a row (a 4-D mask, their own position ids) give the
+    logits of a forward of that row's prefix followed by them, and leave the batch's own rows as they were."""
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(family)
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, appended = torch.randint(7, TINY_VOCAB, (2, 10), generator=g), torch.randint(7, TINY_VOCAB, (2, 3), generator=g)
+    attach = torch.tensor([[3, 6, -1], [0, 8, 5]])  # -1: padding
+    mask, positions = models.attached_rows(10, attach, model.dtype)
+    with torch.no_grad():
+        got = model(input_ids=torch.cat([ids, appended], 1), attention_mask=mask, position_ids=positions).logits
+        torch.testing.assert_close(got[:, :10], model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        for b in range(2):
+            for e, j in enumerate(attach[b].tolist()):
+                if j >= 0:
+                    alone = model(input_ids=torch.cat([ids[b, : j + 1], appended[b, e : e + 1]])[None]).logits[0, -1]
+                    torch.testing.assert_close(got[b, 10 + e], alone, rtol=1e-5, atol=1e-5)
