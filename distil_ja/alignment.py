@@ -321,6 +321,23 @@ def within_pieces(student_ends: np.ndarray, teacher_ends: np.ndarray, teacher_id
     return alignment, depth
 
 
+def cut_pieces(alignment: np.ndarray, depth: np.ndarray, teacher_ids: np.ndarray,
+               cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, pieces, rows) of one sequence: the student positions inside a teacher piece whose first
+    k characters are a teacher piece s of their own, and no shorter piece begins them (cut =
+    within_piece_tables' third table), s, and the teacher position j before the piece. The teacher's next-character distribution there is, beside the
+    pieces that go on past s, the share of s times the teacher's row read after s (losses.char_buckets):
+    the teacher reads s at position j + 1, as if its tokenizer had cut there."""
+    inside = np.flatnonzero((alignment >= 0) & (depth > 0))
+    rows = alignment[inside].astype(np.int64)
+    k, piece = depth[inside].astype(np.int64), teacher_ids[rows + 1].astype(np.int64)
+    pieces = cut[k, piece] if len(inside) else rows
+    # only where that target is exact (losses.VocabMap.exact_at): no shorter piece begins s
+    shorter = ((cut[1:, piece] >= 0) & (np.arange(1, len(cut))[:, None] < k[None, :])).any(0)
+    keep = (pieces >= 0) & ~shorter
+    return inside[keep].astype(np.int64), pieces[keep].astype(np.int64), rows[keep]
+
+
 # ---- vocabularies --------------------------------------------------------------------------
 
 
@@ -403,8 +420,8 @@ def next_character_classes(student, teacher) -> tuple[np.ndarray, np.ndarray, in
 
 
 def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
-                        max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray]:
-    """(prefix, classes), each (max_depth + 1, V_t): what the KD term needs at a depth (within_pieces).
+                        max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prefix, classes, cut), each (max_depth + 1, V_t): what the KD term needs at a depth (within_pieces).
 
     prefix[k, id]: a number for the piece's first k surface characters, the same for two pieces exactly
     when those agree (-1: the piece is shorter than k characters, or has no surface), so the pieces that
@@ -412,14 +429,18 @@ def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
     classes[k, id]: the next-character class of the piece's text after its first k characters (spaces
     skipped, as next_character_classes does at k = 0, which is teacher_classes), or CUT = n_classes (one
     past the last) for a piece of exactly k characters: the teacher's piece ends there, and what comes
-    next is its next row's, which the row before the piece does not hold. teacher_classes and n_classes:
-    next_character_classes', whose character classes are read off them.
+    next is the teacher's row after that piece. cut[k, id]: the piece (lowest id) whose surface is the
+    first k characters of piece id, longer than k, or -1: the piece after which that row is read
+    (losses.char_buckets). teacher_classes and n_classes: next_character_classes', whose character
+    classes are read off them.
     """
     texts = piece_texts(teacher)
     # a character's class, as next_character_classes gave it to the teacher's pieces that begin with it
     index = {_first_character(t): int(c) for t, c in zip(texts, teacher_classes) if c > OTHER}
+    surfaces = _surfaces(teacher)
     prefix = np.full((max_depth + 1, len(texts)), -1, dtype=np.int32)
     classes = np.full((max_depth + 1, len(texts)), OTHER, dtype=np.int64)
+    cut = np.full((max_depth + 1, len(texts)), -1, dtype=np.int64)
     prefix[0], classes[0] = 0, teacher_classes
     for k in range(1, max_depth + 1):
         numbers = {}
@@ -428,9 +449,11 @@ def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
                 prefix[k, i] = numbers.setdefault(text[:k], len(numbers))
                 if len(text) == k:
                     classes[k, i] = n_classes
-                elif first := _first_character(text[k:]):
+                    continue
+                cut[k, i] = surfaces.get(text[:k], -1)
+                if first := _first_character(text[k:]):
                     classes[k, i] = index.get(first, OTHER)
-    return prefix, classes
+    return prefix, classes, cut
 
 
 def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:

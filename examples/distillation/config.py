@@ -134,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--cross_kd pieces: the weight of the ULD term (sorted-probability gap) on the pieces the "
                            "two vocabularies do not share, beside the exact divergence on the shared ones.")
     loss.add_argument("--within_pieces", action=argparse.BooleanOptionalAction, default=False,
-                      help="--cross_kd chars: the KD term also at the positions that end inside a teacher piece, "
-                           "from the teacher's row before it restricted to the pieces that begin with the characters "
-                           "read since (data binarized with depths). Off by default: not yet a gain beyond the seed "
-                           "spread.")
+                      help="--cross_kd chars: the KD term also at the positions that end one character into a "
+                           "teacher piece: the teacher's pieces that begin with that character, and the row read "
+                           "after it (data binarized with depths; offline, a dump_teacher_logits.py --within_pieces "
+                           "dump). Off by default: not yet a gain beyond the seed spread.")
     loss.add_argument("--alpha_clm", type=float, help="Next-token cross-entropy on the data.")
     loss.add_argument("--on_policy_fraction", type=float, default=0.0,
                       help="A chat corpus: the share of optimizer steps on which the student samples the answers to "

@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,8 +80,13 @@ class HiddenStates(torch.nn.Module):
         # the host, a device synchronisation per forward. Right padding of causal rows is on purpose here.
         lm.base_model.warn_if_padding_and_no_attention_mask = _no_padding_check
 
-    def forward(self, input_ids):
-        return self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids, attach=None):
+        """attach (B, E): the last E columns of input_ids are attached positions (models.attached_rows)."""
+        if attach is None or attach.size(1) == 0:
+            return self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        mask, positions = models.attached_rows(input_ids.size(1) - attach.size(1), attach, self.lm.dtype)
+        return self.lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state
 
 
 def head_of(lm, vocab_size: int):
@@ -90,6 +96,18 @@ def head_of(lm, vocab_size: int):
         raise UsageError(f"{type(lm).__name__}: the LM head is a {type(head).__name__}, not a linear layer")
     bias = None if head.bias is None else head.bias[:vocab_size]
     return head.weight[:vocab_size], bias
+
+
+class TeacherSide(NamedTuple):
+    """A batch's teacher side for a teacher of another tokenizer (LmSeqsDataset.pad_aligned): its ids with
+    the attached positions (attach) last, per student position the aligned teacher position, the depth
+    into the teacher's next piece and the attached position read after the characters so far (after)."""
+
+    teacher_ids: torch.Tensor
+    alignment: torch.Tensor
+    depth: torch.Tensor | None
+    attach: torch.Tensor
+    after: torch.Tensor
 
 
 @dataclass
@@ -170,7 +188,10 @@ class Distiller:
             batch_sampler = BatchSampler(self.sampler, params.batch_size, drop_last=False)
         self.batch_sampler = SkippingBatchSampler(batch_sampler)
         # Padded to --pad_multiple in the collate itself (before pinning, so the copy stays asynchronous).
-        collate = functools.partial(dataset.batch_sequences, multiple=params.pad_multiple)
+        # An online teacher of another tokenizer reads, inside its pieces, the attached positions (pad_aligned)
+        online_depths = self.teacher is not None and self.cross is not None and self.cross.depth_tables is not None
+        collate = functools.partial(dataset.batch_sequences, multiple=params.pad_multiple,
+                                    cut=self.cross.depth_tables[2] if online_depths else None)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
         self.dataloader = DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=collate,
@@ -240,27 +261,28 @@ class Distiller:
 
         `rest`: what the batch carries beside the ids (LmSeqsDataset.batch_sequences): the counted positions
         with loss masks, then for the teacher: nothing (online teacher, or none), (topk_ids, topk_logprobs)
-        (offline), (teacher_ids, alignment) (another tokenizer), or all four (another tokenizer, offline).
+        (offline), a TeacherSide's five (another tokenizer), or both (another tokenizer, offline).
         Padding is on the right and attention is
         causal, so no real position can attend to padding: the models run without an attention mask,
-        which keeps SDPA on its fused causal kernels. They return final hidden states; the logit terms
+        which keeps SDPA on its fused causal kernels (but for a teacher with attached positions, whose
+        4-D mask models.attached_rows builds). They return final hidden states; the logit terms
         apply the heads (fused: chunk by chunk). The loss weights of this step are `self.step_weights`
         (set by optimize_step).
         """
         want = {k: self.alphas[k] > 0 and not (self.step_on_policy and k == "clm") for k in LOSS_TERMS}
-        counted, teacher_ids, alignment, depth, topk = self.split_batch(rest)
+        counted, side, topk = self.split_batch(rest)
         with self.autocast():
             s_hidden = self.student(token_ids)
             t_hidden = None
             if self.teacher_body is not None:
                 with torch.no_grad():
-                    t_hidden = self.teacher_body(token_ids if teacher_ids is None else teacher_ids)
+                    t_hidden = self.teacher_body(token_ids) if side is None else \
+                        self.teacher_body(side.teacher_ids, side.attach)
         head = head_of(self.raw, self.vocab_size)
         sums = {}
         if want["ce"] or want["clm"] or want["mse"]:
             plain = not self.fused_loss
-            teacher = self.teacher_side(t_hidden, (teacher_ids, alignment, depth), topk, want,
-                                        self.amp_dtype or torch.float32, plain)
+            teacher = self.teacher_side(t_hidden, side, topk, want, self.amp_dtype or torch.float32, plain)
             if not plain:
                 enabled = (want["ce"], want["clm"], want["mse"])
                 out = fused_logit_terms(  # LOSS_TERMS begins with LOGIT_TERMS: the weights line up
@@ -278,23 +300,25 @@ class Distiller:
         return sums
 
     def split_batch(self, rest):
-        """(counted, teacher_ids, alignment, depth, (topk_ids, topk_logprobs)), each None where absent: what a
-        batch carries after its ids and lengths. alignment and depth are the KD term's (kd_alignment)."""
-        counted = teacher_ids = alignment = depth = None
+        """(counted, side, (topk_ids, topk_logprobs)), each None where absent: what a batch carries after its
+        ids and lengths. side: the teacher side of another tokenizer (TeacherSide), its alignment and depth
+        those the KD term reads (kd_alignment)."""
+        counted = side = None
         if self.masked:
             counted, *rest = rest
         if self.cross is not None:
-            teacher_ids, alignment, depth, *rest = rest
-            alignment, depth = self.kd_alignment(alignment, depth)
-        return counted, teacher_ids, alignment, depth, tuple(rest) or None
+            side, rest = TeacherSide(*rest[:5]), rest[5:]
+            side = self.kd_alignment(side)
+        return counted, side, tuple(rest) or None
 
-    def kd_alignment(self, alignment, depth):
+    def kd_alignment(self, side):
         """The teacher rows the KD term reads: with depth tables (--cross_kd chars --within_pieces) the
-        positions inside a teacher piece too (depth > 0, losses.char_buckets); otherwise the aligned ones
-        only (depth None)."""
-        if self.vocab_map.depth_prefix is not None:
-            return alignment, depth
-        return torch.where(depth == 0, alignment, -1), None
+        positions inside a teacher piece too, wherever that target is exact (VocabMap.exact_at, depth 1 in
+        practice; losses.char_buckets); otherwise the aligned ones only (depth None)."""
+        if self.vocab_map.depth_prefix is None:
+            return side._replace(alignment=torch.where(side.depth == 0, side.alignment, -1), depth=None)
+        exact = self.vocab_map.exact_at(side.teacher_ids, side.alignment, side.depth)
+        return side._replace(alignment=torch.where(exact, side.alignment, -1))
 
     @property
     def row_chunk(self) -> int:
@@ -302,22 +326,22 @@ class Distiller:
         vocabulary (and sorts both for ULD)."""
         return losses.FUSED_ROW_CHUNK if self.cross is None else losses.FUSED_ROW_CHUNK // 4
 
-    def teacher_side(self, t_hidden, aligned, topk, want, dtype, plain: bool) -> losses.Teacher | None:
+    def teacher_side(self, t_hidden, side, topk, want, dtype, plain: bool) -> losses.Teacher | None:
         """The teacher's side of the logit terms (losses.Teacher), None when neither KD nor MSE is on.
 
         Online: its hidden states and head (plain path: its whole-batch logits); offline: its top-k rows;
-        another tokenizer (aligned = the batch's teacher_ids, alignment and depth; all None otherwise):
-        either of those, aligned (AlignedTeacher; offline, the dump's rows are the student's positions,
-        so an aligned position indexes its own row).
+        another tokenizer (side, the batch's TeacherSide; None otherwise): either of those, aligned
+        (AlignedTeacher; offline, the dump's rows are the student's positions, so an aligned position
+        indexes its own row, and a dump's row inside a teacher piece holds the teacher's row after s).
         """
         if not (want["ce"] or want["mse"]):
             return None
-        teacher_ids, alignment, depth = aligned
         if topk is not None:
             inner = losses.TopkTeacher(*topk)
-            if alignment is not None:
-                own = torch.arange(alignment.numel(), device=alignment.device).view_as(alignment)
-                return losses.AlignedTeacher(inner, torch.where(alignment >= 0, own, -1), self.vocab_map, depth)
+            if side is not None:
+                own = torch.arange(side.alignment.numel(), device=side.alignment.device).view_as(side.alignment)
+                return losses.AlignedTeacher(inner, torch.where(side.alignment >= 0, own, -1), self.vocab_map,
+                                             side.depth)
             return inner
         if t_hidden is None:
             return None
@@ -328,10 +352,11 @@ class Distiller:
                 inner = losses.LogitsTeacher(F.linear(t_hidden, *t_head))
         else:
             inner = losses.HiddenTeacher(t_hidden, t_head, dtype)
-        if alignment is None:
+        if side is None:
             return inner
-        prefix = None if depth is None else self.vocab_map.prefix_of(teacher_ids, alignment, depth)
-        return losses.AlignedTeacher(inner, alignment, self.vocab_map, depth, prefix)
+        prefix = None if side.depth is None else self.vocab_map.prefix_of(side.teacher_ids, side.alignment, side.depth)
+        after = None if side.depth is None else side.after
+        return losses.AlignedTeacher(inner, side.alignment, self.vocab_map, side.depth, prefix, after)
 
     def plain_logit_terms(self, s_hidden, head, teacher, token_ids, lengths, want, counted=None):
         """The logit terms through whole-batch logits and autograd (--no-fused_loss): the reference path."""
@@ -358,9 +383,9 @@ class Distiller:
         with loss masks the real, predicted and KD positions are the counted ones (and aligned)."""
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)
         for token_ids, lengths, *rest in batches:
-            counted, _, alignment, _, _ = self.split_batch(rest)
+            counted, side, _ = self.split_batch(rest)
             real, pred = counted_masks(lengths, token_ids.size(1), counted)
-            kd = real if alignment is None else real & (alignment >= 0)
+            kd = real if side is None else real & (side.alignment >= 0)
             n_pred = pred.sum() * (not self.step_on_policy)  # an on-policy step has no CLM term
             counts += torch.stack([lengths.sum(), real.sum(), n_pred, kd.sum()]).to(counts.dtype)
         if self.runtime.is_distributed:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distil_ja import shards
+from distil_ja.alignment import cut_pieces
 from distil_ja.cli import DataError, UsageError
 
 logger = logging.getLogger("distillation")
@@ -283,7 +284,7 @@ class LmSeqsDataset(Dataset):
             item += tuple(self.teacher_topk[index])
         return item
 
-    def batch_sequences(self, batch: list, multiple: int = 1) -> tuple[torch.Tensor, ...]:
+    def batch_sequences(self, batch: list, multiple: int = 1, cut=None) -> tuple[torch.Tensor, ...]:
         """Pad to the longest sequence, its length rounded up to a multiple of `multiple` (but never beyond
         the dataset's longest sequence, so never beyond the model context): fewer distinct shapes, so
         compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), then
@@ -292,7 +293,8 @@ class LmSeqsDataset(Dataset):
         - with a teacher of another tokenizer: teacher_ids (B, S_t) int64 (right-padded with 0; padding
           is never attended to, attention being causal), alignment (B, S) int64: for each student
           position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1,
-          and depth (B, S) int64 (Aligned; 0 on padding);
+          depth (B, S) int64 (Aligned; 0 on padding), attach and after (pad_aligned: with `cut`, the
+          teacher positions appended for the positions inside a teacher piece);
         - with an offline teacher: topk_ids (B, S, k) int64 and topk_logprobs (B, S, k) float32, padded
           with 0 (padded positions are beyond `lengths`: masked); with loss masks the dump's rows are the
           counted positions', placed there (the others hold 0 and are never counted).
@@ -311,7 +313,7 @@ class LmSeqsDataset(Dataset):
             out += (counted,)
         if self.aligned is not None:
             t_seqs, alignments, depths = columns.pop(0), columns.pop(0), columns.pop(0)
-            out += self.pad_aligned(t_seqs, alignments, depths, token_ids.shape)
+            out += self.pad_aligned(t_seqs, alignments, depths, token_ids.shape, cut)
         if self.teacher_topk is not None:
             topk_ids, topk_logprobs = columns
             shape = (*token_ids.shape, self.teacher_topk.top_k)
@@ -324,18 +326,37 @@ class LmSeqsDataset(Dataset):
         return out
 
     @staticmethod
-    def pad_aligned(teacher_seqs, alignments, depths, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(teacher_ids (B, S_t), alignment (B, S) as flattened teacher-batch positions or -1, depth (B, S))."""
+    def pad_aligned(teacher_seqs, alignments, depths, shape, cut=None) -> tuple[torch.Tensor, ...]:
+        """(teacher_ids (B, W + E), alignment (B, S) as flattened teacher-batch positions or -1, depth (B, S),
+        attach (B, E), after (B, S)).
+
+        With `cut` (distil_ja.alignment.within_piece_tables' third table) a student position k characters
+        into the teacher's next piece, whose first k characters are a piece s of their own, gets one more
+        teacher position: s, placed in column W + e of its row and read after teacher position j, the row
+        before the piece (attach[row, e] = j; -1: padding): models.attached_rows. `after` is that position,
+        flattened, -1 elsewhere. Without cut, E = 0 and after is -1 everywhere."""
+        found = [cut_pieces(a, d, t, cut) if cut is not None else None
+                 for t, a, d in zip(teacher_seqs, alignments, depths)]
+        n_extra = max((len(f[0]) for f in found if f is not None), default=0)
         width = max(len(t) for t in teacher_seqs)
-        teacher_ids = torch.zeros((len(teacher_seqs), width), dtype=torch.long)
-        alignment = torch.full(shape, -1, dtype=torch.long)
+        total = width + n_extra
+        teacher_ids = torch.zeros((len(teacher_seqs), total), dtype=torch.long)
+        alignment_ = torch.full(shape, -1, dtype=torch.long)
         depth = torch.zeros(shape, dtype=torch.long)
-        for row, (t, a, d) in enumerate(zip(teacher_seqs, alignments, depths)):
+        attach = torch.full((len(teacher_seqs), n_extra), -1, dtype=torch.long)
+        after = torch.full(shape, -1, dtype=torch.long)
+        for row, (t, a, d, f) in enumerate(zip(teacher_seqs, alignments, depths, found)):
             teacher_ids[row, : len(t)] = torch.from_numpy(t.astype(np.int64))
             a = torch.from_numpy(a.astype(np.int64))
-            alignment[row, : len(a)] = torch.where(a >= 0, a + row * width, -1)
+            alignment_[row, : len(a)] = torch.where(a >= 0, a + row * total, -1)
             depth[row, : len(d)] = torch.from_numpy(d.astype(np.int64))
-        return teacher_ids, alignment, depth
+            if f is not None and len(f[0]):
+                positions, pieces, rows = (torch.from_numpy(x) for x in f)
+                columns = width + torch.arange(len(positions))
+                teacher_ids[row, columns] = pieces
+                attach[row, : len(positions)] = rows
+                after[row, positions] = row * total + columns
+        return teacher_ids, alignment_, depth, attach, after
 
     def pad_tokens(self, batch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in batch], dtype=torch.long)

@@ -273,12 +273,14 @@ class VocabMap(NamedTuple):
     # of each piece's first k characters (-1: none) and the class of the character after them
     depth_prefix: torch.Tensor | None = None
     depth_class: torch.Tensor | None = None
+    # (MAX_DEPTH + 1, V_t) bool: no piece is the piece's first a characters for 0 < a < k (exact_at)
+    depth_exact: torch.Tensor | None = None
 
     @classmethod
     def build(cls, student_ids, teacher_ids, student_vocab: int, teacher_vocab: int, device=None,
               classes=None, depth_tables=None) -> "VocabMap":
         """classes: (student class per id, teacher class per id, number of classes), or None; depth_tables:
-        (prefix, classes) of within_piece_tables, or None."""
+        within_piece_tables' (prefix, classes, ...), or None."""
         s_ids = torch.as_tensor(student_ids, dtype=torch.long, device=device)
         t_ids = torch.as_tensor(teacher_ids, dtype=torch.long, device=device)
         s_shared = torch.zeros(student_vocab, dtype=torch.bool, device=device).index_fill_(0, s_ids, True)
@@ -287,10 +289,16 @@ class VocabMap(NamedTuple):
         if classes is None:
             return cls(s_ids, t_ids, s_shared, t_shared, t2s)
         s_cls, t_cls, n = classes
-        prefix, d_cls = (None, None) if depth_tables is None else (
-            torch.as_tensor(t, dtype=d, device=device) for t, d in zip(depth_tables, (torch.int32, torch.long)))
+        prefix = d_cls = exact = None
+        if depth_tables is not None:
+            prefix, d_cls = (torch.as_tensor(t, dtype=d, device=device)
+                             for t, d in zip(depth_tables[:2], (torch.int32, torch.long)))
+            cut = torch.as_tensor(depth_tables[2], device=device)
+            # exact[k, id]: none of cut[1..k-1, id] is a piece (a running "any" over the depths, shifted by one)
+            shorter = torch.cat([torch.zeros_like(cut[:2]), (cut[1:-1] >= 0).long().cummax(0).values]) > 0
+            exact = ~shorter
         return cls(s_ids, t_ids, s_shared, t_shared, t2s, torch.as_tensor(s_cls, dtype=torch.long, device=device),
-                   torch.as_tensor(t_cls, dtype=torch.long, device=device), int(n), prefix, d_cls)
+                   torch.as_tensor(t_cls, dtype=torch.long, device=device), int(n), prefix, d_cls, exact)
 
     def prefix_of(self, teacher_ids, index, depth):
         """For each student position, the prefix number the teacher's pieces must have at its depth: that of
@@ -299,20 +307,30 @@ class VocabMap(NamedTuple):
         nxt = teacher_ids.reshape(-1)[(index + 1).clamp(min=0, max=teacher_ids.numel() - 1)]
         return torch.where((index >= 0) & (depth > 0), self.depth_prefix[depth, nxt].long(), 0)
 
+    def exact_at(self, teacher_ids, index, depth):
+        """Where the KD term's target inside a teacher piece is the teacher's exact next-character
+        distribution (char_buckets): at depth 0, and at depth k where no piece is the first a < k characters
+        of the teacher's next piece, so that every way the teacher writes s begins with s or a longer piece."""
+        nxt = teacher_ids.reshape(-1)[(index + 1).clamp(min=0, max=teacher_ids.numel() - 1)]
+        return (depth == 0) | self.depth_exact[depth, nxt]
+
 
 class Aligned(NamedTuple):
     """Rows of a teacher with another tokenizer, at the student positions of the chunk: `inner` holds the
     teacher's rows (Logits, Hidden or Topk over the teacher's vocabulary) gathered for those positions;
     `aligned` (n,) says which positions have a teacher row (the others count no KD term). With depths
-    (--cross_kd chars), `depth` (n,) is 0 where both end at one offset and k where the student position
-    ends k characters into the teacher's next piece, `prefix` (n,) the number those k characters have
-    (VocabMap.prefix_of; an offline row holds the restricted distribution already): char_buckets."""
+    (--cross_kd chars --within_pieces), `depth` (n,) is 0 where both end at one offset and k where the
+    student position ends k characters into the teacher's next piece, `prefix` (n,) the number those k
+    characters s have (VocabMap.prefix_of), `after` the teacher's rows read after s where s is a piece
+    (`has_after` (n,)): char_buckets. An offline row holds all of it already (depth only)."""
 
     inner: "Logits | Hidden | Topk"
     aligned: torch.Tensor
     vocab: VocabMap
     depth: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    after: "Logits | Hidden | None" = None
+    has_after: torch.Tensor | None = None
 
 
 class Teacher:
@@ -368,17 +386,21 @@ class AlignedTeacher(Teacher):
     at the same character offset as student position p (binarize.py --teacher_tokenizer's alignment), or
     at depth k the one before the teacher piece p ends inside; for an offline dump, stored per student
     position, simply p. -1: no teacher row. depth and prefix (B, S) long, or None (aligned positions
-    only): Aligned.
+    only); after (B, S) long, an online teacher's: the row of the position attached after the first k
+    characters of the piece (LmSeqsDataset.pad_aligned), -1 where none is: Aligned.
     """
 
-    def __init__(self, inner: Teacher, index, vocab: VocabMap, depth=None, prefix=None):
+    def __init__(self, inner: Teacher, index, vocab: VocabMap, depth=None, prefix=None, after=None):
         self.inner, self.index, self.vocab = inner, index.reshape(-1), vocab
-        self.depth, self.prefix = (None if t is None else t.reshape(-1) for t in (depth, prefix))
+        self.depth, self.prefix, self.after = (None if t is None else t.reshape(-1) for t in (depth, prefix, after))
 
     def chunk(self, rows):
         index = self.index[rows]
-        depth, prefix = (None if t is None else t[rows] for t in (self.depth, self.prefix))
-        return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix)
+        depth, prefix, after = (None if t is None else t[rows] for t in (self.depth, self.prefix, self.after))
+        if after is None:
+            return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix)
+        return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix,
+                       self.inner.chunk(after.clamp(min=0)), after >= 0)
 
 
 def as_teacher(teacher) -> Teacher:
@@ -392,7 +414,8 @@ def materialise(rows, dtype):
         t = rows.hidden.to(dtype) @ rows.weight.t()
         return Logits((t if rows.bias is None else t + rows.bias).float())
     if isinstance(rows, Aligned):
-        return rows._replace(inner=materialise(rows.inner, dtype))
+        return rows._replace(inner=materialise(rows.inner, dtype),
+                             after=None if rows.after is None else materialise(rows.after, dtype))
     return rows
 
 
@@ -454,54 +477,59 @@ def sorted_gap(p_s, p_t):
     return (a - b).abs().sum(-1)
 
 
-def char_buckets(log_s, inner, vocab: VocabMap, temperature: float, depth=None, prefix=None):
-    """Student and teacher next-character distributions at a position: each class's probability is the
-    sum over the pieces in it (VocabMap.student_class / teacher_class), floored at TAIL_FLOOR.
+def char_buckets(log_s, rows: Aligned, temperature: float):
+    """Student and teacher next-character distributions at a chunk's positions: each class's probability is
+    the sum over the pieces in it (VocabMap.student_class / teacher_class), floored at TAIL_FLOOR.
 
-    At depth k > 0 (the student position ends k characters into the teacher's next piece, whose first k
-    characters are the string s) the teacher's row is the one before that piece, and only the pieces
-    that begin with s remain possible. Those longer than s say what the next character is; the piece
-    that is s alone ends here, and what follows it is the teacher's next row, which this row does not
-    hold. So that share (u) of the teacher's mass goes to the student's own distribution, detached:
+    At depth k > 0 the student position ends k characters into the teacher's next piece, whose first k
+    characters are the string s, and the teacher's row (p) is the one before that piece. Of its pieces,
+    those that begin with s remain possible (Z, their total): the ones longer than s say what the next
+    character is; the one that is s alone ends there, and what follows it is the teacher's row read after
+    s (r, rows.after: the position attached after the row before the piece, LmSeqsDataset.pad_aligned):
 
-        p_t(c | s) = sum of p_t(piece) over the pieces that begin with s, then c  /  Z  +  u q(c)
-        u = p_t(s) / Z,   Z = sum of p_t(piece) over the pieces that begin with s,   q = sg(p_s)
+        p_t(c | s) = sum of p(P) over the pieces P that begin with s, then c  /  Z  +  u r(c),
+        u = p(s) / Z,   r(c) = sum of r(piece) over the pieces that begin with c
 
-    (VocabMap.depth_prefix picks the pieces, depth_class their class at k, CUT for s itself). Leaving s
-    out would condition on the teacher's tokenization not cutting after s, which depends on the text
-    after it, and make the target over-confident (docs/cross-tokenizer.md). The student's row is its own
-    next-piece distribution at the position, classed by first character as at k = 0.
+    (VocabMap.depth_prefix picks the pieces, depth_class their class at k, CUT for s itself; no attached
+    row where s is not a piece, and then u = 0). The teacher writes s then c in other ways too, beginning
+    with a shorter piece; neither p nor r holds those, so the distiller counts a position only where there
+    is none (VocabMap.exact_at: depth 1 in practice). The student's row is its own next-piece distribution
+    at the position, classed by first character as at k = 0.
 
     Online (Logits): every class, and the two rows are proper distributions. Offline (Topk): the classes
     the teacher's top k reach, plus one rest bucket (last) for the teacher's mass outside its top k,
     matched with the student's mass on the classes not reached; the classes not reached are absent
-    (ABSENT) on both sides; at depth k the dump holds the top k of the pieces that begin with s, s
-    included, and u of the rest bucket is the student's mass on it. With k = V_t both equal the online
-    rows (tested).
+    (ABSENT) on both sides. At depth k the dump holds the top k of the target's pieces themselves: ids
+    below V_t the pieces longer than s (p(P) / Z), ids V_t + i piece i of r (u r(i)), classed at depth k
+    and at 0. With k = 2 V_t both equal the online rows (tested).
     """
-    n, classes = log_s.size(0), vocab.n_classes
+    inner, vocab, depth, n = rows.inner, rows.vocab, rows.depth, log_s.size(0)
+    classes = vocab.n_classes
     s_cls = log_s.new_zeros(n, classes).index_add(1, vocab.student_class, log_s.exp())
-    width = classes if depth is None else classes + 1  # + CUT
     if isinstance(inner, Logits):
         p_t = torch.softmax(inner.logits / temperature, dim=-1)
         if depth is None:
             t_cls = p_t.new_zeros(n, classes).index_add(1, vocab.teacher_class, p_t)
         else:
-            begins = vocab.depth_prefix[depth] == prefix[:, None]  # (n, V_t): the pieces that begin with s
-            t_all = p_t.new_zeros(n, width).scatter_add(1, vocab.depth_class[depth], p_t * begins)
+            begins = vocab.depth_prefix[depth] == rows.prefix[:, None]  # (n, V_t): the pieces that begin with s
+            t_all = p_t.new_zeros(n, classes + 1).scatter_add(1, vocab.depth_class[depth], p_t * begins)
             t_all = t_all / t_all.sum(-1, keepdim=True).clamp(min=TAIL_FLOOR)
-            t_cls = t_all[:, :classes] + t_all[:, classes:] * s_cls.detach()
+            t_cls = t_all[:, :classes]
+            if rows.after is not None:
+                r = torch.softmax(rows.after.logits / temperature, dim=-1)
+                r_cls = r.new_zeros(n, classes).index_add(1, vocab.teacher_class, r)
+                t_cls = t_cls + t_all[:, classes:] * r_cls * rows.has_after[:, None]
         return s_cls.clamp(min=TAIL_FLOOR).log(), t_cls.clamp(min=TAIL_FLOOR).log()
-    t_class = vocab.teacher_class[inner.ids] if depth is None else vocab.depth_class[depth[:, None], inner.ids]
-    t_all = log_s.new_zeros(n, width).scatter_add(1, t_class, inner.logprobs.to(log_s.dtype).exp())
-    t_cls = t_all[:, :classes]
+    v_t = vocab.teacher_class.numel()
+    own = inner.ids.clamp(max=v_t - 1)
+    at_depth = vocab.teacher_class[own] if depth is None else vocab.depth_class[depth[:, None], own]
+    # ids from V_t on: a piece of the row read after s (at depth 0 only -inf filler, of no mass)
+    t_class = torch.where(inner.ids >= v_t, vocab.teacher_class[(inner.ids - v_t).clamp(min=0)], at_depth)
+    # one spare column for CUT: the dump gives the pieces equal to s no mass (they are -inf filler if listed)
+    t_cls = log_s.new_zeros(n, classes + 1).scatter_add(1, t_class, inner.logprobs.to(log_s.dtype).exp())[:, :classes]
     reached = t_cls > 0
-    s_rest = torch.where(reached, 0.0, s_cls).sum(-1, keepdim=True)
-    t_rest = 1 - t_all.sum(-1, keepdim=True)
-    if depth is not None:
-        cut = t_all[:, classes:]
-        t_cls, t_rest = t_cls + cut * s_cls.detach(), t_rest + cut * s_rest.detach()
-    t_rest, s_rest = t_rest.clamp(min=TAIL_FLOOR), s_rest.clamp(min=TAIL_FLOOR)
+    s_rest = torch.where(reached, 0.0, s_cls).sum(-1, keepdim=True).clamp(min=TAIL_FLOOR)
+    t_rest = (1 - t_cls.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
     bucket_s = torch.cat([torch.where(reached, s_cls.clamp(min=TAIL_FLOOR).log(), ABSENT), s_rest.log()], -1)
     t_all = torch.cat([torch.where(reached, t_cls.clamp(min=TAIL_FLOOR).log(), ABSENT), t_rest.log()], -1)
     present = torch.cat([reached, reached.new_ones(n, 1)], -1)
@@ -531,7 +559,7 @@ def cross_kd_rows(spec: KdSpec, s_logits, rows: Aligned, taid_t=None):
     temperature, vocab, inner = spec.temperature, rows.vocab, rows.inner
     log_s = F.log_softmax(s_logits / temperature, dim=-1)
     if spec.cross == "chars":
-        bucket_s, bucket_t = char_buckets(log_s, inner, vocab, temperature, rows.depth, rows.prefix)
+        bucket_s, bucket_t = char_buckets(log_s, rows, temperature)
         return divergence(spec, bucket_s, bucket_t, taid_t, tail_last=isinstance(inner, Topk)) * temperature**2
     p_s_unshared = log_s.exp().masked_fill(vocab.student_shared, 0.0)
     if isinstance(inner, Logits):

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
@@ -58,6 +59,10 @@ SEQUENCES = "sequences"
 TOKENIZER = "tokenizer"
 TEACHER_TOKENIZER = "teacher_tokenizer"
 LOGPROB_DTYPES = ("float16", "float32")
+# A cross-tokenizer dump's manifest "depths": its rows inside teacher pieces hold
+# losses.char_buckets' target over 2 V_t ids (aligned_topk_logprobs). A dump of 2026-12-03 says true: rows over
+# V_t, which training reads no more (the positions inside pieces then get no KD term).
+DEPTHS = "exact"
 SORT_WINDOW = 16  # batches: sorted by length together (less padding), and never split between ranks
 
 
@@ -119,16 +124,19 @@ def data_identity(data_files, binarized: dict | None) -> dict:
 # ---- checks --------------------------------------------------------------------------------
 
 
-def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None) -> int:
+def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None, within: bool = False) -> int:
     """Refuse a teacher that does not fit the tokenizer or the flags; returns the max_len to cut at
-    (default: the teacher's context). ids None: a teacher of another tokenizer, with special ids of its own."""
+    (default: the teacher's context). ids None: a teacher of another tokenizer, with special ids of its own;
+    within: its rows for --within_pieces, over twice its ids."""
     if config.vocab_size < vocab_size:
         raise UsageError(f"teacher vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
     for name, expected in () if ids is None else (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
         if not models.special_id_agrees(getattr(config, name, None), expected):
             raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
-    if top_k > vocab_size:
-        raise UsageError(f"--top_k {top_k} exceeds the tokenizer's {vocab_size} ids")
+    held = 2 * vocab_size if within else vocab_size
+    if top_k > held:
+        raise UsageError(f"--top_k {top_k} exceeds the {held} ids a row holds (the tokenizer's {vocab_size}"
+                         f"{', twice over with --within_pieces' if within else ''})")
     context = models.max_positions(config)
     if max_len is None:
         if context is None:
@@ -259,38 +267,66 @@ def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_s
 
 @torch.inference_mode()
 def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, temperature: float,
-                          depth_prefix=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                          vocab=None, cut=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """topk_logprobs for a teacher of another tokenizer: per sequence (its lm_seqs_dataset.Aligned side),
     one row per student position, the top k of the aligned teacher position, zeros where none is aligned.
 
-    With depth_prefix (alignment.within_piece_tables' prefix, on the device) a position at depth k, inside
-    the teacher's next piece, gets the top k of the teacher row before that piece restricted to the pieces
-    that begin with its first k characters, the piece of those alone included (losses.char_buckets),
-    renormalised; -inf fills the slots beyond the pieces there are. Without, such a position holds zeros,
-    as an unaligned one."""
-    width = max(len(side.teacher_ids) for side in sides)
-    token_ids = torch.zeros((len(sides), width), dtype=torch.long)
-    for row, side in enumerate(sides):
-        token_ids[row, : len(side.teacher_ids)] = torch.from_numpy(side.teacher_ids.astype(np.int64))
-    logits = model(input_ids=token_ids.to(device), use_cache=False).logits
+    With vocab (a losses.VocabMap with depth tables, on the device) and cut (within_piece_tables' third
+    table) a position at depth k, inside the teacher's next piece, whose first k characters are s, gets the
+    top k of losses.char_buckets' target there over 2 V_t ids: id < V_t a piece that begins with s and is
+    longer, p(id) / Z; id = V_t + i piece i of the row read after s (the attached position,
+    LmSeqsDataset.pad_aligned) times u = p(s) / Z; -inf fills the slots beyond the pieces there are. A
+    position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without vocab, a position inside a piece holds
+    zeros, as an unaligned one."""
+    shape = (len(sides), max(len(side.alignment) for side in sides))
+    teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
+        [side.teacher_ids for side in sides], [side.alignment for side in sides], [side.depths for side in sides],
+        shape, cut)
+    teacher_ids, attach = teacher_ids.to(device), attach.to(device)
+    if vocab is not None:  # as the distiller reads them (Distiller.kd_alignment): where the target is exact
+        exact = vocab.exact_at(teacher_ids, alignment.to(device), depth.to(device)).cpu()
+        alignment = torch.where(exact, alignment, -1)
+    extra = {}
+    if attach.size(1):
+        mask, positions = models.attached_rows(teacher_ids.size(1) - attach.size(1), attach, model.dtype)
+        extra = {"attention_mask": mask, "position_ids": positions}
+    logits = model(input_ids=teacher_ids, use_cache=False, **extra).logits
+    flat = logits.reshape(-1, logits.size(-1))
     rows = []
     for row, side in enumerate(sides):
-        alignment = torch.from_numpy(side.alignment.astype(np.int64))
-        ids = torch.zeros((len(alignment), top_k), dtype=torch.long)
-        values = torch.zeros((len(alignment), top_k), dtype=torch.float32)
-        depth = torch.from_numpy(side.depths.astype(np.int64))
-        aligned = (alignment >= 0) & ((depth == 0) | (depth_prefix is not None))
-        index = alignment[aligned].to(device)
-        scaled = logits[row, index, :vocab_size].float() / temperature
-        if depth_prefix is not None:
-            d = depth[aligned].to(device)
-            want = depth_prefix[d, token_ids[row].to(device)[(index + 1).clamp(max=width - 1)]]
-            scaled = scaled.masked_fill(depth_prefix[d] != want[:, None], float("-inf"))
-        logprobs = torch.log_softmax(scaled, -1)
+        n = len(side.alignment)
+        ids = torch.zeros((n, top_k), dtype=torch.long)
+        values = torch.zeros((n, top_k), dtype=torch.float32)
+        a, d, f = alignment[row, :n], depth[row, :n], after[row, :n]
+        taken = (a >= 0) & ((d == 0) | (vocab is not None))
+        index = a[taken].to(device)
+        logprobs = torch.log_softmax(flat[index, :vocab_size].float() / temperature, -1)
+        if vocab is not None:  # rows over 2 V_t; the within-piece work on the rows inside pieces only
+            deep = (d[taken] > 0).to(device)
+            joint = F.pad(logprobs, (0, vocab_size), value=float("-inf"))
+            joint[deep] = within_piece_logprobs(logprobs[deep], flat, vocab, teacher_ids, index[deep],
+                                                d[taken].to(device)[deep], f[taken].to(device)[deep], vocab_size,
+                                                temperature)
+            logprobs = joint
         top = logprobs.topk(top_k, dim=-1)
-        ids[aligned], values[aligned] = top.indices.cpu(), top.values.cpu()
+        ids[taken], values[taken] = top.indices.cpu(), top.values.cpu()
         rows.append((ids, values))
     return rows
+
+
+def within_piece_logprobs(logprobs, flat, vocab, teacher_ids, index, depth, after, vocab_size: int,
+                          temperature: float) -> torch.Tensor:
+    """(n, 2 V_t): aligned_topk_logprobs' rows over the target's pieces, from the teacher's log-probabilities
+    at the rows `index` (those of depth 0 come out as they are, padded with -inf) and the logits `flat` of
+    the teacher's batch, where `after` (-1: none) are the positions read after s."""
+    prefix = vocab.prefix_of(teacher_ids, index, depth)
+    begins = vocab.depth_prefix[depth] == prefix[:, None]
+    is_s = begins & (vocab.depth_class[depth] == vocab.n_classes)
+    log_z = torch.logsumexp(logprobs.masked_fill(~begins, float("-inf")), -1, keepdim=True)
+    log_u = torch.logsumexp(logprobs.masked_fill(~is_s, float("-inf")), -1, keepdim=True) - log_z
+    longer = (logprobs - log_z).masked_fill(~begins | is_s, float("-inf"))
+    following = torch.log_softmax(flat[after.clamp(min=0), :vocab_size].float() / temperature, -1) + log_u
+    return torch.cat([longer, following.masked_fill((after < 0)[:, None], float("-inf"))], -1)
 
 
 def teacher_tokenizer_of(folder, manifest: dict) -> str | None:
@@ -344,10 +380,10 @@ def shard_files(rank: int) -> tuple[str, str]:
 
 
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
-               device: torch.device, progress: bool = True, depth_prefix=None) -> dict:
+               device: torch.device, progress: bool = True, vocab=None, cut=None) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
     its own pad_tokens, as in training; with loss masks, the counted positions' rows only). Returns its
-    manifest entry ("tokens": the rows it holds). depth_prefix: aligned_topk_logprobs'.
+    manifest entry ("tokens": the rows it holds). vocab, cut: aligned_topk_logprobs'.
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
@@ -358,7 +394,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
     entry = {"rank": rank, "first_sequence": start, "sequences": end - start, "tokens": rows}
     if rows == 0:
         return entry
-    ids_dtype = shards.dtype_for_vocab(settings.vocab_size)
+    ids_dtype = shards.dtype_for_vocab(settings.vocab_size * (1 if cut is None else 2))  # rows over 2 V_t: within
     shape = (rows, settings.top_k)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack, tqdm(total=rows, unit="tok", unit_scale=True, desc=f"Rank {rank}",
@@ -379,7 +415,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
                 else:
                     results = aligned_topk_logprobs(model, [dataset.aligned[i] for i in batch], device,
                                                     settings.vocab_size, settings.top_k, settings.temperature,
-                                                    depth_prefix)
+                                                    vocab, cut)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
                     kept = slice(None) if dataset.loss_masks is None else counted_positions(dataset.loss_masks[i])

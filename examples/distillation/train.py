@@ -223,10 +223,11 @@ def check_cross(params, tokenizer, teacher, topk) -> CrossTokenizer | None:
                          "vocabulary: with a teacher of another tokenizer set them to 0")
     if teacher is not None and teacher.config.vocab_size < cross.teacher_vocab_size:
         raise UsageError(f"teacher vocab_size {teacher.config.vocab_size} < its tokenizer's {cross.teacher_vocab_size}")
-    if depths and topk is not None and not topk.manifest.get("depths"):
-        # its rows inside teacher pieces are zeros, not the restricted rows (dump_teacher_logits.py since 2026-12-03)
-        logger.warning("%s was dumped before depths: --within_pieces reaches no position inside a teacher piece; "
-                       "dump it again to reach them", params.teacher_logits)
+    if depths and topk is not None and topk.manifest.get("depths") != teacher_logits.DEPTHS:
+        # its rows inside teacher pieces are zeros, or (2026-12-03) the row before the piece alone
+        logger.warning("%s was dumped without --within_pieces (or before 2026-12-04): --within_pieces reaches the "
+                       "aligned positions only; dump it again with --within_pieces to reach the others",
+                       params.teacher_logits)
         cross = replace(cross, depth_tables=None)
     return cross
 

@@ -77,18 +77,23 @@ def test_within_pieces_counts_a_dummy_space_and_skips_what_it_cannot_place():
 def test_within_piece_tables_group_the_pieces_that_extend_a_prefix(tiny_tokenizer, tiny_bpe_tokenizer):
     student, teacher = load_tokenizer(str(tiny_tokenizer)), load_tokenizer(str(tiny_bpe_tokenizer))
     s_cls, t_cls, n = alignment.next_character_classes(student, teacher)
-    prefix, classes = alignment.within_piece_tables(teacher, t_cls, n)
+    prefix, classes, cut = alignment.within_piece_tables(teacher, t_cls, n)
     texts = alignment.piece_texts(teacher)
-    assert prefix.shape == classes.shape == (alignment.MAX_DEPTH + 1, len(teacher))
+    assert prefix.shape == classes.shape == cut.shape == (alignment.MAX_DEPTH + 1, len(teacher))
     assert (prefix[0] == 0).all() and (classes[0] == t_cls).all()
     firsts = {}  # a class's character, read off the student's pieces at depth 0
     for cls, text in zip(s_cls, alignment.piece_texts(student)):
         if cls > 1:
             firsts[int(cls)] = text.lstrip(" ")[0]
-    checked = 0
-    cuts = 0
+    checked = cuts = attached = 0
     for k in (1, 2):
         for i, text in enumerate(texts):
+            if text is None or len(text) <= k:  # no piece after the first k characters
+                assert cut[k, i] == -1
+            else:  # the lowest id whose surface is those k characters, if any
+                equal = [j for j, t in enumerate(texts) if t == text[:k]]
+                assert cut[k, i] == (equal[0] if equal else -1)
+                attached += bool(equal)
             if text is None or len(text) < k:
                 assert prefix[k, i] == -1
                 continue
@@ -104,7 +109,7 @@ def test_within_piece_tables_group_the_pieces_that_extend_a_prefix(tiny_tokenize
                 checked += 1
             else:
                 assert not rest or rest[0] not in firsts.values()
-    assert checked > 5 and cuts > 5 and (classes[1:] <= n).all()
+    assert checked > 5 and cuts > 5 and attached > 5 and (classes[1:] <= n).all() and (cut[0] == -1).all()
 
 
 def test_teacher_ends_from_offsets_when_the_pieces_do_not_spell_the_text():

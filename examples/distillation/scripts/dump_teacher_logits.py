@@ -32,6 +32,7 @@ if __name__ == "__main__":  # run as a script: the repo root and examples/distil
 
 import torch  # noqa: E402
 
+import losses  # noqa: E402
 import models  # noqa: E402
 import teacher_logits  # noqa: E402
 from config import PRECISIONS, amp_dtype, resolve_n_gpu, resolve_precision  # noqa: E402
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="A chat corpus: rows for every position, as train.py --train_on_prompt needs (default: "
                              "only the positions that predict an assistant token, as train.py counts them).")
     parser.add_argument("--top_k", type=int, default=64, help="Token ids (and log-probabilities) kept per position.")
+    parser.add_argument("--within_pieces", action=argparse.BooleanOptionalAction, default=False,
+                        help="A teacher of another tokenizer: also the rows train.py --within_pieces reads, one "
+                             "character into teacher pieces (its aligned rows are those of a dump without).")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="Of the teacher's softmax; train.py must use the same --temperature.")
     parser.add_argument("--max_len", type=int, default=None,
@@ -96,7 +100,8 @@ def load_teacher(args, ids, vocab_size: int, runtime):
     """The frozen teacher in its dtype on this rank's device, its identity (rank 0) and the max_len
     (ids None: a teacher of another tokenizer, whose vocab_size is its tokenizer's)."""
     teacher = models.load_causal_lm(args.teacher, "teacher")
-    max_len = teacher_logits.check_teacher(teacher.config, ids, vocab_size, args.top_k, args.max_len)
+    max_len = teacher_logits.check_teacher(teacher.config, ids, vocab_size, args.top_k, args.max_len,
+                                           within=args.within_pieces)
     identity = teacher_logits.teacher_identity(teacher, args.teacher) if runtime.is_master else None
     teacher.requires_grad_(False)
     teacher.eval()
@@ -160,7 +165,9 @@ def dump(args, runtime) -> None:
         raise UsageError(f"cannot load tokenizer {source!r}: {first_line(err)}") from err
     ids = special_ids_of(tokenizer)
     cross = cross_tokenizer(tokenizer, args.teacher_tokenizer or own_tokenizer(args.teacher, args.tokenizer_name),
-                            depths=True)
+                            depths=args.within_pieces)
+    if args.within_pieces and cross is None:
+        raise UsageError("--within_pieces: the teacher's tokenizer is the student's (it reads a teacher of another one)")
     vocab_size = len(tokenizer) if cross is None else cross.teacher_vocab_size  # the ids the rows hold
     teacher, identity, max_len = load_teacher(args, ids if cross is None else None, vocab_size, runtime)
     teacher_max_len = None if cross is None else models.max_positions(teacher.config)
@@ -183,32 +190,37 @@ def dump(args, runtime) -> None:
                 "over %d process(es)", args.teacher, args.precision, runtime.device, args.top_k, args.temperature,
                 len(dataset), int(dataset.lengths.sum()), int(offsets[-1]), max_len, runtime.world_size)
     t0 = time.perf_counter()
-    # inside a teacher piece: its rows restricted to the pieces that extend what the student has read (chars)
-    depth_prefix = None if cross is None else torch.as_tensor(cross.depth_tables[0], device=runtime.device)
+    # inside a teacher piece: the next-character target's pieces, with the teacher's row read after s (chars)
+    within = cross is not None and cross.depth_tables is not None
+    vocab = None if not within else losses.VocabMap.build(
+        cross.student_ids, cross.teacher_ids, len(tokenizer), vocab_size, runtime.device, classes=cross.classes,
+        depth_tables=cross.depth_tables)
+    cut = None if not within else cross.depth_tables[2]
     entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
-                                      runtime.device, progress=runtime.is_master, depth_prefix=depth_prefix)
+                                      runtime.device, progress=runtime.is_master, vocab=vocab, cut=cut)
     entries = gather(entry)  # also waits for the slowest rank
     seconds = time.perf_counter() - t0
     if not runtime.is_master:
         return
     tokens, rows = int(dataset.lengths.sum()), int(offsets[-1])
+    ids_dtype = shards.dtype_for_vocab(vocab_size * (1 if cut is None else 2))
     row_bytes = sum(e[k]["bytes"] for e in entries if e["sequences"] for k in ("ids", "logprobs"))
     teacher_logits.write_manifest(folder, {
         "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,
         "sequences": len(dataset), "tokens": tokens, "rows": rows, "assistant_only": dataset.loss_masks is not None,
         "sequences_sha256": sequences_sha256,
-        "ids_dtype": shards.dtype_for_vocab(vocab_size).name, "logprobs_dtype": args.logprobs_dtype,
+        "ids_dtype": ids_dtype.name, "logprobs_dtype": args.logprobs_dtype,
         "logprobs_rounding": "down" if args.logprobs_dtype == "float16" else "none",
         "precision": args.precision, "tokenizer": teacher_logits.tokenizer_identity(tokenizer, source, ids),
         "teacher": identity, "data": teacher_logits.data_identity(args.data_file, binarized),
-        **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len,
-                                     "depths": True}),
+        **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len}),
+        **({"depths": teacher_logits.DEPTHS} if within else {}),
         "world_size": runtime.world_size, "shards": [e for e in entries if e["sequences"]],
         "bytes_per_token": row_bytes / tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
     })
     logger.info("Dumped %d tokens in %.1f s: %.0f tokens/s, %.1f bytes/token (top-%d ids %s, log-probs %s) in %s",
                 tokens, seconds, tokens / seconds, row_bytes / tokens, args.top_k,
-                shards.dtype_for_vocab(vocab_size).name, args.logprobs_dtype, folder)
+                ids_dtype.name, args.logprobs_dtype, folder)
 
 
 def run(argv=None) -> None:

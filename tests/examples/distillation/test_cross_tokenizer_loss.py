@@ -305,6 +305,10 @@ DEPTH_PREFIX = [[0] * V_T,
 DEPTH_CLASS = [TEACHER_CLASS,
                [CUT, 2, 3, 4, 5, 1, 6, 2, 3, 4, CUT, 5, 6],
                [1, 6, CUT, 2, 3, 1, CUT, 1, 4, 5, 1, 1, 2]]
+# DEPTH_CUT[k][id]: the piece that is a longer piece's first k characters (the CUT one of its prefix), or -1
+DEPTH_CUT = [[-1] * V_T] + [[next((j for j in range(V_T) if DEPTH_PREFIX[k][j] == g and DEPTH_CLASS[k][j] == CUT), -1)
+                             if g >= 0 and DEPTH_CLASS[k][i] != CUT else -1 for i, g in enumerate(DEPTH_PREFIX[k])]
+                            for k in (1, 2)]
 # per student position (B, S): depth, and the teacher piece after its row (whose prefix the pieces must share)
 DEPTHS = torch.tensor([[0, 1, 0, 2, 1, 0], [0, 0, 2, 1, 0, 2]])
 NEXT_PIECE = torch.tensor([[3, 3, 4, 9, 11, 1], [5, 2, 8, 7, 0, 12]])
@@ -312,7 +316,7 @@ NEXT_PIECE = torch.tensor([[3, 3, 4, 9, 11, 1], [5, 2, 8, 7, 0, 12]])
 
 def depth_vocab():
     return VocabMap.build(STUDENT_IDS, TEACHER_IDS, V_S, V_T, classes=(STUDENT_CLASS, TEACHER_CLASS, N_CLASSES),
-                          depth_tables=(DEPTH_PREFIX, DEPTH_CLASS))
+                          depth_tables=(DEPTH_PREFIX, DEPTH_CLASS, DEPTH_CUT))
 
 
 def depth_prefixes():
@@ -320,20 +324,39 @@ def depth_prefixes():
                          for dr, nr in zip(DEPTHS, NEXT_PIECE)])
 
 
-def depth_reference(s, t, depths, prefixes, kind="fkl"):
+def depth_data(seed):
+    """data(seed) with attached teacher positions: the teacher's batch gets E more columns, one per student
+    position inside a piece whose first k characters are a piece (DEPTH_CUT), and `after` points to it."""
+    h, w, t_h, t_w, ids, lengths, alignment = data(seed)
+    attached = [[p for p in range(S) if alignment[b, p] >= 0 and DEPTH_CUT[DEPTHS[b, p]][NEXT_PIECE[b, p]] >= 0]
+                for b in range(B)]
+    extra = max(len(a) for a in attached)
+    t_h = torch.cat([t_h, torch.randn(B, extra, D_T, generator=torch.Generator().manual_seed(seed + 100)) * 2], 1)
+    width = S_T + extra
+    alignment = torch.where(alignment >= 0, alignment // S_T * width + alignment % S_T, -1)
+    after = torch.full((B, S), -1)
+    for b, positions in enumerate(attached):
+        for e, p in enumerate(positions):
+            after[b, p] = b * width + S_T + e
+    return h, w, t_h, t_w, ids, lengths, alignment, after
+
+
+def depth_reference(s, t, t_after, depths, prefixes, kind="fkl"):
     """float64, by hand: the student's classes as at depth 0; the teacher's, the pieces that carry the row's
-    prefix at its depth, each class's mass among them over their total, plus the share of the piece that
-    ends there (CUT) times the student's own class probability, held constant."""
+    prefix at its depth, each class's mass among those longer than it over the total of all of them, plus
+    the share of the piece that ends there (CUT) times the class probability of the row read after it."""
     p_s = torch.softmax(s.double() / TEMPERATURE, -1)
     p_t = torch.softmax(t.double() / TEMPERATURE, -1)
+    r = torch.softmax(t_after.double() / TEMPERATURE, -1)
     q = torch.stack([sum(p_s[:, i] for i in range(V_S) if STUDENT_CLASS[i] == c) for c in range(N_CLASSES)], -1)
+    r_cls = torch.stack([sum(r[:, i] for i in range(V_T) if TEACHER_CLASS[i] == c) for c in range(N_CLASSES)], -1)
     rows = []
-    for r, (k, g) in enumerate(zip(depths.tolist(), prefixes.tolist())):
+    for n, (k, g) in enumerate(zip(depths.tolist(), prefixes.tolist())):
         members = [i for i in range(V_T) if DEPTH_PREFIX[k][i] == g]
-        total = sum(p_t[r, i] for i in members)
-        cut = sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == CUT), p_t.new_zeros(()))
-        rows.append(torch.stack([sum((p_t[r, i] for i in members if DEPTH_CLASS[k][i] == c), p_t.new_zeros(()))
-                                 for c in range(N_CLASSES)]) / total + cut / total * q[r].detach())
+        total = sum(p_t[n, i] for i in members)
+        cut = sum((p_t[n, i] for i in members if DEPTH_CLASS[k][i] == CUT), p_t.new_zeros(()))
+        rows.append(torch.stack([sum((p_t[n, i] for i in members if DEPTH_CLASS[k][i] == c), p_t.new_zeros(()))
+                                 for c in range(N_CLASSES)]) / total + cut / total * r_cls[n])
     return class_divergence(torch.stack(rows).clamp(min=1e-8), q.clamp(min=1e-8), kind)
 
 
@@ -349,57 +372,84 @@ def test_prefix_of_reads_the_next_teacher_piece_at_its_depth():
         assert got.reshape(-1)[p] == want
 
 
+def test_exact_at_keeps_depth_one_and_the_deeper_positions_no_shorter_piece_begins():
+    """A target at depth k leaves out the ways the teacher writes s that begin with a shorter piece (its first
+    a < k characters): exact only where there is none, always at depths 0 and 1."""
+    vocab = depth_vocab()
+    teacher_ids = torch.tensor([[0, 3, 0, 9, 0, 1, 0, 4]])  # row r's next piece: teacher_ids[r + 1]
+    index = torch.tensor([[0, 0, 2, 2, 4, 4, 6, 6]])
+    depth = torch.tensor([[0, 1, 1, 2, 1, 2, 1, 2]])
+    got = vocab.exact_at(teacher_ids, index, depth)
+    # at depth 2: the first character of piece 9 is piece 0; those of pieces 1 and 4 are no piece
+    assert DEPTH_CUT[1][9] >= 0 and DEPTH_CUT[1][1] < 0 and DEPTH_CUT[1][4] < 0
+    assert got.tolist() == [[True, True, True, False, True, True, True, True]]
+    table = vocab.depth_exact
+    for k in range(3):
+        for i in range(V_T):
+            assert table[k, i] == all(DEPTH_CUT[a][i] < 0 for a in range(1, k))
+
+
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd"])
 def test_inside_a_teacher_piece_the_term_is_the_conditioned_formula_in_value_and_gradient(kind):
-    h, w, t_h, t_w, ids, lengths, alignment = data(10)
+    h, w, t_h, t_w, ids, lengths, alignment, after = depth_data(10)
     s_logits = F.linear(h, w).requires_grad_(True)
     t_logits = F.linear(t_h, t_w)
     prefixes = depth_prefixes()
-    teacher = AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(), DEPTHS, prefixes)
+    teacher = AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(), DEPTHS, prefixes, after)
     got = kd_loss_sum(s_logits, teacher, losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
     got.backward()
     s64 = s_logits.detach().double().requires_grad_(True)
     keep = losses.real_mask(lengths, S).reshape(-1) & (alignment.reshape(-1) >= 0)
-    index = alignment.reshape(-1)[keep]
-    want = depth_reference(s64.reshape(-1, V_S)[keep], t_logits.reshape(-1, V_T)[index],
-                           DEPTHS.reshape(-1)[keep], prefixes.reshape(-1)[keep], kind).sum()
+    t_flat = t_logits.reshape(-1, V_T)
+    want = depth_reference(s64.reshape(-1, V_S)[keep], t_flat[alignment.reshape(-1)[keep]],
+                           t_flat[after.reshape(-1)[keep].clamp(min=0)], DEPTHS.reshape(-1)[keep],
+                           prefixes.reshape(-1)[keep], kind).sum()
     want.backward()
     assert (DEPTHS.reshape(-1)[keep] > 0).sum() >= 4
-    cuts = [any(DEPTH_PREFIX[k][i] == g and DEPTH_CLASS[k][i] == CUT for i in range(V_T))
-            for k, g in zip(DEPTHS.reshape(-1)[keep].tolist(), prefixes.reshape(-1)[keep].tolist()) if k > 0]
-    assert 2 <= sum(cuts) < len(cuts)  # rows where a piece ends with s, and one where none does
+    assert 2 <= (after.reshape(-1)[keep] >= 0).sum() < (DEPTHS.reshape(-1)[keep] > 0).sum()  # s a piece, and not
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
     # depth 0 everywhere is the plain next-character term
-    flat = kd_loss_sum(s_logits.detach(), AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(),
-                                                         torch.zeros_like(DEPTHS), torch.zeros_like(DEPTHS)),
+    zeros = torch.zeros_like(DEPTHS)
+    flat = kd_loss_sum(s_logits.detach(), AlignedTeacher(LogitsTeacher(t_logits), alignment, depth_vocab(), zeros,
+                                                         zeros, zeros - 1),
                        losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
     plain = kd_loss_sum(s_logits.detach(), AlignedTeacher(LogitsTeacher(t_logits), alignment, class_vocab()),
                         losses.real_mask(lengths, S), KdSpec(kind, TEMPERATURE))
     assert flat.item() == pytest.approx(plain.item(), rel=1e-6) and flat.item() != pytest.approx(got.item(), rel=1e-3)
 
 
-def conditioned_offline_rows(t_logits_flat, alignment, prefixes):
-    """The dump's rows with every teacher piece kept (k = V_T), conditioned as aligned_topk_logprobs does."""
+def conditioned_offline_rows(t_logits_flat, alignment, prefixes, after):
+    """The dump's rows with every piece kept (k = 2 V_T), by hand in float64: at a depth, the pieces longer
+    than s over the total of those that begin with s, then the row after s times the share of s."""
     n = B * S
-    ids, logprobs = torch.zeros(n, V_T, dtype=torch.long), torch.zeros(n, V_T)
-    table = torch.tensor(DEPTH_PREFIX)
-    for p, (a, d, g) in enumerate(zip(alignment.reshape(-1).tolist(), DEPTHS.reshape(-1).tolist(),
-                                      prefixes.reshape(-1).tolist())):
-        if a >= 0:
-            scaled = (t_logits_flat[a] / TEMPERATURE).masked_fill(table[d] != g, float("-inf"))
-            top = torch.log_softmax(scaled, -1).topk(V_T)
-            ids[p], logprobs[p] = top.indices, top.values
-    return ids.reshape(B, S, V_T), logprobs.reshape(B, S, V_T)
+    ids, logprobs = torch.zeros(n, 2 * V_T, dtype=torch.long), torch.zeros(n, 2 * V_T)
+    for p, (a, d, g, f) in enumerate(zip(alignment.reshape(-1).tolist(), DEPTHS.reshape(-1).tolist(),
+                                         prefixes.reshape(-1).tolist(), after.reshape(-1).tolist())):
+        if a < 0:
+            continue
+        p_t = torch.softmax(t_logits_flat[a].double() / TEMPERATURE, -1)
+        members = [i for i in range(V_T) if DEPTH_PREFIX[d][i] == g]
+        total = sum(p_t[i] for i in members)
+        joint = torch.zeros(2 * V_T, dtype=torch.float64)
+        for i in members:
+            if DEPTH_CLASS[d][i] != CUT:
+                joint[i] = p_t[i] / total
+        if f >= 0:
+            share = sum(p_t[i] for i in members if DEPTH_CLASS[d][i] == CUT) / total
+            joint[V_T:] = share * torch.softmax(t_logits_flat[f].double() / TEMPERATURE, -1)
+        top = joint.log().float().topk(2 * V_T)
+        ids[p], logprobs[p] = top.indices, top.values
+    return ids.reshape(B, S, 2 * V_T), logprobs.reshape(B, S, 2 * V_T)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "jsd"])
 def test_inside_a_teacher_piece_fused_equals_plain_and_offline_with_every_piece_equals_online(kind):
-    h, w, t_h, t_w, ids, lengths, alignment = data(11)
+    h, w, t_h, t_w, ids, lengths, alignment, after = depth_data(11)
     spec, prefixes = KdSpec(kind, TEMPERATURE), depth_prefixes()
     weights = torch.tensor([0.6, 0.3, 0.0])
     h_f, w_f = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    teacher = AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, depth_vocab(), DEPTHS, prefixes)
+    teacher = AlignedTeacher(HiddenTeacher(t_h, (t_w, None)), alignment, depth_vocab(), DEPTHS, prefixes, after)
     sums = fused_logit_terms(h_f, (w_f, None), ids, lengths, weights, (True, True, False), spec, teacher=teacher,
                              row_chunk=4)
     (weights * sums).sum().backward()
@@ -407,12 +457,34 @@ def test_inside_a_teacher_piece_fused_equals_plain_and_offline_with_every_piece_
     s_logits = F.linear(h_p, w_p)
     mask = losses.real_mask(lengths, S)
     t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
-    kd = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, depth_vocab(), DEPTHS, prefixes),
-                     mask, spec)
+    kd = kd_loss_sum(s_logits, AlignedTeacher(LogitsTeacher(t_flat), alignment, depth_vocab(), DEPTHS, prefixes,
+                                              after), mask, spec)
     (weights[0] * kd + weights[1] * losses.clm_loss_sum(s_logits, ids, mask)).backward()
     assert sums[0].item() == pytest.approx(kd.item(), rel=1e-5)
     torch.testing.assert_close(h_f.grad, h_p.grad, rtol=1e-4, atol=1e-6)
     rows = torch.arange(B * S).reshape(B, S).masked_fill(alignment < 0, -1)
-    dumped = TopkTeacher(*conditioned_offline_rows(t_flat, alignment, prefixes))
+    dumped = TopkTeacher(*conditioned_offline_rows(t_flat, alignment, prefixes, after))
     offline = kd_loss_sum(s_logits, AlignedTeacher(dumped, rows, depth_vocab(), DEPTHS), mask, spec)
     assert offline.item() == pytest.approx(kd.item(), rel=1e-4)
+
+
+def test_the_dumps_rows_inside_a_teacher_piece_are_the_hand_written_ones():
+    """teacher_logits.within_piece_logprobs (what dump_teacher_logits.py stores) against the float64 rows."""
+    import teacher_logits
+
+    h, w, t_h, t_w, ids, lengths, alignment, after = depth_data(12)
+    t_flat = F.linear(t_h, t_w).reshape(-1, V_T)
+    prefixes = depth_prefixes()
+    teacher_ids = torch.zeros(t_h.shape[:2], dtype=torch.long)
+    flat_ids = teacher_ids.reshape(-1)
+    for a, piece in zip(alignment.reshape(-1).tolist(), NEXT_PIECE.reshape(-1).tolist()):
+        if a >= 0:
+            flat_ids[a + 1] = piece  # the piece after the row, as pad_aligned's batch has it
+    keep = alignment.reshape(-1) >= 0
+    index, depth = alignment.reshape(-1)[keep], DEPTHS.reshape(-1)[keep]
+    got = teacher_logits.within_piece_logprobs(torch.log_softmax(t_flat[index] / TEMPERATURE, -1), t_flat,
+                                               depth_vocab(), teacher_ids, index, depth, after.reshape(-1)[keep],
+                                               V_T, TEMPERATURE)
+    want_ids, want = conditioned_offline_rows(t_flat, alignment, prefixes, after)
+    want = torch.full((B * S, 2 * V_T), float("-inf")).scatter(1, want_ids.reshape(B * S, -1), want.reshape(B * S, -1))
+    torch.testing.assert_close(got, want[keep], rtol=1e-5, atol=1e-5)

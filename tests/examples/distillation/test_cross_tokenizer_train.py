@@ -99,16 +99,27 @@ def test_the_fused_path_equals_the_plain_one(cross_setup, tmp_path, within):
     assert_same_weights(weights(tmp_path / "fused"), weights(tmp_path / "plain"), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def full_dump(cross_setup, tmp_path_factory):
-    """The teacher's rows over its whole vocabulary (top_k = its size), float32: offline equals online."""
-    dump = tmp_path_factory.mktemp("cross_dump") / "dump"
+def dump_every_piece(cross_setup, dump, *extra):
+    k = cross_setup["teacher_vocab"] * (2 if "--within_pieces" in extra else 1)
     assert dump_script().main([
         "--teacher", str(cross_setup["teacher"]), "--tokenizer_name", str(cross_setup["tokenizer"]),
         "--data_file", str(cross_setup["data"]), "--output_dir", str(dump), "--max_len", "64",
-        "--top_k", str(cross_setup["teacher_vocab"]), "--logprobs_dtype", "float32", "--batch_size", "4",
-        "--n_gpu", "0"]) == 0
+        "--top_k", str(k), "--logprobs_dtype", "float32", "--batch_size", "4",
+        "--n_gpu", "0", *extra]) == 0
     return dump
+
+
+@pytest.fixture(scope="module")
+def full_dump(cross_setup, tmp_path_factory):
+    """The teacher's rows over every id a row holds (top_k = its vocabulary; with --within_pieces twice that,
+    its pieces and those of the row read after s), float32: offline equals online."""
+    return dump_every_piece(cross_setup, tmp_path_factory.mktemp("cross_dump") / "dump")
+
+
+@pytest.fixture(scope="module")
+def full_within_dump(cross_setup, tmp_path_factory):
+    """full_dump made with --within_pieces."""
+    return dump_every_piece(cross_setup, tmp_path_factory.mktemp("cross_within_dump") / "dump", "--within_pieces")
 
 
 def offline_args(cross_setup, dump, run, *extra):
@@ -118,29 +129,42 @@ def offline_args(cross_setup, dump, run, *extra):
 
 
 @pytest.mark.parametrize("within", WITHIN)
-def test_offline_with_every_teacher_piece_equals_online(cross_setup, full_dump, tmp_path, within):
-    manifest = json.loads((full_dump / "manifest.json").read_text())
-    assert manifest["teacher_tokenizer"]["vocab_size"] == cross_setup["teacher_vocab"] and manifest["depths"]
-    train.run(offline_args(cross_setup, full_dump, tmp_path / "offline", *within))
+def test_offline_with_every_teacher_piece_equals_online(cross_setup, full_dump, full_within_dump, tmp_path, within):
+    dump = full_within_dump if within else full_dump
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert manifest["teacher_tokenizer"]["vocab_size"] == cross_setup["teacher_vocab"]
+    assert manifest.get("depths") == ("exact" if within else None)
+    train.run(offline_args(cross_setup, dump, tmp_path / "offline", *within))
     train.run(cross_args(cross_setup, tmp_path / "online", "--max_steps", "2", *within))
     for a, b in zip(metrics(tmp_path / "offline"), metrics(tmp_path / "online")):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
 
 
-def test_a_dump_made_before_depths_reaches_the_aligned_positions_only(cross_setup, full_dump, tmp_path, caplog):
-    old = tmp_path / "old_dump"  # its rows inside teacher pieces would be zeros: they must not be read
+@pytest.mark.parametrize("depths", [None, True, "after"], ids=["without", "restricted_rows_only", "after_s_rows"])
+def test_a_dump_without_within_pieces_reaches_the_aligned_positions_only(cross_setup, full_dump, full_within_dump,
+                                                                          tmp_path, caplog, depths):
+    old = tmp_path / "old_dump"  # rows inside teacher pieces of zeros, or of an older kind: not read
     shutil.copytree(full_dump, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["depths"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    if depths is not None:
+        manifest = json.loads((old / "manifest.json").read_text())
+        manifest["depths"] = depths
+        (old / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level("WARNING"):
         train.run(offline_args(cross_setup, old, tmp_path / "offline", "--within_pieces"))
-    assert "dumped before depths" in caplog.text
-    train.run(offline_args(cross_setup, full_dump, tmp_path / "with_depths", "--within_pieces"))
+    assert "--within_pieces reaches the aligned positions only; dump it again with --within_pieces" in caplog.text
+    train.run(offline_args(cross_setup, full_within_dump, tmp_path / "with_depths", "--within_pieces"))
     train.run(cross_args(cross_setup, tmp_path / "aligned_only", "--max_steps", "2"))  # without --within_pieces
     for a, b, c in zip(metrics(tmp_path / "offline"), metrics(tmp_path / "aligned_only"),
                        metrics(tmp_path / "with_depths")):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4) and a["ce"] != pytest.approx(c["ce"], rel=1e-3)
+
+
+def test_a_within_pieces_dump_trains_the_aligned_positions_as_any_dump(cross_setup, full_dump, full_within_dump,
+                                                                        tmp_path):
+    train.run(offline_args(cross_setup, full_within_dump, tmp_path / "within_dump"))
+    train.run(offline_args(cross_setup, full_dump, tmp_path / "plain_dump"))
+    for a, b in zip(metrics(tmp_path / "within_dump"), metrics(tmp_path / "plain_dump")):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -180,7 +204,7 @@ def test_each_family_teaches_across_tokenizers(cross_setup, family, tmp_path):
     for name in os.listdir(cross_setup["teacher"]):
         if not name.startswith(("model", "config", "generation")):
             shutil.copyfile(cross_setup["teacher"] / name, teacher / name)
-    train.run(cross_args({**cross_setup, "teacher": teacher}, tmp_path / "run", "--max_steps", "2"))
+    train.run(cross_args({**cross_setup, "teacher": teacher}, tmp_path / "run", "--max_steps", "2", "--within_pieces"))
     assert all(0 < m["ce"] < 50 for m in metrics(tmp_path / "run"))
 
 

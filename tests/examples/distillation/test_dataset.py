@@ -207,8 +207,9 @@ def test_aligned_batches_point_at_flattened_teacher_positions(tmp_path):
     (s6, a6), (s7, a7) = pairs_side(6), pairs_side(7, first_id=80)
     ds = LmSeqsDataset([s6, s7], max_len=64, ids=IDS, aligned=[a6, a7])
     assert len(ds) == 2 and ds.aligned[0] is a6
-    token_ids, lengths, teacher_ids, alignment, depth = ds.batch_sequences([ds[0], ds[1]])
+    token_ids, lengths, teacher_ids, alignment, depth, attach, after = ds.batch_sequences([ds[0], ds[1]])
     assert teacher_ids.shape == (2, 9) and lengths.tolist() == [14, 16]
+    assert attach.shape == (2, 0) and (after == -1).all()  # no attached positions without a cut table
     assert depth.shape == alignment.shape and not depth.any()  # binarized before depths: every position at 0
     assert teacher_ids[0, :8].tolist() == list(range(60, 68)) and teacher_ids[0, 8] == 0
     assert alignment[0, :4].tolist() == [0, -1, 1, -1] and alignment[1, :4].tolist() == [9, -1, 10, -1]
@@ -221,3 +222,27 @@ def test_aligned_batches_point_at_flattened_teacher_positions(tmp_path):
     mapped = LmSeqsDataset.from_cache(tmp_path / "cache", IDS)
     for x, y in zip(mapped.batch_sequences([mapped[1], mapped[0]]), ds.batch_sequences([ds[1], ds[0]])):
         assert torch.equal(x, y)
+
+
+def test_positions_inside_a_piece_that_begins_with_a_piece_get_an_attached_teacher_position():
+    """pad_aligned with a cut table: the piece s is appended after the row before the piece, once per
+    such student position, and `after` points at it; the other columns are as without."""
+    # [a] ends 1 character into [ab] (row 0 before it), [d] 1 into [de] (row 2 before it); [a] is piece 56
+    # of the teacher, [d] is none
+    side = Aligned(TEACHER, np.array([0, 0, 2, 2, 4, -1], dtype=np.int32), np.array([0, 1, 0, 1, 0, 0], np.uint8))
+    cut = np.full((3, 60), -1, dtype=np.int64)
+    cut[1, 51] = 56  # the first character of [ab] is the piece [a]
+    other = Aligned(TEACHER[:4], np.array([0, 0, 2, 2, -1], dtype=np.int32), np.array([0, 1, 0, 1, 0], np.uint8))
+    teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
+        [side.teacher_ids, other.teacher_ids], [side.alignment, other.alignment], [side.depth, other.depth], (2, 6), cut)
+    assert teacher_ids.tolist() == [[50, 51, 52, 53, 54, 55, 56], [50, 51, 52, 53, 0, 0, 56]]
+    assert attach.tolist() == [[0], [0]]  # read after row 0, the <tb> before [ab]
+    assert after.tolist() == [[-1, 6, -1, -1, -1, -1], [-1, 13, -1, -1, -1, -1]]
+    assert alignment.tolist() == [[0, 0, 2, 2, 4, -1], [7, 7, 9, 9, -1, -1]]  # rows of 7 columns, flattened
+    # 2 characters into [de], whose first character is a piece of its own: no exact target there, nothing attached
+    cut[1, 53], cut[2, 53] = 57, 58
+    deeper = LmSeqsDataset.pad_aligned([TEACHER], [np.array([0, 0, 2, 2, 4, -1], dtype=np.int32)],
+                                       [np.array([0, 1, 0, 2, 0, 0], np.uint8)], (1, 6), cut)
+    assert deeper[0].tolist() == [TEACHER.tolist() + [56]] and deeper[4].tolist() == [[-1, 6, -1, -1, -1, -1]]
+    plain = LmSeqsDataset.pad_aligned([side.teacher_ids], [side.alignment], [side.depth], (1, 6))
+    assert plain[0].tolist() == [TEACHER.tolist()] and plain[3].shape == (1, 0) and (plain[4] == -1).all()
