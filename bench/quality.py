@@ -374,9 +374,11 @@ def is_cross(run: str) -> bool:
     return run.startswith("xkd") or run == NO_TEACHER_SIGNAL
 
 
-def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None) -> Path:
-    """The top-k dump of the teacher, or (cross_vocab) of the teacher of another tokenizer."""
-    return out / "teacher_logits" / (f"top{k}-T{temperature:g}" + (f"-x{cross_vocab}" if cross_vocab else ""))
+def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None, within: bool = False) -> Path:
+    """The top-k dump of the teacher, or (cross_vocab) of the teacher of another tokenizer (within: its
+    dump_teacher_logits.py --within_pieces rows)."""
+    return out / "teacher_logits" / (f"top{k}-T{temperature:g}" + (f"-x{cross_vocab}" if cross_vocab else "") +
+                                     ("-within" if cross_vocab and within else ""))
 
 
 def runs_problem(runs_wanted: list[str], recipe: dict, size: Size) -> str | None:
@@ -634,7 +636,7 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     teacher_x = out / f"teacher-x{size.cross_vocab}"  # the teacher of another tokenizer (xkd runs)
     init = out / "student_init.pth"
     # top-k dumps, keyed by (k, whether of the teacher of another tokenizer)
-    dumps = {(k, x): topk_dump(out, k, args.recipe["T"], size.cross_vocab if x else None)
+    dumps = {(k, x): topk_dump(out, k, args.recipe["T"], size.cross_vocab if x else None, bool(args.recipe["within"]))
              for k, x in sorted({(s["topk"], s["cross"]) for s in specs.values() if s["topk"]})}
     jobs_list = []
     for name in runs_wanted:
@@ -689,7 +691,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
             steps[step] = runner.run(
                 step, [py, DIST / "scripts" / "dump_teacher_logits.py", "--teacher", teacher_x if x else teacher,
                        "--tokenizer_name", tok, "--data_file", data_pair if x else data, "--output_dir", folder,
-                       "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu, "--force"],
+                       "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu, "--force",
+                       *(["--within_pieces"] if x and args.recipe["within"] else [])],
                 folder / "manifest.json", key_extra=[teacher_data_key, steps["teacher_x" if x else "teacher"].get("date")])
             futures.update({name: submit(pool, name, dump, cmd, teacher_key + [steps[step].get("date")])
                             for name, dump, cmd, _ in jobs_list if (specs[name]["topk"], specs[name]["cross"]) == (k, x)})

@@ -143,6 +143,19 @@ def test_dry_run_gpu_size_commands(tmp_path, capsys):
     assert f"--data {dev_text}" in stdout.split("evaluate.py")[1]
 
 
+def test_dry_run_within_pieces_dumps_and_trains_with_the_flag(tmp_path, capsys):
+    code = quality.main(["--size", "gpu", "--corpora", str(fake_corpora(tmp_path)), "--out_dir", str(tmp_path / "q"),
+                         "--dry_run", "--recipe", "cos=0,within=1", "--runs", "no_kd_x,xkd,xkd_top64"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    dump = next(line for line in out.out.splitlines() if "dump_teacher_logits.py" in line)
+    assert "--within_pieces" in dump and "top64-T1-x16000-within" in dump
+    students = {name: line for line in out.out.splitlines() if "train.py" in line
+                for name in ("no_kd_x", "xkd_top64", "xkd") if f"/students/{name}-" in line}
+    assert "--within_pieces" in students["xkd"] and "--within_pieces" in students["xkd_top64"]
+    assert "--within_pieces" not in students["no_kd_x"] and "top64-T1-x16000-within" in students["xkd_top64"]
+
+
 @pytest.mark.parametrize("objective", ["taid", "akl"])
 def test_dry_run_gpu_size_takes_the_adaptive_objectives(tmp_path, objective, capsys):
     code = quality.main(["--size", "gpu", "--corpora", str(fake_corpora(tmp_path)), "--out_dir", str(tmp_path / "q"),
