@@ -325,9 +325,10 @@ def cut_pieces(alignment: np.ndarray, depth: np.ndarray, teacher_ids: np.ndarray
                cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(positions, pieces, rows) of one sequence: the student positions inside a teacher piece whose first
     k characters are a teacher piece s of their own, and no shorter piece begins them (cut =
-    within_piece_tables' third table), s, and the teacher position j before the piece. The teacher's next-character distribution there is, beside the
-    pieces that go on past s, the share of s times the teacher's row read after s (losses.char_buckets):
-    the teacher reads s at position j + 1, as if its tokenizer had cut there."""
+    within_piece_tables' third table), s, and the teacher position j before the piece. The teacher's
+    next-character distribution there is, beside the pieces that go on past s, the share of s times the
+    teacher's row read after s (losses.char_buckets): the teacher reads s at position j + 1, as if its
+    tokenizer had cut there."""
     inside = np.flatnonzero((alignment >= 0) & (depth > 0))
     rows = alignment[inside].astype(np.int64)
     k, piece = depth[inside].astype(np.int64), teacher_ids[rows + 1].astype(np.int64)

@@ -276,8 +276,8 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
     top k of losses.char_buckets' target there over 2 V_t ids: id < V_t a piece that begins with s and is
     longer, p(id) / Z; id = V_t + i piece i of the row read after s (the attached position,
     LmSeqsDataset.pad_aligned) times u = p(s) / Z; -inf fills the slots beyond the pieces there are. A
-    position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without vocab, a position inside a piece holds
-    zeros, as an unaligned one."""
+    position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without vocab, a
+    position inside a piece holds zeros, as an unaligned one."""
     shape = (len(sides), max(len(side.alignment) for side in sides))
     teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
         [side.teacher_ids for side in sides], [side.alignment for side in sides], [side.depths for side in sides],
