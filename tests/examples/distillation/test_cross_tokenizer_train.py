@@ -140,7 +140,7 @@ def test_offline_with_every_teacher_piece_equals_online(cross_setup, full_dump, 
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
 
 
-@pytest.mark.parametrize("depths", [None, True, "after"], ids=["without", "restricted_rows_only", "after_s_rows"])
+@pytest.mark.parametrize("depths", [None, True], ids=["without", "restricted_rows_only"])
 def test_a_dump_without_within_pieces_reaches_the_aligned_positions_only(cross_setup, full_dump, full_within_dump,
                                                                           tmp_path, caplog, depths):
     old = tmp_path / "old_dump"  # rows inside teacher pieces of zeros, or of an older kind: not read
