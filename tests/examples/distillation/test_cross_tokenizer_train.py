@@ -169,8 +169,8 @@ def test_a_within_pieces_dump_trains_the_aligned_positions_as_any_dump(cross_set
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(cross_setup, tmp_path):
-    args = cross_args(cross_setup, tmp_path / "killed", "--max_steps", "6")
-    train.run(cross_args(cross_setup, tmp_path / "whole", "--max_steps", "6"))
+    args = cross_args(cross_setup, tmp_path / "killed", "--max_steps", "6", "--within_pieces")  # attached rows too
+    train.run(cross_args(cross_setup, tmp_path / "whole", "--max_steps", "6", "--within_pieces"))
     env = {**ENV, "DISTIL_FAULT": "after_step:3"}
     killed = subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True, env=env,
                             timeout=300)
@@ -185,8 +185,9 @@ def test_sigkill_then_resume_is_bitwise_identical(cross_setup, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(cross_setup, tmp_path):
-    train.run(cross_args(cross_setup, tmp_path / "one", "--max_steps", "3"))
-    result = torchrun_train(cross_args(cross_setup, tmp_path / "two", "--max_steps", "3", "--batch_size", "2"))
+    train.run(cross_args(cross_setup, tmp_path / "one", "--max_steps", "3", "--within_pieces"))
+    result = torchrun_train(cross_args(cross_setup, tmp_path / "two", "--max_steps", "3", "--batch_size", "2",
+                                       "--within_pieces"))
     assert result.returncode == 0, result.stderr[-3000:]
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
