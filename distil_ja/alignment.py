@@ -268,9 +268,9 @@ def align(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
 
 # Inside a teacher piece: a student position that ends k characters into a teacher piece (1 <= k <=
 # MAX_DEPTH) predicts the next character of a text the teacher reads as one piece. The teacher's row
-# before that piece, restricted to the pieces that begin with those k characters, gives the teacher's
-# next-character distribution there, but for the share of the piece that is those k characters alone,
-# after which the row says nothing (within_pieces; losses.char_buckets). Deeper positions are rare (a
+# before that piece, restricted to the pieces that begin with those k characters, and for the piece that
+# is those k characters alone the row read after it, give the teacher's next-character distribution there
+# (within_pieces; losses.char_buckets). Deeper positions are rare (a
 # piece of over 16 characters) and stay unaligned; the depth is stored as uint8.
 MAX_DEPTH = 15
 
@@ -282,8 +282,8 @@ def within_pieces(student_ends: np.ndarray, teacher_ends: np.ndarray, teacher_id
 
     For such a position the alignment holds the teacher position j before the piece (the last one ending
     before it), the piece being teacher_ids[j + 1]: row j's distribution over pieces, restricted to those
-    that begin with the piece's first k characters, gives the teacher's next-character distribution
-    there, but for the piece of those k characters alone (losses.char_buckets).
+    that begin with the piece's first k characters, and the row read after the piece of those k
+    characters alone, give the teacher's next-character distribution there (losses.char_buckets).
 
         text      "今日は"            student <s> ▁ 今 日 は </s>   ends 0 0 1 2 3 -
         teacher   <bos> 今日は <eos>   ends 0 3 -
@@ -321,11 +321,11 @@ def within_pieces(student_ends: np.ndarray, teacher_ends: np.ndarray, teacher_id
     return alignment, depth
 
 
-def cut_pieces(alignment: np.ndarray, depth: np.ndarray, teacher_ids: np.ndarray,
-               cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cut_pieces(alignment: np.ndarray, depth: np.ndarray, teacher_ids: np.ndarray, cut: np.ndarray,
+               exact: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(positions, pieces, rows) of one sequence: the student positions inside a teacher piece whose first
-    k characters are a teacher piece s of their own, and no shorter piece begins them (cut =
-    within_piece_tables' third table), s, and the teacher position j before the piece. The teacher's
+    k characters are a teacher piece s of their own, and no shorter piece begins them (cut and exact:
+    within_piece_tables' third and fourth tables), s, and the teacher position j before the piece. The teacher's
     next-character distribution there is, beside the pieces that go on past s, the share of s times the
     teacher's row read after s (losses.char_buckets): the teacher reads s at position j + 1, as if its
     tokenizer had cut there."""
@@ -333,9 +333,7 @@ def cut_pieces(alignment: np.ndarray, depth: np.ndarray, teacher_ids: np.ndarray
     rows = alignment[inside].astype(np.int64)
     k, piece = depth[inside].astype(np.int64), teacher_ids[rows + 1].astype(np.int64)
     pieces = cut[k, piece] if len(inside) else rows
-    # only where that target is exact (losses.VocabMap.exact_at): no shorter piece begins s
-    shorter = ((cut[1:, piece] >= 0) & (np.arange(1, len(cut))[:, None] < k[None, :])).any(0)
-    keep = (pieces >= 0) & ~shorter
+    keep = (pieces >= 0) & exact[k, piece]  # only where that target is exact (losses.VocabMap.exact_at)
     return inside[keep].astype(np.int64), pieces[keep].astype(np.int64), rows[keep]
 
 
@@ -420,9 +418,19 @@ def next_character_classes(student, teacher) -> tuple[np.ndarray, np.ndarray, in
     return classes[0], classes[1], len(common) + 2
 
 
+def exact_depths(cut: np.ndarray) -> np.ndarray:
+    """exact[k, id] (bool, cut's shape): no piece is piece id's first a characters for 0 < a < k, so that
+    every way the teacher writes those k characters begins with them or a longer piece, and the KD term's
+    target there is exact (losses.char_buckets); true at depths 0 and 1."""
+    shorter = np.zeros(cut.shape, dtype=bool)
+    shorter[2:] = np.logical_or.accumulate(cut[1:-1] >= 0, axis=0)
+    return ~shorter
+
+
 def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
-                        max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prefix, classes, cut), each (max_depth + 1, V_t): what the KD term needs at a depth (within_pieces).
+                        max_depth: int = MAX_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(prefix, classes, cut, exact), each (max_depth + 1, V_t): what the KD term needs at a depth
+    (within_pieces).
 
     prefix[k, id]: a number for the piece's first k surface characters, the same for two pieces exactly
     when those agree (-1: the piece is shorter than k characters, or has no surface), so the pieces that
@@ -432,8 +440,8 @@ def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
     past the last) for a piece of exactly k characters: the teacher's piece ends there, and what comes
     next is the teacher's row after that piece. cut[k, id]: the piece (lowest id) whose surface is the
     first k characters of piece id, longer than k, or -1: the piece after which that row is read
-    (losses.char_buckets). teacher_classes and n_classes: next_character_classes', whose character
-    classes are read off them.
+    (losses.char_buckets). exact: exact_depths(cut). teacher_classes and n_classes:
+    next_character_classes', whose character classes are read off them.
     """
     texts = piece_texts(teacher)
     # a character's class, as next_character_classes gave it to the teacher's pieces that begin with it
@@ -454,7 +462,7 @@ def within_piece_tables(teacher, teacher_classes: np.ndarray, n_classes: int,
                 cut[k, i] = surfaces.get(text[:k], -1)
                 if first := _first_character(text[k:]):
                     classes[k, i] = index.get(first, OTHER)
-    return prefix, classes, cut
+    return prefix, classes, cut, exact_depths(cut)
 
 
 def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:

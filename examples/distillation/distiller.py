@@ -191,7 +191,7 @@ class Distiller:
         # An online teacher of another tokenizer reads, inside its pieces, the attached positions (pad_aligned)
         online_depths = self.teacher is not None and self.cross is not None and self.cross.depth_tables is not None
         collate = functools.partial(dataset.batch_sequences, multiple=params.pad_multiple,
-                                    cut=self.cross.depth_tables[2] if online_depths else None)
+                                    within=self.cross.depth_tables[2:] if online_depths else None)
         # Items hold no randomness, so worker processes change nothing in the batches (exact resume holds).
         self.dataloader = DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=collate,

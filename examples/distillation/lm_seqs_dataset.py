@@ -284,7 +284,7 @@ class LmSeqsDataset(Dataset):
             item += tuple(self.teacher_topk[index])
         return item
 
-    def batch_sequences(self, batch: list, multiple: int = 1, cut=None) -> tuple[torch.Tensor, ...]:
+    def batch_sequences(self, batch: list, multiple: int = 1, within=None) -> tuple[torch.Tensor, ...]:
         """Pad to the longest sequence, its length rounded up to a multiple of `multiple` (but never beyond
         the dataset's longest sequence, so never beyond the model context): fewer distinct shapes, so
         compiled graphs are reused. Returns (token_ids (B, S) int64, lengths (B,) int64), then
@@ -293,7 +293,7 @@ class LmSeqsDataset(Dataset):
         - with a teacher of another tokenizer: teacher_ids (B, S_t) int64 (right-padded with 0; padding
           is never attended to, attention being causal), alignment (B, S) int64: for each student
           position, the aligned position of the teacher's batch, flattened (row * S_t + position), or -1,
-          depth (B, S) int64 (Aligned; 0 on padding), attach and after (pad_aligned: with `cut`, the
+          depth (B, S) int64 (Aligned; 0 on padding), attach and after (pad_aligned: with `within`, the
           teacher positions appended for the positions inside a teacher piece);
         - with an offline teacher: topk_ids (B, S, k) int64 and topk_logprobs (B, S, k) float32, padded
           with 0 (padded positions are beyond `lengths`: masked); with loss masks the dump's rows are the
@@ -313,7 +313,7 @@ class LmSeqsDataset(Dataset):
             out += (counted,)
         if self.aligned is not None:
             t_seqs, alignments, depths = columns.pop(0), columns.pop(0), columns.pop(0)
-            out += self.pad_aligned(t_seqs, alignments, depths, token_ids.shape, cut)
+            out += self.pad_aligned(t_seqs, alignments, depths, token_ids.shape, within)
         if self.teacher_topk is not None:
             topk_ids, topk_logprobs = columns
             shape = (*token_ids.shape, self.teacher_topk.top_k)
@@ -326,16 +326,17 @@ class LmSeqsDataset(Dataset):
         return out
 
     @staticmethod
-    def pad_aligned(teacher_seqs, alignments, depths, shape, cut=None) -> tuple[torch.Tensor, ...]:
+    def pad_aligned(teacher_seqs, alignments, depths, shape, within=None) -> tuple[torch.Tensor, ...]:
         """(teacher_ids (B, W + E), alignment (B, S) as flattened teacher-batch positions or -1, depth (B, S),
         attach (B, E), after (B, S)).
 
-        With `cut` (distil_ja.alignment.within_piece_tables' third table) a student position k characters
-        into the teacher's next piece, whose first k characters are a piece s of their own, gets one more
+        With `within` ((cut, exact): distil_ja.alignment.within_piece_tables' last two tables) a student
+        position k characters into the teacher's next piece, whose first k characters are a piece s of their
+        own and where the target is exact (cut_pieces), gets one more
         teacher position: s, placed in column W + e of its row and read after teacher position j, the row
         before the piece (attach[row, e] = j; -1: padding): models.attached_rows. `after` is that position,
-        flattened, -1 elsewhere. Without cut, E = 0 and after is -1 everywhere."""
-        found = [cut_pieces(a, d, t, cut) if cut is not None else None
+        flattened, -1 elsewhere. Without within, E = 0 and after is -1 everywhere."""
+        found = [cut_pieces(a, d, t, *within) if within is not None else None
                  for t, a, d in zip(teacher_seqs, alignments, depths)]
         n_extra = max((len(f[0]) for f in found if f is not None), default=0)
         width = max(len(t) for t in teacher_seqs)

@@ -280,7 +280,7 @@ class VocabMap(NamedTuple):
     def build(cls, student_ids, teacher_ids, student_vocab: int, teacher_vocab: int, device=None,
               classes=None, depth_tables=None) -> "VocabMap":
         """classes: (student class per id, teacher class per id, number of classes), or None; depth_tables:
-        within_piece_tables' (prefix, classes, ...), or None."""
+        within_piece_tables' (prefix, classes, cut, exact), or None."""
         s_ids = torch.as_tensor(student_ids, dtype=torch.long, device=device)
         t_ids = torch.as_tensor(teacher_ids, dtype=torch.long, device=device)
         s_shared = torch.zeros(student_vocab, dtype=torch.bool, device=device).index_fill_(0, s_ids, True)
@@ -291,12 +291,8 @@ class VocabMap(NamedTuple):
         s_cls, t_cls, n = classes
         prefix = d_cls = exact = None
         if depth_tables is not None:
-            prefix, d_cls = (torch.as_tensor(t, dtype=d, device=device)
-                             for t, d in zip(depth_tables[:2], (torch.int32, torch.long)))
-            cut = torch.as_tensor(depth_tables[2], device=device)
-            # exact[k, id]: none of cut[1..k-1, id] is a piece (a running "any" over the depths, shifted by one)
-            shorter = torch.cat([torch.zeros_like(cut[:2]), (cut[1:-1] >= 0).long().cummax(0).values]) > 0
-            exact = ~shorter
+            prefix, d_cls, _, exact = (torch.as_tensor(t, dtype=d, device=device) for t, d in
+                                       zip(depth_tables, (torch.int32, torch.long, torch.long, torch.bool)))
         return cls(s_ids, t_ids, s_shared, t_shared, t2s, torch.as_tensor(s_cls, dtype=torch.long, device=device),
                    torch.as_tensor(t_cls, dtype=torch.long, device=device), int(n), prefix, d_cls, exact)
 
@@ -304,15 +300,20 @@ class VocabMap(NamedTuple):
         """For each student position, the prefix number the teacher's pieces must have at its depth: that of
         the first `depth` characters of the teacher's piece after the row `index` (teacher_ids flattened;
         0 at depth 0, which every piece has). index and depth: the batch's (B, S) alignment and depth."""
-        nxt = teacher_ids.reshape(-1)[(index + 1).clamp(min=0, max=teacher_ids.numel() - 1)]
-        return torch.where((index >= 0) & (depth > 0), self.depth_prefix[depth, nxt].long(), 0)
+        return torch.where((index >= 0) & (depth > 0), self.depth_prefix[depth, next_piece(teacher_ids, index)].long(),
+                           0)
 
     def exact_at(self, teacher_ids, index, depth):
         """Where the KD term's target inside a teacher piece is the teacher's exact next-character
         distribution (char_buckets): at depth 0, and at depth k where no piece is the first a < k characters
         of the teacher's next piece, so that every way the teacher writes s begins with s or a longer piece."""
-        nxt = teacher_ids.reshape(-1)[(index + 1).clamp(min=0, max=teacher_ids.numel() - 1)]
-        return (depth == 0) | self.depth_exact[depth, nxt]
+        return (depth == 0) | self.depth_exact[depth, next_piece(teacher_ids, index)]
+
+
+def next_piece(teacher_ids, index):
+    """The teacher's piece after each row `index` of its batch (teacher_ids flattened; clamped: read only
+    where index >= 0)."""
+    return teacher_ids.reshape(-1)[(index + 1).clamp(min=0, max=teacher_ids.numel() - 1)]
 
 
 class Aligned(NamedTuple):
@@ -397,10 +398,9 @@ class AlignedTeacher(Teacher):
     def chunk(self, rows):
         index = self.index[rows]
         depth, prefix, after = (None if t is None else t[rows] for t in (self.depth, self.prefix, self.after))
-        if after is None:
-            return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix)
-        return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix,
-                       self.inner.chunk(after.clamp(min=0)), after >= 0)
+        after_rows = None if after is None else self.inner.chunk(after.clamp(min=0))
+        return Aligned(self.inner.chunk(index.clamp(min=0)), index >= 0, self.vocab, depth, prefix, after_rows,
+                       None if after is None else after >= 0)
 
 
 def as_teacher(teacher) -> Teacher:

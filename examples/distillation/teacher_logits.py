@@ -267,13 +267,13 @@ def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_s
 
 @torch.inference_mode()
 def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, temperature: float,
-                          vocab=None, cut=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                          vocab=None, within=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """topk_logprobs for a teacher of another tokenizer: per sequence (its lm_seqs_dataset.Aligned side),
     one row per student position, the top k of the aligned teacher position, zeros where none is aligned.
 
-    With vocab (a losses.VocabMap with depth tables, on the device) and cut (within_piece_tables' third
-    table) a position at depth k, inside the teacher's next piece, whose first k characters are s, gets the
-    top k of losses.char_buckets' target there over 2 V_t ids: id < V_t a piece that begins with s and is
+    With vocab (a losses.VocabMap with depth tables, on the device) and within (within_piece_tables'
+    (cut, exact): LmSeqsDataset.pad_aligned's) a position at depth k, inside the teacher's next piece,
+    whose first k characters are s, gets the top k of losses.char_buckets' target there over 2 V_t ids: id < V_t a piece that begins with s and is
     longer, p(id) / Z; id = V_t + i piece i of the row read after s (the attached position,
     LmSeqsDataset.pad_aligned) times u = p(s) / Z; -inf fills the slots beyond the pieces there are. A
     position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without vocab, a
@@ -281,7 +281,7 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
     shape = (len(sides), max(len(side.alignment) for side in sides))
     teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
         [side.teacher_ids for side in sides], [side.alignment for side in sides], [side.depths for side in sides],
-        shape, cut)
+        shape, within)
     teacher_ids, attach = teacher_ids.to(device), attach.to(device)
     if vocab is not None:  # as the distiller reads them (Distiller.kd_alignment): where the target is exact
         exact = vocab.exact_at(teacher_ids, alignment.to(device), depth.to(device)).cpu()
@@ -302,11 +302,11 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
         index = a[taken].to(device)
         logprobs = torch.log_softmax(flat[index, :vocab_size].float() / temperature, -1)
         if vocab is not None:  # rows over 2 V_t; the within-piece work on the rows inside pieces only
-            deep = (d[taken] > 0).to(device)
+            d_taken = d[taken].to(device)
+            deep = d_taken > 0
             joint = F.pad(logprobs, (0, vocab_size), value=float("-inf"))
-            joint[deep] = within_piece_logprobs(logprobs[deep], flat, vocab, teacher_ids, index[deep],
-                                                d[taken].to(device)[deep], f[taken].to(device)[deep], vocab_size,
-                                                temperature)
+            joint[deep] = within_piece_logprobs(logprobs[deep], flat, vocab, teacher_ids, index[deep], d_taken[deep],
+                                                f[taken].to(device)[deep], vocab_size, temperature)
             logprobs = joint
         top = logprobs.topk(top_k, dim=-1)
         ids[taken], values[taken] = top.indices.cpu(), top.values.cpu()
@@ -375,15 +375,21 @@ class DumpSettings:
     logprobs_dtype: str = "float16"
 
 
+def ids_dtype(vocab_size: int, within: bool) -> np.dtype:
+    """The dtype of a dump's ids: the teacher's vocabulary, twice over with --within_pieces (rows over 2 V_t)."""
+    return shards.dtype_for_vocab(vocab_size * (2 if within else 1))
+
+
 def shard_files(rank: int) -> tuple[str, str]:
     return f"shard-{rank:05d}.ids.npy", f"shard-{rank:05d}.logprobs.npy"
 
 
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
-               device: torch.device, progress: bool = True, vocab=None, cut=None) -> dict:
+               device: torch.device, progress: bool = True, vocab=None, within=None) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
     its own pad_tokens, as in training; with loss masks, the counted positions' rows only). Returns its
-    manifest entry ("tokens": the rows it holds). vocab, cut: aligned_topk_logprobs'.
+    manifest entry ("tokens": the rows it holds). vocab, within: aligned_topk_logprobs' (both or neither:
+    dump_teacher_logits.py --within_pieces).
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
@@ -394,18 +400,18 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
     entry = {"rank": rank, "first_sequence": start, "sequences": end - start, "tokens": rows}
     if rows == 0:
         return entry
-    ids_dtype = shards.dtype_for_vocab(settings.vocab_size * (1 if cut is None else 2))  # rows over 2 V_t: within
+    id_dtype = ids_dtype(settings.vocab_size, within is not None)
     shape = (rows, settings.top_k)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack, tqdm(total=rows, unit="tok", unit_scale=True, desc=f"Rank {rank}",
                                                disable=not progress) as bar:
         ids_file, logprobs_file = (_NpyStream(stack, folder / name, dtype, shape)
-                                   for name, dtype in zip(shard_files(rank), (ids_dtype, settings.logprobs_dtype)))
+                                   for name, dtype in zip(shard_files(rank), (id_dtype, settings.logprobs_dtype)))
         window = settings.batch_size * SORT_WINDOW
         for w_start in range(start, end, window):
             w_end = min(w_start + window, end)
             base = offsets[w_start]
-            ids = np.empty((offsets[w_end] - base, settings.top_k), dtype=ids_dtype)
+            ids = np.empty((offsets[w_end] - base, settings.top_k), dtype=id_dtype)
             logprobs = np.empty(ids.shape, dtype=np.float32)
             for batch in window_batches(dataset.lengths, w_start, w_end, settings.batch_size):
                 if dataset.aligned is None:
@@ -415,7 +421,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
                 else:
                     results = aligned_topk_logprobs(model, [dataset.aligned[i] for i in batch], device,
                                                     settings.vocab_size, settings.top_k, settings.temperature,
-                                                    vocab, cut)
+                                                    vocab, within)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
                     kept = slice(None) if dataset.loss_masks is None else counted_positions(dataset.loss_masks[i])

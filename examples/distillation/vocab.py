@@ -80,7 +80,7 @@ class CrossTokenizer:
     teacher_ids: np.ndarray
     teacher_vocab_size: int
     classes: tuple  # (student class per id, teacher class per id, number): alignment.next_character_classes
-    depth_tables: tuple | None  # (prefix, classes) inside teacher pieces (alignment.within_piece_tables); None: unused
+    depth_tables: tuple | None  # (prefix, classes, cut, exact) inside teacher pieces (alignment.within_piece_tables)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")

@@ -77,9 +77,9 @@ def test_within_pieces_counts_a_dummy_space_and_skips_what_it_cannot_place():
 def test_within_piece_tables_group_the_pieces_that_extend_a_prefix(tiny_tokenizer, tiny_bpe_tokenizer):
     student, teacher = load_tokenizer(str(tiny_tokenizer)), load_tokenizer(str(tiny_bpe_tokenizer))
     s_cls, t_cls, n = alignment.next_character_classes(student, teacher)
-    prefix, classes, cut = alignment.within_piece_tables(teacher, t_cls, n)
+    prefix, classes, cut, exact = alignment.within_piece_tables(teacher, t_cls, n)
     texts = alignment.piece_texts(teacher)
-    assert prefix.shape == classes.shape == cut.shape == (alignment.MAX_DEPTH + 1, len(teacher))
+    assert prefix.shape == classes.shape == cut.shape == exact.shape == (alignment.MAX_DEPTH + 1, len(teacher))
     assert (prefix[0] == 0).all() and (classes[0] == t_cls).all()
     firsts = {}  # a class's character, read off the student's pieces at depth 0
     for cls, text in zip(s_cls, alignment.piece_texts(student)):

@@ -195,15 +195,15 @@ def dump(args, runtime) -> None:
     vocab = None if not within else losses.VocabMap.build(
         cross.student_ids, cross.teacher_ids, len(tokenizer), vocab_size, runtime.device, classes=cross.classes,
         depth_tables=cross.depth_tables)
-    cut = None if not within else cross.depth_tables[2]
     entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
-                                      runtime.device, progress=runtime.is_master, vocab=vocab, cut=cut)
+                                      runtime.device, progress=runtime.is_master, vocab=vocab,
+                                      within=cross.depth_tables[2:] if within else None)
     entries = gather(entry)  # also waits for the slowest rank
     seconds = time.perf_counter() - t0
     if not runtime.is_master:
         return
     tokens, rows = int(dataset.lengths.sum()), int(offsets[-1])
-    ids_dtype = shards.dtype_for_vocab(vocab_size * (1 if cut is None else 2))
+    ids_dtype = teacher_logits.ids_dtype(vocab_size, within)
     row_bytes = sum(e[k]["bytes"] for e in entries if e["sequences"] for k in ("ids", "logprobs"))
     teacher_logits.write_manifest(folder, {
         "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,

@@ -10,11 +10,13 @@ fused one, online and offline, with padding and unaligned positions that must no
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import losses
+from distil_ja.alignment import exact_depths
 from losses import (AlignedTeacher, HiddenTeacher, KdSpec, LogitsTeacher, TopkTeacher, VocabMap, fused_logit_terms,
                     kd_loss_sum)
 
@@ -316,7 +318,7 @@ NEXT_PIECE = torch.tensor([[3, 3, 4, 9, 11, 1], [5, 2, 8, 7, 0, 12]])
 
 def depth_vocab():
     return VocabMap.build(STUDENT_IDS, TEACHER_IDS, V_S, V_T, classes=(STUDENT_CLASS, TEACHER_CLASS, N_CLASSES),
-                          depth_tables=(DEPTH_PREFIX, DEPTH_CLASS, DEPTH_CUT))
+                          depth_tables=(DEPTH_PREFIX, DEPTH_CLASS, DEPTH_CUT, exact_depths(np.array(DEPTH_CUT))))
 
 
 def depth_prefixes():

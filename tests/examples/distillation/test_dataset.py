@@ -227,6 +227,8 @@ def test_aligned_batches_point_at_flattened_teacher_positions(tmp_path):
 def test_positions_inside_a_piece_that_begins_with_a_piece_get_an_attached_teacher_position():
     """pad_aligned with a cut table: the piece s is appended after the row before the piece, once per
     such student position, and `after` points at it; the other columns are as without."""
+    from distil_ja.alignment import exact_depths
+
     # [a] ends 1 character into [ab] (row 0 before it), [d] 1 into [de] (row 2 before it); [a] is piece 56
     # of the teacher, [d] is none
     side = Aligned(TEACHER, np.array([0, 0, 2, 2, 4, -1], dtype=np.int32), np.array([0, 1, 0, 1, 0, 0], np.uint8))
@@ -234,7 +236,8 @@ def test_positions_inside_a_piece_that_begins_with_a_piece_get_an_attached_teach
     cut[1, 51] = 56  # the first character of [ab] is the piece [a]
     other = Aligned(TEACHER[:4], np.array([0, 0, 2, 2, -1], dtype=np.int32), np.array([0, 1, 0, 1, 0], np.uint8))
     teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
-        [side.teacher_ids, other.teacher_ids], [side.alignment, other.alignment], [side.depth, other.depth], (2, 6), cut)
+        [side.teacher_ids, other.teacher_ids], [side.alignment, other.alignment], [side.depth, other.depth], (2, 6),
+        (cut, exact_depths(cut)))
     assert teacher_ids.tolist() == [[50, 51, 52, 53, 54, 55, 56], [50, 51, 52, 53, 0, 0, 56]]
     assert attach.tolist() == [[0], [0]]  # read after row 0, the <tb> before [ab]
     assert after.tolist() == [[-1, 6, -1, -1, -1, -1], [-1, 13, -1, -1, -1, -1]]
@@ -242,7 +245,7 @@ def test_positions_inside_a_piece_that_begins_with_a_piece_get_an_attached_teach
     # 2 characters into [de], whose first character is a piece of its own: no exact target there, nothing attached
     cut[1, 53], cut[2, 53] = 57, 58
     deeper = LmSeqsDataset.pad_aligned([TEACHER], [np.array([0, 0, 2, 2, 4, -1], dtype=np.int32)],
-                                       [np.array([0, 1, 0, 2, 0, 0], np.uint8)], (1, 6), cut)
+                                       [np.array([0, 1, 0, 2, 0, 0], np.uint8)], (1, 6), (cut, exact_depths(cut)))
     assert deeper[0].tolist() == [TEACHER.tolist() + [56]] and deeper[4].tolist() == [[-1, 6, -1, -1, -1, -1]]
     plain = LmSeqsDataset.pad_aligned([side.teacher_ids], [side.alignment], [side.depth], (1, 6))
     assert plain[0].tolist() == [TEACHER.tolist()] and plain[3].shape == (1, 0) and (plain[4] == -1).all()
