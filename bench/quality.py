@@ -24,7 +24,8 @@ Every step runs the project's own command-line tools in a subprocess, as a user 
       xkd        distilled from a teacher of another tokenizer (Size.cross_vocab pieces, trained like the
                  teacher on its own ids of the same text), at the aligned positions (--cross_kd, --recipe cross=;
                  within=1: --within_pieces)
-      xkd_topK   as xkd, from that teacher's top-K dump at the aligned positions
+      xkd_topK   as xkd, from that teacher's top-K dump at the aligned positions (--recipe classes=1: the
+                 top K next-character classes, dump_teacher_logits.py --char_classes)
       no_kd_x    the xkd runs' no-teacher baseline: their very pieces and batches, --alpha_ce 0
  8. evaluate.py --json          perplexity and bits per character of the models on the held-out dev paragraphs, and with
                                 --task_data TASK=FILE[,...] their zero-shot accuracy on each task (evaluate.py --task)
@@ -100,7 +101,8 @@ DEFAULT_RECIPE = {"T": config.RECIPE["temperature"], "ce": config.RECIPE["alpha_
                   "clm": config.RECIPE["alpha_clm"], "cos": config.RECIPE["alpha_cos"],
                   "kd": config.build_parser().get_default("kd_loss"),
                   "cross": config.build_parser().get_default("cross_kd"),  # the xkd runs' --cross_kd
-                  "within": float(config.build_parser().get_default("within_pieces"))}  # 1: their --within_pieces
+                  "within": float(config.build_parser().get_default("within_pieces")),  # 1: their --within_pieces
+                  "classes": 0.0}  # 1: the xkd_topK dumps hold next-character classes (dump --char_classes)
 RUNS = ("no_kd", "kd", "kd_init", "no_kd_x", "xkd")  # and kd_topK, xkd_topK (TOPK_RUN)
 # no_kd_x: the xkd runs' own no-teacher baseline. The cross-tokenizer dataset cuts documents at aligned
 # positions only, so its pieces (hence its shuffled batches) are not no_kd's, and at this size batch order
@@ -374,11 +376,13 @@ def is_cross(run: str) -> bool:
     return run.startswith("xkd") or run == NO_TEACHER_SIGNAL
 
 
-def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None, within: bool = False) -> Path:
+def topk_dump(out: Path, k: int, temperature: float, cross_vocab: int | None = None, within: bool = False,
+              classes: bool = False) -> Path:
     """The top-k dump of the teacher, or (cross_vocab) of the teacher of another tokenizer (within: its
-    dump_teacher_logits.py --within_pieces rows)."""
+    dump_teacher_logits.py --within_pieces rows; classes: --char_classes rows)."""
     return out / "teacher_logits" / (f"top{k}-T{temperature:g}" + (f"-x{cross_vocab}" if cross_vocab else "") +
-                                     ("-within" if cross_vocab and within else ""))
+                                     ("-within" if cross_vocab and within else "") +
+                                     ("-classes" if cross_vocab and classes else ""))
 
 
 def runs_problem(runs_wanted: list[str], recipe: dict, size: Size) -> str | None:
@@ -636,7 +640,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
     teacher_x = out / f"teacher-x{size.cross_vocab}"  # the teacher of another tokenizer (xkd runs)
     init = out / "student_init.pth"
     # top-k dumps, keyed by (k, whether of the teacher of another tokenizer)
-    dumps = {(k, x): topk_dump(out, k, args.recipe["T"], size.cross_vocab if x else None, bool(args.recipe["within"]))
+    dumps = {(k, x): topk_dump(out, k, args.recipe["T"], size.cross_vocab if x else None, bool(args.recipe["within"]),
+                               bool(args.recipe["classes"]))
              for k, x in sorted({(s["topk"], s["cross"]) for s in specs.values() if s["topk"]})}
     jobs_list = []
     for name in runs_wanted:
@@ -692,7 +697,8 @@ def experiment(args, size: Size, jobs, runs_wanted, corpora, out, runner: Runner
                 step, [py, DIST / "scripts" / "dump_teacher_logits.py", "--teacher", teacher_x if x else teacher,
                        "--tokenizer_name", tok, "--data_file", data_pair if x else data, "--output_dir", folder,
                        "--top_k", k, "--temperature", args.recipe["T"], "--n_gpu", size.n_gpu, "--force",
-                       *(["--within_pieces"] if x and args.recipe["within"] else [])],
+                       *(["--within_pieces"] if x and args.recipe["within"] else []),
+                       *(["--char_classes"] if x and args.recipe["classes"] else [])],
                 folder / "manifest.json", key_extra=[teacher_data_key, steps["teacher_x" if x else "teacher"].get("date")])
             futures.update({name: submit(pool, name, dump, cmd, teacher_key + [steps[step].get("date")])
                             for name, dump, cmd, _ in jobs_list if (specs[name]["topk"], specs[name]["cross"]) == (k, x)})

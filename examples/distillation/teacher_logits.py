@@ -63,6 +63,9 @@ LOGPROB_DTYPES = ("float16", "float32")
 # losses.char_buckets' target over 2 V_t ids (aligned_topk_logprobs). A dump of 2026-12-03 says true: rows over
 # V_t, which training reads no more (the positions inside pieces then get no KD term).
 DEPTHS = "exact"
+# A cross-tokenizer dump's manifest "rows": "classes" when each row holds the top k of losses.char_buckets' target
+# over next-character classes, not pieces (dump_teacher_logits.py --char_classes; class_topk); absent: pieces.
+CLASS_ROWS = "classes"
 SORT_WINDOW = 16  # batches: sorted by length together (less padding), and never split between ranks
 
 
@@ -124,17 +127,21 @@ def data_identity(data_files, binarized: dict | None) -> dict:
 # ---- checks --------------------------------------------------------------------------------
 
 
-def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None, within: bool = False) -> int:
+def check_teacher(config, ids, vocab_size: int, top_k: int, max_len: int | None, within: bool = False,
+                  classes: int = 0) -> int:
     """Refuse a teacher that does not fit the tokenizer or the flags; returns the max_len to cut at
     (default: the teacher's context). ids None: a teacher of another tokenizer, with special ids of its own;
-    within: its rows for --within_pieces, over twice its ids."""
+    within: its rows for --within_pieces, over twice its ids; classes: the number of next-character classes
+    when the rows hold those (--char_classes)."""
     if config.vocab_size < vocab_size:
         raise UsageError(f"teacher vocab_size {config.vocab_size} < tokenizer's {vocab_size}")
     for name, expected in () if ids is None else (("bos_token_id", ids.bos), ("eos_token_id", ids.eos)):
         if not models.special_id_agrees(getattr(config, name, None), expected):
             raise UsageError(f"teacher config {name}={getattr(config, name, None)} but the tokenizer's is {expected}")
+    if classes and top_k > classes:
+        raise UsageError(f"--top_k {top_k} exceeds the {classes} next-character classes a --char_classes row holds")
     held = 2 * vocab_size if within else vocab_size
-    if top_k > held:
+    if not classes and top_k > held:
         raise UsageError(f"--top_k {top_k} exceeds the {held} ids a row holds (the tokenizer's {vocab_size}"
                          f"{', twice over with --within_pieces' if within else ''})")
     context = models.max_positions(config)
@@ -267,7 +274,7 @@ def topk_logprobs(model, token_ids: torch.Tensor, lengths: torch.Tensor, vocab_s
 
 @torch.inference_mode()
 def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, temperature: float,
-                          vocab=None, within=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                          vocab=None, within=None, classes: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """topk_logprobs for a teacher of another tokenizer: per sequence (its lm_seqs_dataset.Aligned side),
     one row per student position, the top k of the aligned teacher position, zeros where none is aligned.
 
@@ -276,14 +283,15 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
     whose first k characters are s, gets the top k of losses.char_buckets' target there over 2 V_t ids: id < V_t a piece that begins with s and is
     longer, p(id) / Z; id = V_t + i piece i of the row read after s (the attached position,
     LmSeqsDataset.pad_aligned) times u = p(s) / Z; -inf fills the slots beyond the pieces there are. A
-    position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without vocab, a
-    position inside a piece holds zeros, as an unaligned one."""
+    position whose target would not be exact (losses.VocabMap.exact_at) holds zeros. Without within, a
+    position inside a piece holds zeros, as an unaligned one. classes (vocab with next-character classes):
+    each row holds the top k of that target summed into its classes instead (class_topk)."""
     shape = (len(sides), max(len(side.alignment) for side in sides))
     teacher_ids, alignment, depth, attach, after = LmSeqsDataset.pad_aligned(
         [side.teacher_ids for side in sides], [side.alignment for side in sides], [side.depths for side in sides],
         shape, within)
     teacher_ids, attach = teacher_ids.to(device), attach.to(device)
-    if vocab is not None:  # as the distiller reads them (Distiller.kd_alignment): where the target is exact
+    if within is not None:  # as the distiller reads them (Distiller.kd_alignment): where the target is exact
         exact = vocab.exact_at(teacher_ids, alignment.to(device), depth.to(device)).cpu()
         alignment = torch.where(exact, alignment, -1)
     extra = {}
@@ -298,18 +306,21 @@ def aligned_topk_logprobs(model, sides, device, vocab_size: int, top_k: int, tem
         ids = torch.zeros((n, top_k), dtype=torch.long)
         values = torch.zeros((n, top_k), dtype=torch.float32)
         a, d, f = alignment[row, :n], depth[row, :n], after[row, :n]
-        taken = (a >= 0) & ((d == 0) | (vocab is not None))
-        index = a[taken].to(device)
+        taken = (a >= 0) & ((d == 0) | (within is not None))
+        index, d_taken = a[taken].to(device), d[taken].to(device)
         logprobs = torch.log_softmax(flat[index, :vocab_size].float() / temperature, -1)
-        if vocab is not None:  # rows over 2 V_t; the within-piece work on the rows inside pieces only
-            d_taken = d[taken].to(device)
+        if within is not None:  # rows over 2 V_t; the within-piece work on the rows inside pieces only
             deep = d_taken > 0
             joint = F.pad(logprobs, (0, vocab_size), value=float("-inf"))
             joint[deep] = within_piece_logprobs(logprobs[deep], flat, vocab, teacher_ids, index[deep], d_taken[deep],
                                                 f[taken].to(device)[deep], vocab_size, temperature)
             logprobs = joint
-        top = logprobs.topk(top_k, dim=-1)
-        ids[taken], values[taken] = top.indices.cpu(), top.values.cpu()
+        if classes:
+            top_ids, top_values = class_topk(logprobs, vocab, d_taken, top_k)
+        else:
+            top = logprobs.topk(top_k, dim=-1)
+            top_ids, top_values = top.indices, top.values
+        ids[taken], values[taken] = top_ids.cpu(), top_values.cpu()
         rows.append((ids, values))
     return rows
 
@@ -327,6 +338,26 @@ def within_piece_logprobs(logprobs, flat, vocab, teacher_ids, index, depth, afte
     longer = (logprobs - log_z).masked_fill(~begins | is_s, float("-inf"))
     following = torch.log_softmax(flat[after.clamp(min=0), :vocab_size].float() / temperature, -1) + log_u
     return torch.cat([longer, following.masked_fill((after < 0)[:, None], float("-inf"))], -1)
+
+
+def class_topk(logprobs, vocab, depth, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k classes of each row's next-character target (losses.char_buckets), from its log-probabilities
+    over V_t ids (the teacher's row) or 2 V_t (a within-piece row: within_piece_logprobs): each piece's mass
+    goes to its class at the row's depth, an id V_t + i's to the class of piece i. Returned as (ids, log p):
+    class c as V_t plus the lowest teacher id of that class, which char_buckets reads back as c at any depth;
+    so k classes carry what k pieces cannot (every piece that begins with the character) and train.py
+    reads them with the code that reads piece rows. A class no teacher piece begins has no mass (-inf)."""
+    v_t, n_classes = vocab.teacher_class.numel(), vocab.n_classes
+    own = vocab.teacher_class.expand(len(depth), v_t)
+    if vocab.depth_class is not None:  # a piece's class k characters in; CUT (s itself) has no mass in these rows
+        own = torch.where((depth > 0)[:, None], vocab.depth_class[depth], own)
+    if logprobs.size(1) > v_t:
+        own = torch.cat([own, vocab.teacher_class.expand(len(depth), v_t)], 1)
+    mass = logprobs.new_zeros(len(depth), n_classes + 1).scatter_add(1, own, logprobs.exp())[:, :n_classes]
+    values, top = mass.log().topk(top_k, dim=-1)
+    first = torch.full((n_classes,), v_t, dtype=torch.long, device=own.device).scatter_reduce(
+        0, vocab.teacher_class, torch.arange(v_t, device=own.device), "amin")
+    return v_t + first[top].clamp(max=v_t - 1), values
 
 
 def teacher_tokenizer_of(folder, manifest: dict) -> str | None:
@@ -375,9 +406,10 @@ class DumpSettings:
     logprobs_dtype: str = "float16"
 
 
-def ids_dtype(vocab_size: int, within: bool) -> np.dtype:
-    """The dtype of a dump's ids: the teacher's vocabulary, twice over with --within_pieces (rows over 2 V_t)."""
-    return shards.dtype_for_vocab(vocab_size * (2 if within else 1))
+def ids_dtype(vocab_size: int, wide: bool) -> np.dtype:
+    """The dtype of a dump's ids: the teacher's vocabulary, twice over (wide) with --within_pieces (rows over
+    2 V_t) or --char_classes (classes stored as V_t + a piece id: class_topk)."""
+    return shards.dtype_for_vocab(vocab_size * (2 if wide else 1))
 
 
 def shard_files(rank: int) -> tuple[str, str]:
@@ -385,11 +417,11 @@ def shard_files(rank: int) -> tuple[str, str]:
 
 
 def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings: DumpSettings,
-               device: torch.device, progress: bool = True, vocab=None, within=None) -> dict:
+               device: torch.device, progress: bool = True, vocab=None, within=None, classes: bool = False) -> dict:
     """Write shard `rank`: the rows of sequences [start, end) of `dataset` (an LmSeqsDataset, padded by
     its own pad_tokens, as in training; with loss masks, the counted positions' rows only). Returns its
-    manifest entry ("tokens": the rows it holds). vocab, within: aligned_topk_logprobs' (both or neither:
-    dump_teacher_logits.py --within_pieces).
+    manifest entry ("tokens": the rows it holds). vocab, within, classes: aligned_topk_logprobs' (within:
+    dump_teacher_logits.py --within_pieces; classes: --char_classes; vocab with either).
 
     Each sort window is computed whole, then its rows are appended in sequence order: the files are
     written front to back, and at most one window of rows is held in memory.
@@ -400,7 +432,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
     entry = {"rank": rank, "first_sequence": start, "sequences": end - start, "tokens": rows}
     if rows == 0:
         return entry
-    id_dtype = ids_dtype(settings.vocab_size, within is not None)
+    id_dtype = ids_dtype(settings.vocab_size, within is not None or classes)
     shape = (rows, settings.top_k)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack, tqdm(total=rows, unit="tok", unit_scale=True, desc=f"Rank {rank}",
@@ -421,7 +453,7 @@ def dump_shard(model, dataset, start: int, end: int, folder, rank: int, settings
                 else:
                     results = aligned_topk_logprobs(model, [dataset.aligned[i] for i in batch], device,
                                                     settings.vocab_size, settings.top_k, settings.temperature,
-                                                    vocab, within)
+                                                    vocab, within, classes)
                 for i, (top_ids, top_logprobs) in zip(batch, results):
                     a, b = offsets[i] - base, offsets[i + 1] - base
                     kept = slice(None) if dataset.loss_masks is None else counted_positions(dataset.loss_masks[i])

@@ -217,6 +217,9 @@ def check_cross(params, tokenizer, teacher, topk) -> CrossTokenizer | None:
         return None
     if cross is None:
         return None
+    if topk is not None and topk.manifest.get("rows") == teacher_logits.CLASS_ROWS and params.cross_kd != "chars":
+        raise UsageError(f"{params.teacher_logits} holds next-character classes (dump_teacher_logits.py "
+                         f"--char_classes): it trains --cross_kd chars only, not --cross_kd {params.cross_kd}")
     position_terms = [f"--{k}" for k in ("alpha_mse", "alpha_cos") if getattr(params, k) > 0]
     if position_terms:
         raise UsageError(f"{', '.join(position_terms)} compare the two models position by position over one "

@@ -118,7 +118,8 @@ def cross_tokenizer(student_tokenizer, teacher_source: str | None, depths: bool 
     logger.info("Cross-tokenizer distillation: the teacher's tokenizer %s (%d pieces) and the student's (%d) share "
                 "%d pieces", teacher_source, len(teacher_tokenizer), len(student_tokenizer), len(student_ids))
     classes = alignment.next_character_classes(student_tokenizer, teacher_tokenizer)
-    logger.info("Next-character classes: %d characters both vocabularies begin pieces with", classes[2] - 2)
+    logger.info("Next-character classes: %d (the %d characters both vocabularies begin pieces with, the end of "
+                "the text, and other)", classes[2], classes[2] - 2)
     depth_tables = alignment.within_piece_tables(teacher_tokenizer, classes[1], classes[2]) if depths else None
     return CrossTokenizer(teacher_source, alignment.tokenizer_identity(teacher_tokenizer, teacher_source),
                           np.asarray(student_ids), np.asarray(teacher_ids), len(teacher_tokenizer), classes,

@@ -15,7 +15,8 @@ and rank 0 writes the manifest last. The format is described in teacher_logits.p
 A teacher of another tokenizer (--teacher_tokenizer, default the teacher's own, differs from
 --tokenizer_name, the student's): the data must be binarized with binarize.py --teacher_tokenizer;
 the teacher runs on its own ids, and each student position aligned with a teacher position gets that
-position's top k, in the teacher's ids (teacher_logits.py).
+position's top k, in the teacher's ids (teacher_logits.py); with --char_classes, the top k of its
+next-character distribution instead (what train.py --cross_kd chars reads).
 
 Exit status: 0 done, 1 bad data, 2 bad arguments or models.
 """
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--within_pieces", action=argparse.BooleanOptionalAction, default=False,
                         help="A teacher of another tokenizer: also the rows train.py --within_pieces reads, one "
                              "character into teacher pieces (its aligned rows are those of a dump without).")
+    parser.add_argument("--char_classes", action=argparse.BooleanOptionalAction, default=False,
+                        help="A teacher of another tokenizer: keep the top k of the teacher's next-character "
+                             "distribution (train.py --cross_kd chars' target) instead of its top k pieces; k classes "
+                             "hold far more of its mass. Such a dump trains --cross_kd chars only.")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="Of the teacher's softmax; train.py must use the same --temperature.")
     parser.add_argument("--max_len", type=int, default=None,
@@ -96,12 +101,13 @@ def check_output_dir(folder: Path, force: bool) -> None:
     outputs.will_replace(folder, force, "--force", "--output_dir")
 
 
-def load_teacher(args, ids, vocab_size: int, runtime):
+def load_teacher(args, ids, vocab_size: int, runtime, n_classes: int = 0):
     """The frozen teacher in its dtype on this rank's device, its identity (rank 0) and the max_len
-    (ids None: a teacher of another tokenizer, whose vocab_size is its tokenizer's)."""
+    (ids None: a teacher of another tokenizer, whose vocab_size is its tokenizer's; n_classes: the
+    next-character classes a --char_classes row holds)."""
     teacher = models.load_causal_lm(args.teacher, "teacher")
     max_len = teacher_logits.check_teacher(teacher.config, ids, vocab_size, args.top_k, args.max_len,
-                                           within=args.within_pieces)
+                                           within=args.within_pieces, classes=n_classes)
     identity = teacher_logits.teacher_identity(teacher, args.teacher) if runtime.is_master else None
     teacher.requires_grad_(False)
     teacher.eval()
@@ -166,10 +172,12 @@ def dump(args, runtime) -> None:
     ids = special_ids_of(tokenizer)
     cross = cross_tokenizer(tokenizer, args.teacher_tokenizer or own_tokenizer(args.teacher, args.tokenizer_name),
                             depths=args.within_pieces)
-    if args.within_pieces and cross is None:
-        raise UsageError("--within_pieces: the teacher's tokenizer is the student's (it reads a teacher of another one)")
+    for flag in ("within_pieces", "char_classes"):
+        if getattr(args, flag) and cross is None:
+            raise UsageError(f"--{flag}: the teacher's tokenizer is the student's (it reads a teacher of another one)")
     vocab_size = len(tokenizer) if cross is None else cross.teacher_vocab_size  # the ids the rows hold
-    teacher, identity, max_len = load_teacher(args, ids if cross is None else None, vocab_size, runtime)
+    n_classes = cross.classes[2] if args.char_classes else 0
+    teacher, identity, max_len = load_teacher(args, ids if cross is None else None, vocab_size, runtime, n_classes)
     teacher_max_len = None if cross is None else models.max_positions(teacher.config)
 
     loaded = load_sequences(args, tokenizer, source, ids, max_len, cross, teacher_max_len) if runtime.is_master else None
@@ -192,18 +200,18 @@ def dump(args, runtime) -> None:
     t0 = time.perf_counter()
     # inside a teacher piece: the next-character target's pieces, with the teacher's row read after s (chars)
     within = cross is not None and cross.depth_tables is not None
-    vocab = None if not within else losses.VocabMap.build(
+    vocab = None if not (within or args.char_classes) else losses.VocabMap.build(
         cross.student_ids, cross.teacher_ids, len(tokenizer), vocab_size, runtime.device, classes=cross.classes,
         depth_tables=cross.depth_tables)
     entry = teacher_logits.dump_shard(teacher, dataset, start, end, folder, runtime.global_rank, settings,
                                       runtime.device, progress=runtime.is_master, vocab=vocab,
-                                      within=cross.depth_tables[2:] if within else None)
+                                      within=cross.depth_tables[2:] if within else None, classes=args.char_classes)
     entries = gather(entry)  # also waits for the slowest rank
     seconds = time.perf_counter() - t0
     if not runtime.is_master:
         return
     tokens, rows = int(dataset.lengths.sum()), int(offsets[-1])
-    ids_dtype = teacher_logits.ids_dtype(vocab_size, within)
+    ids_dtype = teacher_logits.ids_dtype(vocab_size, within or args.char_classes)
     row_bytes = sum(e[k]["bytes"] for e in entries if e["sequences"] for k in ("ids", "logprobs"))
     teacher_logits.write_manifest(folder, {
         "dump_id": uuid.uuid4().hex, "top_k": args.top_k, "temperature": args.temperature, "max_len": max_len,
@@ -215,6 +223,7 @@ def dump(args, runtime) -> None:
         "teacher": identity, "data": teacher_logits.data_identity(args.data_file, binarized),
         **({} if cross is None else {"teacher_tokenizer": cross.identity, "teacher_max_len": teacher_max_len}),
         **({"depths": teacher_logits.DEPTHS} if within else {}),
+        **({"rows": teacher_logits.CLASS_ROWS} if args.char_classes else {}),
         "world_size": runtime.world_size, "shards": [e for e in entries if e["sequences"]],
         "bytes_per_token": row_bytes / tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
     })

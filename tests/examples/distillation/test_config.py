@@ -93,7 +93,7 @@ def test_quality_default_recipe_is_the_recipe():
     expected = {"T": RECOMMENDED["temperature"], "ce": RECOMMENDED["alpha_ce"], "clm": RECOMMENDED["alpha_clm"],
                 "cos": RECOMMENDED["alpha_cos"], "kd": config.parse_config(REQUIRED).kd_loss,
                 "cross": config.parse_config(REQUIRED).cross_kd,
-                "within": float(config.parse_config(REQUIRED).within_pieces)}
+                "within": float(config.parse_config(REQUIRED).within_pieces), "classes": 0.0}
     assert quality.DEFAULT_RECIPE == expected
     assert quality.build_parser().parse_args([]).recipe == expected
     # the students' loss flags are valid train.py settings: with a teacher, and without one
@@ -108,6 +108,9 @@ def test_quality_default_recipe_is_the_recipe():
     cross = quality.student_runs(quality.parse_recipe("cos=0,within=1"), ["xkd", "xkd_top8", "no_kd_x"])
     assert [("--within_pieces" in cross[r]["args"]) for r in ("xkd", "xkd_top8", "no_kd_x")] == [True, True, False]
     assert config.parse_config(REQUIRED + ["--n_gpu", "0", *map(str, cross["xkd"]["args"])]).within_pieces
+    # classes=1: the xkd_topK dumps of next-character classes, in a folder of their own
+    assert quality.topk_dump(Path("q"), 8, 1.0, 8000, True, True).name == "top8-T1-x8000-within-classes"
+    assert quality.topk_dump(Path("q"), 8, 1.0, None, True, True).name == "top8-T1"
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])

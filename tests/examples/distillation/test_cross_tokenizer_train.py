@@ -140,6 +140,34 @@ def test_offline_with_every_teacher_piece_equals_online(cross_setup, full_dump, 
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
 
 
+def n_classes(cross_setup) -> int:
+    from distil_ja.alignment import next_character_classes
+    from distil_ja.tokenization import load_tokenizer
+
+    return next_character_classes(load_tokenizer(str(cross_setup["tokenizer"])),
+                                  load_tokenizer(str(cross_setup["teacher_tokenizer"])))[2]
+
+
+@pytest.mark.parametrize("within", WITHIN)
+def test_offline_with_every_character_class_equals_online(cross_setup, tmp_path, capsys, within):
+    """--char_classes at k = the number of classes: the same KD term as the online teacher's, with and
+    without --within_pieces; training --cross_kd pieces from it is refused in one line."""
+    dump = tmp_path / "dump"
+    assert dump_script().main([
+        "--teacher", str(cross_setup["teacher"]), "--tokenizer_name", str(cross_setup["tokenizer"]),
+        "--data_file", str(cross_setup["data"]), "--output_dir", str(dump), "--max_len", "64",
+        "--top_k", str(n_classes(cross_setup)), "--logprobs_dtype", "float32", "--batch_size", "4",
+        "--n_gpu", "0", "--char_classes", *within]) == 0
+    assert json.loads((dump / "manifest.json").read_text())["rows"] == "classes"
+    train.run(offline_args(cross_setup, dump, tmp_path / "offline", *within))
+    train.run(cross_args(cross_setup, tmp_path / "online", "--max_steps", "2", *within))
+    for a, b in zip(metrics(tmp_path / "offline"), metrics(tmp_path / "online")):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+    code, err = main_here(offline_args(cross_setup, dump, tmp_path / "pieces", "--cross_kd", "pieces", *within),
+                          capsys)
+    assert code == EXIT_USAGE and "holds next-character classes" in err and "--cross_kd chars only" in err
+
+
 @pytest.mark.parametrize("depths", [None, True], ids=["without", "restricted_rows_only"])
 def test_a_dump_without_within_pieces_reaches_the_aligned_positions_only(cross_setup, full_dump, full_within_dump,
                                                                           tmp_path, caplog, depths):
@@ -254,3 +282,15 @@ def test_position_by_position_terms_are_refused(cross_setup, tmp_path, capsys, f
     code, err = main_here(cross_args(cross_setup, tmp_path / "run", flag, "0.1"), capsys)
     assert code == EXIT_USAGE and "with a teacher of another tokenizer set them to 0" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_dump_with_more_rows_than_classes_is_refused(cross_setup, tmp_path, capsys):
+    k = n_classes(cross_setup) + 1
+    code = dump_script().main([
+        "--teacher", str(cross_setup["teacher"]), "--tokenizer_name", str(cross_setup["tokenizer"]),
+        "--data_file", str(cross_setup["data"]), "--output_dir", str(tmp_path / "dump"), "--top_k", str(k),
+        "--n_gpu", "0", "--char_classes"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and err[-1].startswith("error: ")
+    assert f"--top_k {k} exceeds the {k - 1} next-character classes" in err[-1]
+    assert not (tmp_path / "dump" / "manifest.json").exists()

@@ -156,6 +156,7 @@ def test_rank_slices_are_whole_windows_that_cover_every_sequence():
     ([], "non-empty output", EXIT_USAGE, "is not empty (1 entry (precious.txt)); it was not written by this toolkit"),
     (["--top_k", "1000"], None, EXIT_USAGE, "--top_k 1000 exceeds the"),
     (["--within_pieces"], None, EXIT_USAGE, "--within_pieces: the teacher's tokenizer is the student's"),
+    (["--char_classes"], None, EXIT_USAGE, "--char_classes: the teacher's tokenizer is the student's"),
     (["--max_len", "100"], None, EXIT_USAGE, "--max_len 100 exceeds the teacher's context (64)"),
     (["--temperature", "0"], None, EXIT_USAGE, "--temperature must be > 0"),
     ([], "ids beyond the tokenizer", EXIT_DATA, "beyond the tokenizer's"),
