@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--char_classes", action=argparse.BooleanOptionalAction, default=False,
                         help="A teacher of another tokenizer: keep the top k of the teacher's next-character "
                              "distribution (train.py --cross_kd chars' target) instead of its top k pieces; k classes "
-                             "hold far more of its mass. Such a dump trains --cross_kd chars only.")
+                             "hold more of its mass. Such a dump trains --cross_kd chars only.")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="Of the teacher's softmax; train.py must use the same --temperature.")
     parser.add_argument("--max_len", type=int, default=None,
